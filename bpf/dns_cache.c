@@ -1,0 +1,34 @@
+// DNS_CACHE: resolved backend addresses shared by every worker through the
+// pinned map. Userspace reads and writes it; no program looks at it.
+//
+// Key: the first 8 bytes of BLAKE2b over the lower-cased name, little-endian.
+// The name itself is kept in the value to reject hash collisions.
+#include <uapi/linux/bpf.h>
+
+#ifndef DNS_CACHE_SIZE
+#define DNS_CACHE_SIZE 65536
+#endif
+#define DNS_NAME_MAX 128
+#define DNS_ADDRS_PER_FAMILY 4
+
+struct dns_entry {
+    char name[DNS_NAME_MAX];    // lower-cased, NUL-padded, truncated
+    u64 expires_boottime_ns;    // CLOCK_BOOTTIME: the same in every process
+    u8 v4_count;
+    u8 v6_count;
+    u8 v6_first;                // the resolver listed IPv6 before IPv4
+    u8 pad[5];
+    u8 v4[DNS_ADDRS_PER_FAMILY][4];
+    u8 v6[DNS_ADDRS_PER_FAMILY][16];
+};
+
+BPF_TABLE("lru_hash", u64, struct dns_entry, DNS_CACHE, DNS_CACHE_SIZE);
+
+
+// BCC emits BTF (so `bpftool map dump` names the fields) only for a module
+// that has at least one function; a map-only file gets a BTF-less map.
+// This no-op is never attached.
+int dns_cache_btf_anchor(struct __sk_buff *skb)
+{
+    return 0;
+}

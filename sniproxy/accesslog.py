@@ -1,0 +1,36 @@
+"""The access log: one line per connection, written when it closes."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class AccessLog:
+    FIELDS = ("client", "listener", "name", "alpn", "backend", "up", "down", "duration", "relay", "outcome")
+
+    def __init__(self, path: str):
+        self.path = path          # "-" = stderr, "" = off
+        self._file = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """On SIGUSR1, after the log was rotated away."""
+        if self._file not in (None, sys.stderr):
+            self._file.close()
+        self._file = sys.stderr if self.path == "-" else open(self.path, "a", buffering=1) if self.path else None
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        fields = " ".join(f"{k}={_fmt(record.get(k, '-'))}" for k in self.FIELDS)
+        self._file.write(f"{stamp} {fields}\n")
+        if self._file is sys.stderr:
+            self._file.flush()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    return text.replace(" ", "_") if text else "-"

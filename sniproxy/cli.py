@@ -1,0 +1,185 @@
+"""`sniproxy-master`: start, stop, reload, status, check, stats, maps."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import config as config_mod
+from .config import Config, ConfigError
+
+EPILOG = """\
+Without -c, the built-in default configuration is used (the same as etc/sniproxy.toml):
+a TLS listener on 127.0.0.1:8443 that routes example.com to 127.0.0.1:9443.
+
+Signals to the master: TERM/INT graceful stop, QUIT fast stop, HUP reload, USR1 reopen logs.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sniproxy-master",
+        description="SNI-routing TLS passthrough proxy; the kernel relays the bytes (eBPF sockmap), "
+                    "or userspace where BPF is not available.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, config_required: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("-c", "--config", metavar="FILE", required=config_required,
+                       help="TOML config file" + ("" if config_required else " (default: the built-in config)"))
+        return p
+
+    start = command("start", "Start the master and its workers (in the background unless --foreground).")
+    start.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    command("stop", "Stop gracefully: stop accepting, let connections finish until master.graceful_timeout.")
+    command("reload", "Reload the config (as SIGHUP): new routes for new connections; live ones go on.")
+    command("status", "Say whether the master runs, its workers and its relay kind.")
+    command("check", "Validate the config only; print every error.", config_required=True)
+    stats = command("stats", "Counters from the pinned BPF maps and the workers.")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    command("maps", "The pinned BPF objects, their types and entry counts.")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sniproxy[%(process)d] %(levelname)s %(message)s")
+    try:
+        cfg = config_mod.load(args.config) if args.config else config_mod.load()
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"{e.source}: {problem}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"cannot read config {args.config}: {e.strerror}", file=sys.stderr)
+        return 1
+    logging.getLogger().setLevel(cfg.log.level.upper())
+    return COMMANDS[args.command](cfg, args)
+
+
+def cmd_check(cfg: Config, args) -> int:
+    print(f"{args.config}: ok ({len(cfg.listener)} listeners, {sum(map(len, cfg.table.values()))} routes)")
+    return 0
+
+
+def cmd_start(cfg: Config, args) -> int:
+    from .master import Master, StartError
+    if args.foreground:
+        try:
+            return Master(cfg, args.config).run()
+        except StartError as e:
+            print(f"sniproxy-master: {e}", file=sys.stderr)
+            return 1
+    # Daemonize, but wait for the master to say it is serving (or why not).
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(ready_r)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        code = 1
+        try:
+            code = Master(cfg, args.config, ready_fd=ready_w).run()
+        except StartError:
+            pass
+        except Exception:  # noqa: BLE001 - the master's last word goes to its log
+            logging.exception("master failed")
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.waitpid(child, 0)
+    with os.fdopen(ready_r) as ready:
+        answer = ready.readline().strip()
+    if answer == "ok":
+        print("sniproxy-master: started")
+        return 0
+    print(f"sniproxy-master: {answer.removeprefix('error: ') or 'the master exited during start'}", file=sys.stderr)
+    return 1
+
+
+def _master_pid(cfg: Config, args) -> int | None:
+    from .master import _alive, _read_pid, runtime_paths
+    pid = _read_pid(runtime_paths(cfg, args.config)[0])
+    return pid if pid and _alive(pid) else None
+
+
+def cmd_stop(cfg: Config, args) -> int:
+    pid = _master_pid(cfg, args)
+    if pid is None:
+        print("sniproxy-master: not running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + cfg.master.graceful_timeout + 10
+    while time.monotonic() < deadline:
+        if _master_pid(cfg, args) is None:
+            print("sniproxy-master: stopped")
+            return 0
+        time.sleep(0.1)
+    print(f"sniproxy-master: pid {pid} still running after {cfg.master.graceful_timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def cmd_reload(cfg: Config, args) -> int:
+    pid = _master_pid(cfg, args)
+    if pid is None:
+        print("sniproxy-master: not running", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"sniproxy-master: reload requested (pid {pid})")
+    return 0
+
+
+def _state(cfg: Config, args) -> dict | None:
+    from .master import runtime_paths
+    if _master_pid(cfg, args) is None:
+        return None
+    try:
+        return json.loads(runtime_paths(cfg, args.config)[2].read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_status(cfg: Config, args) -> int:
+    state = _state(cfg, args)
+    if state is None:
+        print("sniproxy-master: not running")
+        return 3
+    pids = ", ".join(f"{w['index']}:{w['pid']}" for w in state["workers"])
+    print(f"sniproxy-master: running, pid {state['pid']}, relay {state['relay']}, workers {pids}")
+    for line in state.get("bpf", []):
+        print(f"  {line}")
+    return 0
+
+
+def cmd_stats(cfg: Config, args) -> int:
+    from .stats import collect
+    stats = collect(cfg, _state(cfg, args))
+    if args.json:
+        print(json.dumps(stats, indent=1, sort_keys=True))
+    else:
+        for section, values in stats.items():
+            print(f"[{section}]")
+            for key, value in values.items():
+                print(f"  {key:<32} {value}")
+    return 0
+
+
+def cmd_maps(cfg: Config, args) -> int:
+    from .stats import pinned_objects
+    rows = pinned_objects(cfg.bpf.pin_path)
+    if not rows:
+        print(f"no pinned objects under {cfg.bpf.pin_path}")
+        return 1
+    for row in rows:
+        print("  ".join(f"{v!s:<{w}}" for v, w in zip(row, (24, 14, 10, 10))))
+    return 0
+
+
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "reload": cmd_reload, "status": cmd_status,
+            "check": cmd_check, "stats": cmd_stats, "maps": cmd_maps}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The configuration: one declaration of every setting, decoded and checked once.
+
+TOML is parsed with tomllib, converted into frozen msgspec Structs (unknown
+keys are errors), then checked semantically. Every problem is reported as one
+line that names the key path and the bad value.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from .firstflight import normalize_name
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class MasterConfig(_Section):
+    workers: int = 0                 # 0 = one per CPU
+    pidfile: str = ""                # "" = derived from the config path
+    graceful_timeout: float = 30.0
+    worker_timeout: float = 30.0     # a worker whose heartbeat is older is aborted
+
+
+class BpfConfig(_Section):
+    mode: Literal["auto", "require", "off"] = "auto"
+    pin_path: str = "/sys/fs/bpf/sniproxy"
+    xdp_interfaces: tuple[str, ...] = ()
+    xdp_mode: Literal["auto", "native", "generic"] = "auto"
+    sndbuf: int = 32 << 20           # send/receive buffers of kernel-relayed sockets
+    max_queued: int = 64 << 20       # bytes the kernel may queue toward a slow reader
+
+
+class AccessConfig(_Section):
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+class ResolverConfig(_Section):
+    nameservers: tuple[str, ...] = ()
+    mode: Literal["ipv4_only", "ipv6_only", "ipv4_first", "ipv6_first"] = "ipv4_first"
+    cache_size: int = 65536
+    allow_private: bool = False
+
+
+class TimeoutsConfig(_Section):
+    client_hello: float = 5.0
+    connect: float = 5.0
+    idle: float = 600.0
+
+
+class LogConfig(_Section):
+    access: str = "-"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ListenerConfig(_Section):
+    address: str = "127.0.0.1:8443"
+    protocol: Literal["tls", "http"] = "tls"
+    table: str = "default"
+    fallback: str = ""
+
+
+class RouteConfig(_Section):
+    match: str
+    backend: str
+
+
+DEFAULT_ROUTES = {"default": (RouteConfig(match="example.com", backend="127.0.0.1:9443"),)}
+
+
+class Config(_Section):
+    master: MasterConfig = MasterConfig()
+    bpf: BpfConfig = BpfConfig()
+    access: AccessConfig = AccessConfig()
+    resolver: ResolverConfig = ResolverConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    log: LogConfig = LogConfig()
+    listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    table: dict[str, tuple[RouteConfig, ...]] = msgspec.field(default_factory=lambda: dict(DEFAULT_ROUTES))
+
+
+class ConfigError(Exception):
+    """Every problem found in one config, one line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+# --- addresses ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str   # IP literal or name, without brackets; "*" for "resolve the requested name"
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> HostPort:
+    """"ip:port", "[v6]:port", "name:port" (or just the host if default_port is given)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?|([0-9A-Fa-f:.]+)", text)
+    if not m:
+        raise ValueError("not host:port")
+    host = m.group(1) or m.group(3) or m.group(5)
+    port_text = m.group(2) or m.group(4)
+    if m.group(5):   # a bare IPv6 literal only makes sense without a port
+        port_text = None
+    if m.group(1) or m.group(5):
+        ipaddress.IPv6Address(host)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("missing port")
+        port = default_port
+    else:
+        port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+    return HostPort(host, port)
+
+
+def parse_listen_address(text: str) -> HostPort:
+    hp = parse_hostport(text)
+    ipaddress.ip_address(hp.host)   # listeners bind IP literals only
+    return hp
+
+
+# --- loading -----------------------------------------------------------------
+
+def load(path: str | Path | None = None, text: str | None = None) -> Config:
+    """Decode and check a config; raise ConfigError naming every problem."""
+    if text is None:
+        text = Path(path).read_text() if path else ""
+    source = str(path) if path else "<default>"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"TOML syntax: {e}"]) from None
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(source, [_describe_validation_error(str(e), raw)]) from None
+    problems = list(check(cfg))
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _describe_validation_error(message: str, raw: dict) -> str:
+    """msgspec says "Expected `int`, got `str` - at `$.master.workers`"; name the key and value."""
+    what, _, where = message.partition(" - at `")
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    unknown = re.search(r"unknown field `([^`]*)`", what)
+    if unknown:
+        path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        what = "unknown key"
+    value = _lookup(raw, path)
+    shown = f" = {value!r}" if value is not _MISSING else ""
+    return f"{path or '<top>'}{shown}: {what.replace('`', '')}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    node = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        try:
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return _MISSING
+    return node
+
+
+def check(cfg: Config):
+    """Yield one line per semantic problem."""
+    def bad(key: str, value: Any, why: str) -> str:
+        return f"{key} = {value!r}: {why}"
+
+    m = cfg.master
+    if m.workers < 0:
+        yield bad("master.workers", m.workers, "must be 0 (one per CPU) or more")
+    for key in ("graceful_timeout", "worker_timeout"):
+        if getattr(m, key) <= 0:
+            yield bad(f"master.{key}", getattr(m, key), "must be positive")
+    for key in ("client_hello", "connect", "idle"):
+        if getattr(cfg.timeouts, key) <= 0:
+            yield bad(f"timeouts.{key}", getattr(cfg.timeouts, key), "must be positive")
+    if not cfg.bpf.pin_path.startswith("/"):
+        yield bad("bpf.pin_path", cfg.bpf.pin_path, "must be an absolute path")
+    for key in ("sndbuf", "max_queued"):
+        if getattr(cfg.bpf, key) <= 0:
+            yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be positive")
+    if cfg.resolver.cache_size <= 0:
+        yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
+    for kind in ("allow", "deny"):
+        for i, cidr in enumerate(getattr(cfg.access, kind)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                yield bad(f"access.{kind}[{i}]", cidr, "not a CIDR")
+    for i, ns in enumerate(cfg.resolver.nameservers):
+        try:
+            ipaddress.ip_address(parse_hostport(ns, default_port=53).host)
+        except ValueError:
+            yield bad(f"resolver.nameservers[{i}]", ns, 'expected "ip" or "ip:port"')
+
+    seen: set[tuple[str, int]] = set()
+    for i, lst in enumerate(cfg.listener):
+        key = f"listener[{i}]"
+        try:
+            hp = parse_listen_address(lst.address)
+            if (hp.host, hp.port) in seen:
+                yield bad(f"{key}.address", lst.address, "listed twice")
+            seen.add((hp.host, hp.port))
+        except ValueError as e:
+            yield bad(f"{key}.address", lst.address, f"expected ip:port or [ipv6]:port ({e})")
+        if lst.table not in cfg.table:
+            yield bad(f"{key}.table", lst.table, f"no such table (have: {', '.join(sorted(cfg.table)) or 'none'})")
+        if lst.fallback:
+            try:
+                parse_hostport(lst.fallback)
+            except ValueError as e:
+                yield bad(f"{key}.fallback", lst.fallback, f"expected host:port ({e})")
+
+    for name, routes in cfg.table.items():
+        for i, route in enumerate(routes):
+            key = f"table.{name}[{i}]"
+            problem = match_problem(route.match)
+            if problem:
+                yield bad(f"{key}.match", route.match, problem)
+            try:
+                hp = parse_hostport(route.backend)
+                if hp.host != "*" and not hp.is_ip and normalize_name(hp.host)[0] is None:
+                    raise ValueError("bad host name")
+            except ValueError as e:
+                yield bad(f"{key}.backend", route.backend, f'expected host:port or "*:PORT" ({e})')
+
+
+def match_problem(pattern: str) -> str:
+    """"" if the route pattern is usable, else why not."""
+    if pattern.startswith("~"):
+        try:
+            re.compile(pattern[1:])
+        except re.error as e:
+            return f"bad regex: {e}"
+        return ""
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    if normalize_name(name)[0] is None:
+        return 'expected a DNS name, "*.suffix" or "~regex"'
+    return ""
+

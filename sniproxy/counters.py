@@ -1,0 +1,60 @@
+"""Worker counters in a shared, file-backed table that `sniproxy-master stats` reads.
+
+Each worker owns one row (its spawn number modulo ROWS), so increments never
+race across processes; the reader sums the rows.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+REFUSAL_REASONS = (
+    "access_denied",       # source address not allowed
+    "malformed",           # first flight starts like the protocol but is broken
+    "client_hello_timeout",
+    "no_name",             # no usable name and no fallback
+    "not_protocol",        # not TLS/HTTP and no fallback
+    "no_route",            # name matched no route and no fallback
+    "resolve_failed",
+    "private_address",     # "*" backend resolved to a private address
+    "connect_failed",
+)
+NAMES = (
+    "accepted", "relayed_kernel", "relayed_userspace", "fallback",
+    "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "errors",
+) + tuple(f"refused_{r}" for r in REFUSAL_REASONS)
+ROWS = 256
+_WIDTH = 64                       # counters per row, room to grow without a new layout
+_INDEX = {name: i for i, name in enumerate(NAMES)}
+assert len(NAMES) <= _WIDTH
+
+
+class CounterTable:
+    def __init__(self, path: str | Path, create: bool = False):
+        size = ROWS * _WIDTH * 8
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o644)
+        try:
+            if create and os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._cells = memoryview(self._map).cast("Q")
+
+    def row(self, number: int) -> "CounterRow":
+        return CounterRow(self._cells, (number % ROWS) * _WIDTH)
+
+    def totals(self) -> dict[str, int]:
+        return {name: sum(self._cells[r * _WIDTH + i] for r in range(ROWS)) for name, i in _INDEX.items()}
+
+
+class CounterRow:
+    __slots__ = ("_cells", "_base")
+
+    def __init__(self, cells: memoryview, base: int):
+        self._cells, self._base = cells, base
+
+    def add(self, name: str, n: int = 1) -> None:
+        self._cells[self._base + _INDEX[name]] += n

@@ -1,0 +1,101 @@
+"""The master's side of BPF: decide what the kernel may do, load, pin, attach, undo.
+
+bpf.mode: "off" relays in userspace; "require" refuses to start without the
+kernel relay; "auto" uses each piece the kernel and privileges allow and says
+once, clearly, what it skipped and why. One missing piece does not disable the
+others: XDP failing on an interface leaves the relay on.
+"""
+from __future__ import annotations
+
+import logging
+
+from .config import Config, parse_listen_address
+
+log = logging.getLogger("sniproxy.bpf")
+PROGRAMS = ("relay", "dns_cache", "xdp_filter")
+
+
+class DataPlaneError(Exception):
+    pass
+
+
+class DataPlane:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.relay_kind = "userspace"
+        self.pins_for_workers: str | None = None   # set when workers have pinned maps to open
+        self.loaded = None
+        self.xdp_attached: dict[str, int] = {}     # interface -> XDP flags used
+        self.skipped: list[str] = []
+
+    def start(self) -> None:
+        bpf = self.cfg.bpf
+        if bpf.mode == "off":
+            log.info("bpf.mode = off: relaying in userspace")
+            return
+        from . import bpfload
+        try:
+            problems = bpfload.probe(bpf.pin_path).problems()
+            if problems:
+                raise bpfload.BpfLoadError("; ".join(problems))
+            self.loaded = bpfload.load(bpf.pin_path, PROGRAMS, cflags=self._cflags())
+        except bpfload.BpfLoadError as e:
+            if bpf.mode == "require":
+                raise DataPlaneError(f"bpf.mode = require, but the kernel relay is unavailable: {e}") from None
+            log.warning("kernel relay unavailable, relaying in userspace instead: %s", e)
+            self.skipped.append(f"kernel relay: {e}")
+            return
+        self.relay_kind = "kernel"
+        self.pins_for_workers = bpf.pin_path
+        self._load_access_rules(self.cfg)
+        for ifname in bpf.xdp_interfaces:
+            self._attach_xdp(ifname)
+
+    def _cflags(self) -> dict[str, int]:
+        return {"DNS_CACHE_SIZE": self.cfg.resolver.cache_size}
+
+    def _load_access_rules(self, cfg: Config) -> None:
+        from . import xdp
+        ports = sorted({parse_listen_address(lc.address).port for lc in cfg.listener})
+        xdp.load_access_rules(cfg.bpf.pin_path, list(cfg.access.allow), list(cfg.access.deny), ports)
+
+    def _attach_xdp(self, ifname: str) -> None:
+        from . import xdp
+        try:
+            self.xdp_attached[ifname] = xdp.attach(self.cfg.bpf.pin_path, ifname, self.cfg.bpf.xdp_mode)
+            log.info("xdp_ip_filter attached to %s", ifname)
+        except Exception as e:  # noqa: BLE001 - pyroute2 raises several kinds; each only skips XDP here
+            log.warning("XDP source filter not attached to %s (the accept-time filter still applies): %s",
+                        ifname, e)
+            self.skipped.append(f"xdp on {ifname}: {e}")
+
+    def reload(self, cfg: Config) -> None:
+        self.cfg = cfg
+        if self.loaded is not None:
+            self._load_access_rules(cfg)
+
+    def forget_in_child(self) -> None:
+        """In a forked worker: never run the master's BPF cleanup."""
+        if self.loaded is not None:
+            self.loaded.forget_in_child()
+
+    def stop(self) -> None:
+        if self.xdp_attached:
+            from . import xdp
+        for ifname, flags in self.xdp_attached.items():
+            try:
+                xdp.detach(ifname, flags)
+            except Exception as e:  # noqa: BLE001
+                log.warning("detaching XDP from %s: %s", ifname, e)
+        self.xdp_attached.clear()
+        if self.loaded is not None:
+            self.loaded.unpin()
+            self.loaded = None
+
+    def describe(self) -> list[str]:
+        lines = [f"relay: {self.relay_kind}"]
+        if self.loaded is not None:
+            lines.append(f"pins: {self.cfg.bpf.pin_path}")
+        lines += [f"xdp: {name}" for name in self.xdp_attached]
+        lines += [f"skipped {s}" for s in self.skipped]
+        return lines

@@ -1,0 +1,323 @@
+"""Parse the first bytes a client sends: a TLS ClientHello or an HTTP/1.x request head.
+
+Pure functions, no sockets. The worker calls a parser after every read with all
+bytes read so far. The answer is a FirstFlight, NEED_MORE while the bytes are a
+valid prefix, NotThisProtocol (route to the listener's fallback) or Malformed
+(refuse). A decision, once made, does not change as more bytes arrive.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Final
+
+MAX_CLIENT_HELLO: Final = 64 * 1024  # bytes of handshake message accepted at most
+MAX_HTTP_HEAD: Final = 16 * 1024  # request line and headers, including the blank line
+
+
+@dataclass(frozen=True, slots=True)
+class FirstFlight:
+    name: str | None  # usable routing name, or None (then the listener's fallback applies)
+    alpn: tuple[str, ...] = ()  # TLS ALPN protocol names, for logs
+    name_problem: str = ""  # why name is None: no_sni, no_host, ip_literal, bad_name
+
+
+class NeedMoreType(enum.Enum):
+    NEED_MORE = "NEED_MORE"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_MORE: Final = NeedMoreType.NEED_MORE
+
+
+class NotThisProtocol(Exception):
+    """The first bytes cannot start this protocol: route to the fallback."""
+
+
+class Malformed(Exception):
+    """Starts like the protocol but is broken or too large: refuse."""
+
+
+# --- names -------------------------------------------------------------------
+
+MAX_NAME = 253
+MAX_LABEL = 63
+_LDH = b"abcdefghijklmnopqrstuvwxyz0123456789-."
+# A last label that is a number makes the name an IPv4 address to resolvers and
+# browsers ("127.1", "0x7f.1"), never a DNS name.
+_NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
+
+
+def normalize_name(raw: bytes | str) -> tuple[str | None, str]:
+    """Return (name, "") for a usable host name, else (None, problem)."""
+    if isinstance(raw, str):
+        if not raw.isascii():
+            return None, "bad_name"
+        raw = raw.encode("ascii")
+    name = raw.lower()
+    if name.endswith(b"."):
+        name = name[:-1]
+    if _is_ip_literal(name):
+        return None, "ip_literal"
+    if not name or len(name) > MAX_NAME or name.translate(None, _LDH):
+        return None, "bad_name"
+    if any(not 0 < len(label) <= MAX_LABEL for label in name.split(b".")):
+        return None, "bad_name"
+    return name.decode("ascii"), ""
+
+
+def _is_ip_literal(name: bytes) -> bool:
+    if name.startswith(b"[") and name.endswith(b"]"):
+        name = name[1:-1]
+    if b":" in name:
+        try:
+            ipaddress.IPv6Address(name.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return True
+    return _NUMERIC_LABEL.fullmatch(name.rpartition(b".")[2]) is not None
+
+
+# --- TLS ---------------------------------------------------------------------
+
+_RECORD_HEADER = 5
+_CONTENT_HANDSHAKE = 22
+_HANDSHAKE_CLIENT_HELLO = 1
+_HANDSHAKE_HEADER = 4
+_MAX_RECORD_PAYLOAD = 2**14  # RFC 8446 5.1, TLSPlaintext.length
+_EXT_SERVER_NAME = 0
+_EXT_ALPN = 16
+_NAME_TYPE_HOST_NAME = 0
+
+
+def parse_client_hello(data: bytes) -> FirstFlight | NeedMoreType:
+    message = _reassemble_client_hello(data)
+    if message is NEED_MORE:
+        return NEED_MORE
+    return _parse_client_hello_body(message)
+
+
+def _reassemble_client_hello(data: bytes) -> bytes | NeedMoreType:
+    """Join handshake record payloads until they hold the whole ClientHello body."""
+    payload = bytearray()
+    offset = 0
+    while offset < len(data):
+        header = data[offset:offset + _RECORD_HEADER]
+        _check_record_header(header, first=offset == 0)
+        if len(header) < _RECORD_HEADER:
+            break
+        length = int.from_bytes(header[3:5])
+        payload += data[offset + _RECORD_HEADER:offset + _RECORD_HEADER + length]
+        offset += _RECORD_HEADER + length
+        if len(payload) >= _HANDSHAKE_HEADER:
+            if payload[0] != _HANDSHAKE_CLIENT_HELLO:
+                raise Malformed(f"handshake message type {payload[0]}, not ClientHello")
+            body_length = int.from_bytes(payload[1:4])
+            if body_length > MAX_CLIENT_HELLO:
+                raise Malformed(f"ClientHello of {body_length} bytes is over {MAX_CLIENT_HELLO}")
+            if len(payload) >= _HANDSHAKE_HEADER + body_length:
+                return bytes(payload[_HANDSHAKE_HEADER:_HANDSHAKE_HEADER + body_length])
+    return NEED_MORE
+
+
+def _check_record_header(header: bytes, first: bool) -> None:
+    """Judge a record header from as many of its bytes as have arrived."""
+    # Bytes that cannot start TLS at all go to the fallback; a later record
+    # that is not a handshake record breaks a ClientHello already begun. An
+    # SSLv2-style hello starts with a length byte with the high bit set.
+    error = NotThisProtocol if first else Malformed
+    if header[:1] != bytes([_CONTENT_HANDSHAKE]):
+        raise error("not a TLS handshake record")
+    if header[1:2] not in (b"", b"\x03"):
+        raise error("record version is not 3.x")
+    if len(header) == _RECORD_HEADER and not 0 < int.from_bytes(header[3:5]) <= _MAX_RECORD_PAYLOAD:
+        raise Malformed(f"handshake record of {int.from_bytes(header[3:5])} bytes")
+
+
+class _Reader:
+    """Bounds-checked reads of TLS presentation-language fields."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data, self._pos, self._what = data, 0, what
+
+    def take(self, size: int) -> bytes:
+        if self._pos + size > len(self._data):
+            raise Malformed(f"{self._what} truncated")
+        self._pos += size
+        return self._data[self._pos - size:self._pos]
+
+    def number(self, size: int) -> int:
+        return int.from_bytes(self.take(size))
+
+    def vector(self, length_size: int, what: str) -> _Reader:
+        return _Reader(self.take(self.number(length_size)), what)
+
+    def rest(self) -> bytes:
+        return self.take(len(self._data) - self._pos)
+
+    def done(self) -> bool:
+        return self._pos == len(self._data)
+
+    def expect_done(self) -> None:
+        if not self.done():
+            raise Malformed(f"{self._what} has trailing bytes")
+
+
+def _parse_client_hello_body(body: bytes) -> FirstFlight:
+    hello = _Reader(body, "ClientHello")
+    if hello.take(2)[0] != 3:
+        raise Malformed("ClientHello version is not 3.x")
+    hello.take(32)  # random
+    if len(hello.vector(1, "session_id").rest()) > 32:
+        raise Malformed("session_id longer than 32 bytes")
+    cipher_suites = hello.vector(2, "cipher_suites").rest()
+    if not cipher_suites or len(cipher_suites) % 2:
+        raise Malformed("cipher_suites length")
+    if not hello.vector(1, "compression_methods").rest():
+        raise Malformed("no compression method")
+    extensions = {} if hello.done() else _extensions(hello.vector(2, "extensions"))
+    hello.expect_done()
+    if _EXT_SERVER_NAME in extensions:
+        name, problem = _server_name(extensions[_EXT_SERVER_NAME])
+    else:
+        name, problem = None, "no_sni"
+    alpn = _alpn(extensions[_EXT_ALPN]) if _EXT_ALPN in extensions else ()
+    return FirstFlight(name, alpn, problem)
+
+
+def _extensions(block: _Reader) -> dict[int, bytes]:
+    extensions: dict[int, bytes] = {}
+    while not block.done():
+        ext_type = block.number(2)
+        if ext_type in extensions:
+            raise Malformed(f"duplicate extension {ext_type}")  # RFC 8446 4.2
+        extensions[ext_type] = block.vector(2, f"extension {ext_type}").rest()
+    return extensions
+
+
+def _server_name(ext: bytes) -> tuple[str | None, str]:
+    outer = _Reader(ext, "server_name")
+    names = outer.vector(2, "server_name_list")
+    outer.expect_done()
+    if names.done():
+        raise Malformed("empty server_name_list")
+    host_name = None
+    while not names.done():
+        name_type = names.number(1)
+        value = names.vector(2, "server_name entry").rest()
+        if name_type == _NAME_TYPE_HOST_NAME:
+            if host_name is not None:
+                raise Malformed("two host_name entries")  # RFC 6066 3
+            host_name = value
+    if host_name is None:
+        return None, "no_sni"
+    return normalize_name(host_name)
+
+
+def _alpn(ext: bytes) -> tuple[str, ...]:
+    outer = _Reader(ext, "ALPN")
+    protocols = outer.vector(2, "protocol_name_list")
+    outer.expect_done()
+    if protocols.done():
+        raise Malformed("empty ALPN list")
+    names = []
+    while not protocols.done():
+        protocol = protocols.vector(1, "ALPN protocol").rest()
+        if not protocol:
+            raise Malformed("empty ALPN protocol name")
+        names.append(protocol.decode("ascii", "backslashreplace"))
+    return tuple(names)
+
+
+# --- HTTP/1.x ----------------------------------------------------------------
+
+# RFC 9110 5.6.2 token characters.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Real methods are short; a longer run of token bytes is some other protocol.
+_MAX_METHOD = 32
+_HTTP1_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+_FIELD_FORBIDDEN = re.compile(rb"[\x00\r\n]")
+
+
+def parse_http_request(data: bytes) -> FirstFlight | NeedMoreType:
+    _check_method(data)
+    line_end = data.find(b"\n", 0, MAX_HTTP_HEAD)
+    if line_end < 0:
+        return _need_more_within(data, MAX_HTTP_HEAD)
+    if data[line_end - 1:line_end] != b"\r":
+        raise Malformed("request line does not end in CRLF")
+    target, version = _parse_request_line(data[:line_end - 1])
+    head_end = data.find(b"\r\n\r\n", line_end - 1, MAX_HTTP_HEAD)
+    if head_end < 0:
+        return _need_more_within(data, MAX_HTTP_HEAD)
+    hosts = _host_fields(data[line_end + 1:head_end])
+    if len(hosts) > 1:
+        raise Malformed("more than one Host header")
+    absolute = _ABSOLUTE_FORM.match(target)
+    if absolute:
+        authority = absolute[1].rpartition(b"@")[2]  # drop userinfo
+    elif hosts:
+        authority = hosts[0]
+    elif version == b"HTTP/1.0":
+        return FirstFlight(None, name_problem="no_host")
+    else:
+        raise Malformed("HTTP/1.1 request without Host")  # RFC 9112 3.2
+    name, problem = _name_of_authority(authority)
+    return FirstFlight(name, name_problem=problem)
+
+
+def _need_more_within(data: bytes, limit: int) -> NeedMoreType:
+    if len(data) >= limit:
+        raise Malformed(f"request head over {limit} bytes")
+    return NEED_MORE
+
+
+def _check_method(data: bytes) -> None:
+    space = data.find(b" ", 0, _MAX_METHOD + 1)
+    method = data[:space] if space >= 0 else data[:_MAX_METHOD + 1]
+    if space == 0 or method.translate(None, _TCHAR):
+        raise NotThisProtocol("does not start with an HTTP method")
+    if space < 0 and len(method) > _MAX_METHOD:
+        raise NotThisProtocol("method too long")
+
+
+def _parse_request_line(line: bytes) -> tuple[bytes, bytes]:
+    parts = line.split(b" ")
+    if len(parts) == 3 and parts[2].startswith(b"HTTP/") and not _HTTP1_VERSION.fullmatch(parts[2]):
+        raise NotThisProtocol("not HTTP/1.x")
+    if len(parts) != 3 or not parts[1] or not _HTTP1_VERSION.fullmatch(parts[2]):
+        raise Malformed("bad request line")
+    target, version = parts[1], parts[2]
+    if any(byte < 0x21 or byte == 0x7F for byte in target):
+        raise Malformed("control character in request target")
+    return target, version
+
+
+def _host_fields(fields: bytes) -> list[bytes]:
+    hosts = []
+    for line in fields.split(b"\r\n") if fields else ():
+        name, colon, value = line.partition(b":")
+        # Rejects obsolete line folding and whitespace before the colon (RFC 9112 5).
+        if not colon or not name or name.translate(None, _TCHAR) or _FIELD_FORBIDDEN.search(value):
+            raise Malformed("bad header line")
+        if name.lower() == b"host":
+            hosts.append(value.strip(b" \t"))
+    return hosts
+
+
+def _name_of_authority(authority: bytes) -> tuple[str | None, str]:
+    if not authority:
+        return None, "no_host"
+    host_end = authority.find(b"]") + 1 if authority.startswith(b"[") else 0
+    colon = authority.find(b":", host_end)
+    host, port = (authority, b"") if colon < 0 else (authority[:colon], authority[colon + 1:])
+    if port and not port.isdigit():
+        return None, "bad_name"
+    return normalize_name(host)

@@ -1,0 +1,376 @@
+"""The master: holds the listening sockets and the BPF pins, keeps N workers alive.
+
+The whole lifecycle reads top to bottom in `run()`. Signal handlers only
+queue the signal and wake the loop; reaping, forking and logging happen in
+the loop. Each worker slot has its own SO_REUSEPORT socket per listener, held
+by the master, so a worker that dies leaves its accept queue to its successor.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import config as config_mod
+from .config import Config, ConfigError, parse_listen_address
+from .counters import CounterTable
+from .dataplane import DataPlane, DataPlaneError
+
+log = logging.getLogger("sniproxy.master")
+RUN_DIR = Path("/run/sniproxy")
+LISTEN_BACKLOG = 4096
+KILL_GRACE = 2.0         # after SIGABRT, a stuck worker gets this long before SIGKILL
+
+
+class StartError(Exception):
+    """The master cannot start; the message is the one line the user sees."""
+
+
+def runtime_paths(cfg: Config, config_path: str | None) -> tuple[Path, Path, Path]:
+    """(pidfile, counters, state); derived from the config path unless pidfile is set."""
+    if cfg.master.pidfile:
+        pid = Path(cfg.master.pidfile)
+    elif config_path:
+        real = os.path.realpath(config_path)
+        digest = hashlib.sha1(real.encode()).hexdigest()[:8]
+        pid = RUN_DIR / f"{Path(real).stem}-{digest}.pid"
+    else:
+        pid = RUN_DIR / "default.pid"
+    return pid, pid.with_suffix(".counters"), pid.with_suffix(".state")
+
+
+def worker_count(cfg: Config) -> int:
+    return cfg.master.workers or len(os.sched_getaffinity(0))
+
+
+@dataclass
+class WorkerProcess:
+    pid: int
+    index: int
+    number: int
+    generation: int
+    heartbeat: int                      # fd of an unlinked file whose mtime the worker bumps
+    aborted_at: float = 0.0
+
+
+@dataclass
+class Master:
+    cfg: Config
+    config_path: str | None
+    ready_fd: int | None = None          # the starting `sniproxy-master start` waits on this
+    workers: dict[int, WorkerProcess] = field(default_factory=dict)
+    sockets: dict[tuple[int, str], socket.socket] = field(default_factory=dict)
+    generation: int = 0
+    spawned: int = 0
+    signals: list[int] = field(default_factory=list)
+    stopping: bool = False
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.start()
+        except StartError as e:
+            self._tell_ready(f"error: {e}")
+            raise
+        self._tell_ready("ok")
+        try:
+            while True:
+                self.reap_workers()
+                if self.stopping and not self.workers:
+                    return 0
+                sig = self.next_signal(timeout=1.0)
+                if sig is not None:
+                    getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}")()
+                self.murder_late_workers()
+                if not self.stopping:
+                    self.manage_workers()
+        finally:
+            self.cleanup()
+
+    def start(self) -> None:
+        import setproctitle
+        setproctitle.setproctitle(f"sniproxy: master {self.config_path or '(built-in config)'}")
+        self.pidfile, counters, self.statefile = runtime_paths(self.cfg, self.config_path)
+        self._claim_pidfile()
+        CounterTable(counters, create=True)
+        self.counters_path = str(counters)
+        self._install_signals()
+        self.bind_listeners(self.cfg)
+        self.dataplane = DataPlane(self.cfg)
+        try:
+            self.dataplane.start()
+        except DataPlaneError as e:
+            raise StartError(str(e)) from None
+        log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
+                 self.dataplane.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
+        self.manage_workers()
+        self.write_state()
+
+    def cleanup(self) -> None:
+        self.signal_workers(signal.SIGKILL)   # only those left after a stop or a failed start
+        for w in self.workers.values():
+            os.waitpid(w.pid, 0)
+        self.workers.clear()
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+        if getattr(self, "dataplane", None):
+            self.dataplane.stop()
+        for path in (getattr(self, "pidfile", None), getattr(self, "statefile", None)):
+            if path and _read_pid(path) in (os.getpid(), None):
+                path.unlink(missing_ok=True)
+
+    # --- signals: queued by the handler, handled in the loop -------------------
+
+    def _install_signals(self) -> None:
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, lambda s, _frame: self.signals.append(s))
+
+    def next_signal(self, timeout: float) -> int | None:
+        if not self.signals:
+            select.select([self._wake_r], [], [], timeout)
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return self.signals.pop(0) if self.signals else None
+
+    def handle_chld(self) -> None:
+        pass                               # reaped at the top of the loop
+
+    def handle_term(self) -> None:
+        """Graceful stop: workers stop accepting and finish within graceful_timeout."""
+        if self.stopping:
+            return
+        log.info("stopping gracefully (up to %.0fs)", self.cfg.master.graceful_timeout)
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.cfg.master.graceful_timeout + KILL_GRACE
+        self.signal_workers(signal.SIGTERM)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        log.info("fast stop")
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + KILL_GRACE
+        self.signal_workers(signal.SIGQUIT)
+
+    def handle_usr1(self) -> None:
+        self.signal_workers(signal.SIGUSR1)
+
+    def handle_hup(self) -> None:
+        """Reload: new workers with the new config; the old ones drain their connections."""
+        try:
+            cfg = config_mod.load(self.config_path) if self.config_path else config_mod.load()
+        except (ConfigError, OSError) as e:
+            log.error("reload rejected, keeping the running config: %s", str(e).replace("\n", "; "))
+            return
+        for key in ("pin_path", "mode"):
+            if getattr(cfg.bpf, key) != getattr(self.cfg.bpf, key):
+                log.warning("bpf.%s changed: takes effect at the next start", key)
+        try:
+            self.bind_listeners(cfg)
+        except StartError as e:
+            log.error("reload rejected, keeping the running config: %s", e)
+            return
+        self.cfg = cfg
+        self.dataplane.reload(cfg)
+        self.generation += 1
+        old = [w for w in self.workers.values() if w.generation < self.generation]
+        self.manage_workers()
+        for w in old:
+            _kill(w.pid, signal.SIGTERM)
+        self.write_state()
+        log.info("reloaded %s: %d workers", self.config_path or "(built-in config)", worker_count(cfg))
+
+    # --- listening sockets ------------------------------------------------------
+
+    def bind_listeners(self, cfg: Config) -> None:
+        """One SO_REUSEPORT socket per slot and listener; keep the ones that still serve."""
+        wanted = {(i, lc.address) for i in range(worker_count(cfg)) for lc in cfg.listener}
+        fresh = {}
+        try:
+            for key in sorted(wanted - self.sockets.keys()):
+                if not any(addr == key[1] for _, addr in self.sockets) and not any(a == key[1] for _, a in fresh):
+                    _check_port_free(key[1])
+                fresh[key] = _reuseport_socket(key[1])
+        except StartError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        for key in self.sockets.keys() - wanted:
+            self.sockets.pop(key).close()
+        self.sockets.update(fresh)
+
+    # --- workers ----------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        current = {w.index for w in self.workers.values() if w.generation == self.generation}
+        for index in range(worker_count(self.cfg)):
+            if index not in current:
+                self.spawn_worker(index)
+
+    def spawn_worker(self, index: int) -> None:
+        from .accesslog import AccessLog
+        from .worker import Slot, Worker
+        self.spawned += 1
+        fd, path = tempfile.mkstemp(prefix="sniproxy-heartbeat-")
+        os.unlink(path)
+        listeners = [(lc, self.sockets[(index, lc.address)]) for lc in self.cfg.listener]
+        worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.dataplane.relay_kind,
+                        bpf_pins=self.dataplane.pins_for_workers, heartbeat_fd=fd,
+                        counters_path=self.counters_path, access_log=None)
+        pid = os.fork()
+        if pid == 0:
+            # The child must never return into the master's loop or run its atexit
+            # handlers (BCC's would close the master's BPF objects).
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(self._wake_r)
+                self.dataplane.forget_in_child()
+                worker.access_log = AccessLog(self.cfg.log.access)
+                worker.run()
+            finally:
+                os._exit(1)
+        self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, fd)
+
+    def signal_workers(self, sig: int) -> None:
+        for w in self.workers.values():
+            _kill(w.pid, sig)
+
+    def reap_workers(self) -> None:
+        from .worker import BOOT_ERROR
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            os.close(w.heartbeat)
+            code = os.waitstatus_to_exitcode(status)
+            if code == BOOT_ERROR:
+                raise StartError(f"worker {w.index} failed to boot; see the log above")
+            if not self.stopping and w.generation == self.generation:
+                log.warning("worker %d (pid %d) exited with %s; replacing it", w.index, pid, _describe_exit(code))
+        # After a death, write the new pids for `status`.
+        self.write_state()
+
+    def murder_late_workers(self) -> None:
+        now = time.monotonic()
+        if self.stopping and now > self.stop_deadline:
+            self.signal_workers(signal.SIGKILL)
+            return
+        timeout = self.cfg.master.worker_timeout
+        for w in self.workers.values():
+            late = time.time() - os.fstat(w.heartbeat).st_mtime
+            if late <= timeout:
+                continue
+            if not w.aborted_at:
+                log.error("worker %d (pid %d) missed its heartbeat for %.0fs; aborting it", w.index, w.pid, late)
+                w.aborted_at = now
+                _kill(w.pid, signal.SIGABRT)
+            elif now - w.aborted_at > KILL_GRACE:
+                _kill(w.pid, signal.SIGKILL)
+
+    # --- files for the other commands -----------------------------------------
+
+    def _claim_pidfile(self) -> None:
+        other = _read_pid(self.pidfile)
+        if other and _alive(other) and other != os.getpid():
+            raise StartError(f"already running as pid {other} (pidfile {self.pidfile})")
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.write_text(f"{os.getpid()}\n")
+
+    def write_state(self) -> None:
+        state = {
+            "pid": os.getpid(), "config": self.config_path, "relay": self.dataplane.relay_kind,
+            "pin_path": self.cfg.bpf.pin_path, "counters": self.counters_path,
+            "bpf": self.dataplane.describe(),
+            "workers": sorted(({"pid": w.pid, "index": w.index, "generation": w.generation}
+                               for w in self.workers.values()), key=lambda w: (w["index"], w["generation"])),
+        }
+        tmp = self.statefile.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.statefile)
+
+    def _tell_ready(self, message: str) -> None:
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, message.encode() + b"\n")
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _reuseport_socket(address: str) -> socket.socket:
+    hp = parse_listen_address(address)
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((hp.host, hp.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise StartError(f"cannot listen on {address}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _check_port_free(address: str) -> None:
+    """SO_REUSEPORT would silently join another root process's group: bind once without it."""
+    hp = parse_listen_address(address)
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((hp.host, hp.port))
+        except OSError as e:
+            reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise StartError(f"cannot listen on {address}: {reason}") from None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"

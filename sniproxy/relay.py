@@ -1,0 +1,93 @@
+"""The relay interface, and its userspace implementation.
+
+A relay moves bytes between two connected sockets until both directions are
+done, carrying half-close, and reports the byte counts. The kernel relay
+(kernel_relay.py) is the other implementation of the same interface.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import NamedTuple, Protocol
+
+import gevent
+import gevent.socket
+from gevent.queue import SimpleQueue
+
+
+class RelayResult(NamedTuple):
+    up: int        # client -> upstream, after the first flight
+    down: int      # upstream -> client
+    outcome: str   # "done" | "idle_timeout" | "reset" | "slow_reader" | "error"
+
+
+class Relay(Protocol):
+    kind: str
+
+    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float) -> RelayResult:
+        """Block the calling greenlet until both directions are done. The caller
+        has sent the first flight and closes both sockets afterwards."""
+
+    def close(self) -> None: ...
+
+
+class BufferPool:
+    """Large buffers lent only while bytes are in hand, so idle connections hold none."""
+
+    def __init__(self, size: int = 256 * 1024):
+        self.size = size
+        self._free: SimpleQueue = SimpleQueue()
+
+    def take(self) -> bytearray:
+        return self._free.get_nowait() if not self._free.empty() else bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+class UserspaceRelay:
+    kind = "userspace"
+
+    def __init__(self, buffer_size: int = 256 * 1024):
+        self.pool = BufferPool(buffer_size)
+
+    def relay(self, client, upstream, idle_timeout: float) -> RelayResult:
+        last = [time.monotonic()]
+        counts = [0, 0]
+        up = gevent.spawn(self._pump, client, upstream, last, counts, 0)
+        down = gevent.spawn(self._pump, upstream, client, last, counts, 1)
+        outcome = "done"
+        while not (up.dead and down.dead):
+            gevent.joinall((up, down), timeout=max(0.05, last[0] + idle_timeout - time.monotonic()), count=None)
+            if any(g.dead and not g.successful() for g in (up, down)):
+                outcome = "reset"
+                break
+            if time.monotonic() - last[0] >= idle_timeout and not (up.dead and down.dead):
+                outcome = "idle_timeout"
+                break
+        gevent.killall((up, down))
+        return RelayResult(counts[0], counts[1], outcome)
+
+    def _pump(self, src, dst, last, counts, index) -> None:
+        """Copy src to dst until EOF, then half-close dst."""
+        fd = src.fileno()
+        while True:
+            gevent.socket.wait_read(fd)
+            buf = self.pool.take()
+            try:
+                n = src.recv_into(buf)
+                if not n:
+                    break
+                dst.sendall(memoryview(buf)[:n])
+            finally:
+                self.pool.give(buf)
+            counts[index] += n
+            last[0] = time.monotonic()
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        pass
+

@@ -1,0 +1,98 @@
+"""Name resolution for backends, with dnspython and a TTL-respecting cache.
+
+The cache is either a per-process dict or the DNS_CACHE map pinned by the
+master, which every worker shares (see dns_cache.py); both have get/put.
+Concurrent lookups of one name in a worker share a single query.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import gevent.event
+
+from .config import ResolverConfig, parse_hostport
+
+log = logging.getLogger(__name__)
+
+_ORDER = {
+    "ipv4_only": ("A",),
+    "ipv6_only": ("AAAA",),
+    "ipv4_first": ("A", "AAAA"),
+    "ipv6_first": ("AAAA", "A"),
+}
+_LOCALHOST = {"localhost": ["127.0.0.1", "::1"]}
+MIN_TTL = 1.0
+
+
+class ResolveError(Exception):
+    pass
+
+
+def is_public(address: str) -> bool:
+    """False for loopback, private, link-local, unspecified and other special ranges."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class Resolver:
+    def __init__(self, cfg: ResolverConfig, cache, timeout: float = 5.0):
+        self.order = _ORDER[cfg.mode]
+        self.cache = cache
+        self.queries = 0          # sent to a DNS server; the tests count these
+        self._inflight: dict[str, gevent.event.AsyncResult] = {}
+        self._dns = dns.resolver.Resolver(configure=not cfg.nameservers)
+        if cfg.nameservers:
+            self._dns.nameservers = [
+                dns.nameserver.Do53Nameserver(hp.host, hp.port)
+                for hp in (parse_hostport(ns, default_port=53) for ns in cfg.nameservers)
+            ]
+        self._dns.lifetime = timeout
+
+    def resolve(self, name: str) -> list[str]:
+        """Addresses for name, in the configured family order; raise ResolveError."""
+        if name in _LOCALHOST:
+            return [a for fam in self.order for a in _LOCALHOST[name] if (":" in a) == (fam == "AAAA")]
+        cached = self.cache.get(name)
+        if cached is not None:
+            return cached
+        pending = self._inflight.get(name)
+        if pending is not None:
+            return pending.get()
+        pending = self._inflight[name] = gevent.event.AsyncResult()
+        try:
+            addresses = self._query(name)
+            pending.set(addresses)
+            return addresses
+        except ResolveError as e:
+            pending.set_exception(e)
+            raise
+        finally:
+            del self._inflight[name]
+
+    def _query(self, name: str) -> list[str]:
+        addresses: list[str] = []
+        ttl = None
+        for rdtype in self.order:
+            self.queries += 1
+            try:
+                answer = self._dns.resolve(name, rdtype, search=False)
+            except dns.resolver.NXDOMAIN:
+                raise ResolveError(f"{name}: no such domain") from None
+            except (dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+                continue
+            except dns.exception.DNSException as e:
+                raise ResolveError(f"{name}: {e.__class__.__name__}: {e}") from None
+            addresses += [r.address for r in answer]
+            ttl = answer.rrset.ttl if ttl is None else min(ttl, answer.rrset.ttl)
+            break   # with *_first, the second family is only a fallback
+        if not addresses:
+            raise ResolveError(f"{name}: no {'/'.join(self.order)} records")
+        self.cache.put(name, addresses, max(float(ttl or 0), MIN_TTL))
+        return addresses

@@ -1,0 +1,56 @@
+"""What `sniproxy-master stats` and `maps` print: BPF counters and worker counters."""
+from __future__ import annotations
+
+import os
+import struct
+
+from .config import Config
+from .counters import CounterTable
+
+# Per-CPU counter maps: their u64 fields, in the order of the C structs.
+PERCPU_COUNTERS = {
+    "RELAY_STATS": ("relayed_bytes_up", "relayed_bytes_down", "relayed_skbs", "redirect_failures"),
+    "XDP_STATS": ("passed", "dropped_deny", "dropped_not_allowed"),
+}
+
+
+def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
+    out: dict[str, dict] = {"master": {"running": state is not None,
+                                       "relay": state["relay"] if state else "-"}}
+    if state is not None:
+        out["workers"] = CounterTable(state["counters"]).totals()
+    for name, fields in PERCPU_COUNTERS.items():
+        values = percpu_totals(os.path.join(cfg.bpf.pin_path, name), fields)
+        if values is not None:
+            out[name.lower()] = values
+    return out
+
+
+def percpu_totals(path: str, fields: tuple[str, ...]) -> dict[str, int] | None:
+    """Sum a pinned single-entry per-CPU array of u64 fields over the CPUs."""
+    if not os.path.exists(path):
+        return None
+    from .bpfsys import PinnedMap
+    with PinnedMap.open(path) as m:
+        cpus = m.lookup_percpu(struct.pack("I", 0)) or []
+    totals = [0] * len(fields)
+    for value in cpus:
+        for i, v in enumerate(struct.unpack_from(f"{len(fields)}Q", value)):
+            totals[i] += v
+    return dict(zip(fields, totals))
+
+
+def pinned_objects(pin_path: str) -> list[tuple[str, str, str, str]]:
+    """(name, kind, entries, max entries) for everything pinned under pin_path."""
+    if not os.path.isdir(pin_path):
+        return []
+    from .bpfsys import BpfError, PinnedMap
+    rows = [("NAME", "TYPE", "ENTRIES", "MAX")]
+    for name in sorted(os.listdir(pin_path)):
+        try:
+            with PinnedMap.open(os.path.join(pin_path, name)) as m:
+                entries = "-" if "array" in m.type_name or "percpu" in m.type_name else str(len(m))
+                rows.append((name, m.type_name, entries, str(m.max_entries)))
+        except BpfError:
+            rows.append((name, "prog", "-", "-"))
+    return rows

@@ -1,0 +1,123 @@
+"""The source-address filter: rules for the pinned xdp_ip_filter maps, attach/detach, counters.
+
+Semantics, the same in the kernel (bpf/xdp_filter.c) and in access.AccessList
+(the check at accept time, for interfaces without XDP): a source in `deny` is
+refused; else, when `allow` is not empty, a source outside it is refused;
+everyone else passes.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .access import AccessList, Network, parse_networks  # noqa: F401 - AccessList is part of this API
+from .bpfsys import PinnedMap, obj_get
+
+PROGRAM = "xdp_ip_filter"
+XDP_FLAGS_SKB_MODE = 2   # generic: runs on the skb, works on any device
+XDP_FLAGS_DRV_MODE = 4   # native: runs in the driver, needs driver support
+MODE_FLAGS = {
+    "native": (XDP_FLAGS_DRV_MODE,),
+    "generic": (XDP_FLAGS_SKB_MODE,),
+    "auto": (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE),
+}
+ALLOW_MAPS = {4: "ACCESS_ALLOW_V4", 6: "ACCESS_ALLOW_V6"}
+DENY_MAPS = {4: "ACCESS_DENY_V4", 6: "ACCESS_DENY_V6"}
+XDP_CONFIG = struct.Struct("=II")   # allow_list_active, ports_only
+XDP_STATS = struct.Struct("=QQQ")
+STAT_NAMES = ("passed", "dropped_deny", "dropped_not_allowed")
+ARRAY_KEY_0 = struct.pack("=I", 0)
+RULE_PRESENT = b"\x01"
+
+
+class XdpError(RuntimeError):
+    pass
+
+
+def lpm_key(net: Network) -> bytes:
+    """struct lpm_v4_key / lpm_v6_key: u32 prefixlen (host order), address bytes."""
+    return struct.pack("=I", net.prefixlen) + net.network_address.packed
+
+
+def _replace_entries(m: PinnedMap, wanted: dict[bytes, bytes]) -> list[bytes]:
+    """Write every wanted entry now; return the stale keys for the caller to delete later."""
+    for key, value in wanted.items():
+        m.update(key, value)
+    return [bytes(k) for k in m.keys() if bytes(k) not in wanted]
+
+
+def load_access_rules(pin_path: str, allow: Iterable[str], deny: Iterable[str],
+                      ports: Iterable[int] = ()) -> None:
+    """Make the pinned filter enforce allow/deny (and, if ports are given, only for TCP to them).
+
+    New entries go in first, then the config flags, then stale entries go:
+    during a reload the filter briefly applies the union of old and new rules,
+    never an empty allow list that is flagged active.
+    """
+    allow_nets, deny_nets = parse_networks(allow), parse_networks(deny)
+    ports = sorted(set(ports))
+    maps = {name: PinnedMap.open(os.path.join(pin_path, name))
+            for name in (*ALLOW_MAPS.values(), *DENY_MAPS.values(), "XDP_PORTS", "XDP_CONFIG")}
+    stale = []
+    for nets, names in ((allow_nets, ALLOW_MAPS), (deny_nets, DENY_MAPS)):
+        for version, name in names.items():
+            wanted = {lpm_key(n): RULE_PRESENT for n in nets if n.version == version}
+            stale.append((maps[name], _replace_entries(maps[name], wanted)))
+    wanted_ports = {struct.pack("=H", p): RULE_PRESENT for p in ports}
+    stale.append((maps["XDP_PORTS"], _replace_entries(maps["XDP_PORTS"], wanted_ports)))
+
+    maps["XDP_CONFIG"].update(ARRAY_KEY_0, XDP_CONFIG.pack(bool(allow_nets), bool(ports)))
+
+    for m, keys in stale:
+        for key in keys:
+            m.delete(key)
+
+
+def xdp_counters(pin_path: str) -> dict[str, int]:
+    """XDP_STATS summed over CPUs."""
+    stats = PinnedMap.open(os.path.join(pin_path, "XDP_STATS"))
+    totals = dict.fromkeys(STAT_NAMES, 0)
+    for value in stats.lookup_percpu(ARRAY_KEY_0):
+        for name, n in zip(STAT_NAMES, XDP_STATS.unpack(bytes(value))):
+            totals[name] += n
+    return totals
+
+
+def _set_xdp(ifname: str, fd: int, flags: int) -> None:
+    with IPRoute() as ipr:
+        indexes = ipr.link_lookup(ifname=ifname)
+        if not indexes:
+            raise XdpError(f"xdp: no interface named {ifname!r}")
+        # pyroute2's xdp_fd shortcut drops the flags, so the nested attribute is spelled out.
+        ipr.link("set", index=indexes[0],
+                 xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def attach(pin_path: str, ifname: str, mode: str = "auto") -> int:
+    """Attach the pinned xdp_ip_filter to ifname; return the XDP flags used (needed to detach)."""
+    if mode not in MODE_FLAGS:
+        raise XdpError(f"xdp: mode must be one of {', '.join(MODE_FLAGS)}, not {mode!r}")
+    fd = obj_get(os.path.join(pin_path, PROGRAM))
+    try:
+        errors = []
+        for flags in MODE_FLAGS[mode]:
+            try:
+                _set_xdp(ifname, fd, flags)
+                return flags
+            except NetlinkError as e:
+                errors.append(f"flags {flags}: {os.strerror(e.code)}")
+        raise XdpError(f"xdp: cannot attach {PROGRAM} to {ifname} ({mode}): {'; '.join(errors)}")
+    finally:
+        os.close(fd)
+
+
+def detach(ifname: str, flags: int) -> None:
+    """Remove the XDP program from ifname; flags must be those attach() returned."""
+    try:
+        _set_xdp(ifname, -1, flags)
+    except NetlinkError as e:
+        raise XdpError(f"xdp: cannot detach from {ifname}: {os.strerror(e.code)}") from None

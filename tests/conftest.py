@@ -1,0 +1,49 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness import Proxy, TlsBackend, make_cert, unique
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory):
+    return make_cert(tmp_path_factory.mktemp("cert"))
+
+
+@pytest.fixture
+def backends(cert):
+    """backends("a", "b") -> TlsBackends on loopback, closed after the test."""
+    made = []
+
+    def make(*labels, host="127.0.0.1", greeting=b""):
+        new = [TlsBackend(cert, label, host=host, greeting=greeting) for label in labels]
+        made.extend(new)
+        return new if len(new) > 1 else new[0]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def pin_path():
+    """A bpffs directory of this test's own; removed even when the test fails."""
+    path = Path("/sys/fs/bpf") / unique("sniproxy-test")
+    yield str(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    """proxy(config_text) -> a started master (stopped and killed after the test)."""
+    made = []
+
+    def make(config: str, start: bool = True, **kw):
+        p = Proxy(tmp_path, config, name=f"proxy{len(made)}")
+        made.append(p)
+        return p.start(**kw) if start else p
+
+    yield make
+    for p in made:
+        p.stop(timeout=10)

@@ -1,0 +1,249 @@
+"""Real parts for process tests: TLS backends, dnsmasq, and the proxy's master itself."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MASTER = [str(ROOT / ".venv/bin/sniproxy-master")] if (ROOT / ".venv/bin/sniproxy-master").exists() \
+    else [sys.executable, "-m", "sniproxy.cli"]
+CERT_NAMES = ("example.com", "*.example.com", "*.test", "*.wild.test", "localhost")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for every name the tests route."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if not cert.exists():
+        san = ",".join(f"DNS:{n}" for n in CERT_NAMES) + ",IP:127.0.0.1,IP:::1"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=example.com",
+                        "-addext", f"subjectAltName={san}"], check=True, capture_output=True)
+    return cert, key
+
+
+class TlsBackend:
+    """A real TLS server on loopback. An HTTP GET gets "backend=<label>" back;
+    anything else is echoed byte for byte until the client half-closes."""
+
+    def __init__(self, cert: tuple[Path, Path], label: str, host: str = "127.0.0.1", greeting: bytes = b""):
+        self.label = label
+        self.greeting = greeting          # sent the instant a connection is accepted (server speaks first)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*map(str, cert))
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.accepted = 0
+        self.sni: list[str | None] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        try:
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+            self.sni.append(getattr(conn, "server_hostname", None))
+            if self.greeting:
+                conn.sendall(self.greeting)
+            first = conn.recv(65536)
+            if first.startswith(b"GET "):
+                body = f"backend={self.label}\n".encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            else:
+                data = first
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(262144)
+            conn.close()
+        except (OSError, ssl.SSLError):
+            raw.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tls_client(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    raw = socket.create_connection((host, port), timeout=timeout)
+    return ctx.wrap_socket(raw, server_hostname=name)
+
+
+def https_get(port: int, name: str | None, host: str = "127.0.0.1") -> str:
+    """GET / through the proxy with Python's ssl; the backend's answer body."""
+    with tls_client(port, name, host) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def curl(port: int, name: str, *extra: str, host: str = "127.0.0.1") -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sk", "--max-time", "10", "--resolve", f"{name}:{port}:{host}",
+                           f"https://{name}:{port}/", *extra], capture_output=True, text=True)
+
+
+def echo_through(port: int, name: str, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send payload over TLS through the proxy, half-close, read the echo back."""
+    with tls_client(port, name, host, timeout=60) as s:
+        received = bytearray()
+        writer = threading.Thread(target=lambda: (s.sendall(payload)), daemon=True)
+        writer.start()
+        while len(received) < len(payload):
+            chunk = s.recv(262144)
+            if not chunk:
+                break
+            received += chunk
+        writer.join()
+    return bytes(received)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Proxy:
+    """The real master, started with `sniproxy-master start --foreground` in its own session."""
+
+    def __init__(self, workdir: Path, config: str, name: str = "proxy"):
+        self.workdir = workdir
+        self.path = workdir / f"{name}.toml"
+        self.log = workdir / f"{name}.log"
+        self.pidfile = workdir / f"{name}.pid"
+        self.write(config)
+        self.proc: subprocess.Popen | None = None
+
+    def write(self, config: str) -> None:
+        if "pidfile" not in config:
+            config = f'[master]\npidfile = "{self.pidfile}"\n' + config if "[master]" not in config \
+                else config.replace("[master]\n", f'[master]\npidfile = "{self.pidfile}"\n', 1)
+        self.path.write_text(config)
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([*MASTER, *args, "-c", str(self.path)], capture_output=True, text=True, timeout=timeout)
+
+    def start(self, wait_ports: tuple[int, ...] = (), env: dict | None = None, prefix: tuple[str, ...] = ()) -> "Proxy":
+        self.logfile = open(self.log, "ab")
+        self.proc = subprocess.Popen([*prefix, *MASTER, "start", "--foreground", "-c", str(self.path)],
+                                     stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
+        wait_until(lambda: self.pidfile.exists() and self.state() or self.proc.poll() is not None,
+                   timeout=30, what="the master to start")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"master exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        for port in wait_ports:
+            wait_until(lambda: _accepting(port), timeout=30, what=f"port {port}")
+        return self
+
+    def state(self) -> dict | None:
+        import json
+        try:
+            return json.loads(self.pidfile.with_suffix(".state").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return sorted(int(p) for p in out.split())
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # anything the session left behind
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class Dnsmasq:
+    """A real DNS server on loopback that answers only for the names it is given."""
+
+    def __init__(self, workdir: Path, records: dict[str, str], ttl: int = 300):
+        self.port = free_port()
+        self.log = workdir / "dnsmasq.log"
+        args = ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon",
+                f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+                f"--local-ttl={ttl}", "--log-queries", f"--log-facility={self.log}", "--pid-file=",
+                "--user=root", "--cache-size=0"]
+        args += [f"--host-record={name},{addr}" for name, addr in records.items()]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: self.log.exists() and "started" in self.log.read_text() or self.proc.poll() is not None,
+                   what="dnsmasq")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dnsmasq failed: {self.proc.stderr.read().decode()}")
+
+    def queries(self, name: str) -> int:
+        return sum(1 for line in self.log.read_text().splitlines() if "query[" in line and f" {name} " in line)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

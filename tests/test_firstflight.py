@@ -1,0 +1,520 @@
+"""The first-flight parsers, on real captured first flights and on fuzzed bytes."""
+from __future__ import annotations
+
+import pathlib
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sniproxy.firstflight import (
+    MAX_CLIENT_HELLO,
+    MAX_HTTP_HEAD,
+    NEED_MORE,
+    FirstFlight,
+    Malformed,
+    NotThisProtocol,
+    normalize_name,
+    parse_client_hello,
+    parse_http_request,
+)
+
+FLIGHTS_DIR = pathlib.Path(__file__).parent / "fixtures" / "hellos"
+H2_H1 = ("h2", "http/1.1")
+EXPECTED_HELLOS = {
+    "curl": FirstFlight("curl.example.test", H2_H1),
+    "openssl": FirstFlight("openssl.example.test", H2_H1),  # sent as "OpenSSL.Example.Test."
+    "openssl_tls12": FirstFlight("tls12.example.test", ("http/1.1",)),
+    "openssl_noservername": FirstFlight(None, (), "no_sni"),
+    "python_ssl": FirstFlight("python.example.test", H2_H1),
+}
+HELLOS = {name: (FLIGHTS_DIR / f"{name}.bin").read_bytes() for name in EXPECTED_HELLOS}
+CURL_HTTP = (FLIGHTS_DIR / "curl_http.bin").read_bytes()
+IPERF3_COOKIE = (FLIGHTS_DIR / "iperf3.bin").read_bytes()
+
+EXT_PADDING = 21
+EXT_KEY_SHARE = 51
+X25519MLKEM768 = 0x11EC
+FUZZ = settings(max_examples=300, deadline=2000)
+
+
+# --- a small TLS record and ClientHello writer, independent of the parser ------
+
+def handshake_of(flight: bytes) -> bytes:
+    """The concatenated payloads of the handshake records in a first flight."""
+    payload, offset = b"", 0
+    while offset < len(flight):
+        content_type, _version, length = struct.unpack_from("!BHH", flight, offset)
+        assert content_type == 22
+        payload += flight[offset + 5:offset + 5 + length]
+        offset += 5 + length
+    return payload
+
+
+def as_records(handshake: bytes, cuts: list[int] | None = None, size: int = 2**14) -> bytes:
+    """Wrap handshake bytes in records, split at the given cut points or every `size` bytes."""
+    if cuts is None:
+        cuts = list(range(size, len(handshake), size))
+    bounds = [0, *sorted({cut for cut in cuts if 0 < cut < len(handshake)}), len(handshake)]
+    return b"".join(
+        struct.pack("!BHH", 22, 0x0301, end - start) + handshake[start:end]
+        for start, end in zip(bounds, bounds[1:])
+    )
+
+
+def split_client_hello(handshake: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """(fields before the extensions, [(type, data)]) of a ClientHello handshake message."""
+    body = handshake[4:]
+    pos = 2 + 32
+    pos += 1 + body[pos]  # session_id
+    pos += 2 + int.from_bytes(body[pos:pos + 2])  # cipher_suites
+    pos += 1 + body[pos]  # compression_methods
+    head, block = body[:pos], body[pos + 2:]
+    extensions = []
+    while block:
+        ext_type, length = struct.unpack_from("!HH", block)
+        extensions.append((ext_type, block[4:4 + length]))
+        block = block[4 + length:]
+    return head, extensions
+
+
+def build_client_hello(head: bytes, extensions: list[tuple[int, bytes]]) -> bytes:
+    block = b"".join(struct.pack("!HH", ext_type, len(data)) + data for ext_type, data in extensions)
+    body = head + struct.pack("!H", len(block)) + block
+    return b"\x01" + len(body).to_bytes(3) + body
+
+
+def with_extension(handshake: bytes, ext_type: int, data: bytes) -> bytes:
+    """Add an extension, or replace the one of that type."""
+    head, extensions = split_client_hello(handshake)
+    extensions = [(t, d) for t, d in extensions if t != ext_type]
+    return build_client_hello(head, [(ext_type, data), *extensions])
+
+
+def sni_extension(*entries: tuple[int, bytes]) -> bytes:
+    names = b"".join(struct.pack("!BH", name_type, len(value)) + value for name_type, value in entries)
+    return struct.pack("!H", len(names)) + names
+
+
+def hello_with_sni(*entries: tuple[int, bytes]) -> bytes:
+    return as_records(with_extension(handshake_of(HELLOS["curl"]), 0, sni_extension(*entries)))
+
+
+def inflated_key_share(handshake: bytes, share_size: int) -> bytes:
+    head, extensions = split_client_hello(handshake)
+    inflated = []
+    for ext_type, data in extensions:
+        if ext_type == EXT_KEY_SHARE:
+            shares = data[2:] + struct.pack("!HH", X25519MLKEM768, share_size) + bytes(share_size)
+            data = struct.pack("!H", len(shares)) + shares
+        inflated.append((ext_type, data))
+    return build_client_hello(head, inflated)
+
+
+# --- helpers for the properties -----------------------------------------------
+
+def outcome(parse, data: bytes):
+    """What a parser decides: NEED_MORE, a FirstFlight, or the class of its refusal."""
+    try:
+        return parse(data)
+    except (NotThisProtocol, Malformed) as error:
+        assert str(error), "refusals name what is wrong"
+        return type(error)
+
+
+def assert_fed_in_pieces(parse, data: bytes, cuts, expected) -> None:
+    """Every strict prefix ending at a cut needs more; the whole gives `expected`."""
+    for cut in cuts:
+        if 0 <= cut < len(data):
+            assert parse(data[:cut]) is NEED_MORE, cut
+    assert outcome(parse, data) == expected
+
+
+def assert_decision_is_final(parse, data: bytes, cut: int) -> None:
+    """Once a prefix is decided, more bytes never change the decision."""
+    early = outcome(parse, data[:cut])
+    if early is not NEED_MORE:
+        assert outcome(parse, data) == early
+
+
+fixture_names = pytest.mark.parametrize("fixture", sorted(EXPECTED_HELLOS))
+cut_points = st.lists(st.integers(min_value=0, max_value=1000), max_size=20)
+
+
+# --- TLS: real hellos -----------------------------------------------------------
+
+@fixture_names
+def test_real_hello_gives_name_and_alpn(fixture):
+    assert parse_client_hello(HELLOS[fixture]) == EXPECTED_HELLOS[fixture]
+
+
+@fixture_names
+def test_real_hello_one_byte_at_a_time(fixture):
+    flight = HELLOS[fixture]
+    assert_fed_in_pieces(parse_client_hello, flight, range(len(flight)), EXPECTED_HELLOS[fixture])
+
+
+@fixture_names
+@settings(max_examples=50, deadline=2000)
+@given(cuts=cut_points)
+def test_real_hello_in_random_segments(fixture, cuts):
+    assert_fed_in_pieces(parse_client_hello, HELLOS[fixture], cuts, EXPECTED_HELLOS[fixture])
+
+
+@fixture_names
+def test_bytes_after_the_hello_are_ignored(fixture):
+    early_data = struct.pack("!BHH", 23, 0x0303, 3) + b"abc"
+    assert parse_client_hello(HELLOS[fixture] + early_data) == EXPECTED_HELLOS[fixture]
+
+
+@fixture_names
+def test_handshake_bytes_after_the_hello_in_its_record_are_ignored(fixture):
+    flight = as_records(handshake_of(HELLOS[fixture]) + b"\x0b\x00\x00\x00")
+    assert parse_client_hello(flight) == EXPECTED_HELLOS[fixture]
+
+
+@fixture_names
+@pytest.mark.parametrize("records", [2, 3, 7, "one byte each"])
+def test_real_hello_split_across_records(fixture, records):
+    handshake = handshake_of(HELLOS[fixture])
+    size = 1 if records == "one byte each" else -(-len(handshake) // records)
+    flight = as_records(handshake, size=size)
+    assert flight.count(b"\x16\x03\x01") >= (len(handshake) if size == 1 else records)
+    assert parse_client_hello(flight) == EXPECTED_HELLOS[fixture]
+
+
+@fixture_names
+@settings(max_examples=50, deadline=2000)
+@given(record_cuts=cut_points, segment_cuts=cut_points)
+def test_real_hello_in_random_records_and_segments(fixture, record_cuts, segment_cuts):
+    flight = as_records(handshake_of(HELLOS[fixture]), record_cuts)
+    assert_fed_in_pieces(parse_client_hello, flight, segment_cuts, EXPECTED_HELLOS[fixture])
+
+
+@pytest.mark.parametrize("fixture", [name for name in sorted(HELLOS) if name != "openssl_tls12"])
+def test_hello_with_post_quantum_sized_key_share(fixture):
+    handshake = inflated_key_share(handshake_of(HELLOS[fixture]), share_size=20_000)
+    assert len(handshake) > 20_000
+    flight = as_records(handshake)
+    assert flight.count(b"\x16\x03\x01") == 2
+    assert_fed_in_pieces(parse_client_hello, flight, range(0, len(flight), 997), EXPECTED_HELLOS[fixture])
+
+
+@fixture_names
+def test_hello_with_large_padding(fixture):
+    handshake = with_extension(handshake_of(HELLOS[fixture]), EXT_PADDING, bytes(40_000))
+    flight = as_records(handshake, size=5000)
+    assert_fed_in_pieces(parse_client_hello, flight, range(0, len(flight), 1999), EXPECTED_HELLOS[fixture])
+
+
+def test_hello_size_limit():
+    handshake = handshake_of(HELLOS["curl"])
+    head_size = len(with_extension(handshake, EXT_PADDING, b"")) - 4
+
+    def hello_of_size(body_size: int) -> bytes:
+        return as_records(with_extension(handshake, EXT_PADDING, bytes(body_size - head_size)))
+
+    assert parse_client_hello(hello_of_size(MAX_CLIENT_HELLO)) == EXPECTED_HELLOS["curl"]
+    too_big = hello_of_size(MAX_CLIENT_HELLO + 1)
+    with pytest.raises(Malformed):
+        parse_client_hello(too_big[:9])  # refused as soon as the length is known
+
+
+# --- TLS: refusals and names ------------------------------------------------------
+
+@pytest.mark.parametrize("first_bytes", [
+    IPERF3_COOKIE,
+    CURL_HTTP,
+    b"\x80\x2e\x01\x03\x01",  # SSLv2-style hello
+    b"\x16\x04",  # record version 4.x
+    b"\x17\x03\x03\x00\x10",  # application data first
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+])
+def test_not_tls(first_bytes):
+    with pytest.raises(NotThisProtocol):
+        parse_client_hello(first_bytes)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\x16", b"\x16\x03", b"\x16\x03\x01\x02", b"\x16\x03\x01\x02\x00\x01"])
+def test_short_prefixes_need_more(prefix):
+    assert parse_client_hello(prefix) is NEED_MORE
+
+
+def test_non_handshake_record_in_the_middle():
+    flight = as_records(handshake_of(HELLOS["curl"]), [100])
+    second_record = 5 + 100
+    broken = flight[:second_record] + b"\x17" + flight[second_record + 1:]
+    with pytest.raises(Malformed):
+        parse_client_hello(broken[:second_record + 1])
+
+
+@pytest.mark.parametrize("header", [b"\x16\x03\x01\x00\x00", b"\x16\x03\x01\x40\x01"])
+def test_record_length_out_of_range(header):
+    with pytest.raises(Malformed):
+        parse_client_hello(header)
+
+
+def test_handshake_that_is_not_a_client_hello():
+    handshake = handshake_of(HELLOS["curl"])
+    with pytest.raises(Malformed):
+        parse_client_hello(as_records(b"\x02" + handshake[1:]))
+
+
+@pytest.mark.parametrize("change", ["extensions length one short", "stray byte after the extensions", "extension truncated"])
+def test_lengths_that_do_not_add_up(change):
+    handshake = handshake_of(HELLOS["curl"])
+    head, extensions = split_client_hello(handshake)
+    body = handshake[4:]
+    if change == "extensions length one short":  # the extensions block claims one byte less than is there
+        block_length = int.from_bytes(body[len(head):len(head) + 2])
+        body = body[:len(head)] + struct.pack("!H", block_length - 1) + body[len(head) + 2:]
+    elif change == "stray byte after the extensions":
+        body += b"\x00"
+    else:  # the last extension claims two bytes more than the block holds
+        last_type, last_data = extensions[-1]
+        extensions[-1] = (last_type, last_data + b"xx")
+        body = build_client_hello(head, extensions)[4:-2]
+        body = head + struct.pack("!H", len(body) - len(head) - 2) + body[len(head) + 2:]
+    with pytest.raises(Malformed):
+        parse_client_hello(as_records(b"\x01" + len(body).to_bytes(3) + body))
+
+
+def test_duplicate_sni_extension():
+    handshake = handshake_of(HELLOS["curl"])
+    head, extensions = split_client_hello(handshake)
+    sni = next(data for ext_type, data in extensions if ext_type == 0)
+    with pytest.raises(Malformed, match="duplicate"):
+        parse_client_hello(as_records(build_client_hello(head, [(0, sni), *extensions])))
+
+
+def test_two_host_names_in_one_sni_extension():
+    with pytest.raises(Malformed):
+        parse_client_hello(hello_with_sni((0, b"a.example"), (0, b"b.example")))
+
+
+@pytest.mark.parametrize(("sni", "expected"), [
+    (b"Mixed.Case.Example.", FirstFlight("mixed.case.example", H2_H1)),
+    (b"192.0.2.7", FirstFlight(None, H2_H1, "ip_literal")),
+    (b"2001:db8::1", FirstFlight(None, H2_H1, "ip_literal")),
+    (b"bad\x00name.example", FirstFlight(None, H2_H1, "bad_name")),
+    (b"under_score.example", FirstFlight(None, H2_H1, "bad_name")),
+])
+def test_sni_is_normalized(sni, expected):
+    assert parse_client_hello(hello_with_sni((0, sni))) == expected
+
+
+def test_sni_without_host_name_entry():
+    assert parse_client_hello(hello_with_sni((7, b"opaque"))) == FirstFlight(None, H2_H1, "no_sni")
+
+
+# --- TLS: fuzzing -------------------------------------------------------------------
+
+@FUZZ
+@given(data=st.binary(max_size=2000), cut=st.integers(min_value=0, max_value=2000))
+def test_arbitrary_bytes(data, cut):
+    assert_decision_is_final(parse_client_hello, data, cut)
+
+
+@FUZZ
+@given(body=st.binary(max_size=600), record_version=st.integers(0, 4), cut=st.integers(0, 700))
+def test_arbitrary_client_hello_bodies(body, record_version, cut):
+    handshake = b"\x01" + len(body).to_bytes(3) + body
+    flight = struct.pack("!BBBH", 22, 3, record_version, len(handshake)) + handshake
+    assert_decision_is_final(parse_client_hello, flight, cut)
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 600), st.integers(0, 7)),
+    st.tuples(st.just("truncate"), st.integers(0, 600)),
+    st.tuples(st.just("insert"), st.integers(0, 600), st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("delete"), st.integers(0, 600), st.integers(1, 8)),
+)
+
+
+def mutate(data: bytes, mutations) -> bytes:
+    for kind, at, *args in mutations:
+        at %= len(data) + 1
+        if kind == "flip" and at < len(data):
+            data = data[:at] + bytes([data[at] ^ (1 << args[0])]) + data[at + 1:]
+        elif kind == "truncate":
+            data = data[:at]
+        elif kind == "insert":
+            data = data[:at] + args[0] + data[at:]
+        elif kind == "delete":
+            data = data[:at] + data[at + args[0]:]
+    return data
+
+
+@FUZZ
+@given(fixture=st.sampled_from(sorted(HELLOS)), mutations=st.lists(mutation, min_size=1, max_size=4),
+       cut=st.integers(0, 600))
+def test_mutated_real_hellos(fixture, mutations, cut):
+    assert_decision_is_final(parse_client_hello, mutate(HELLOS[fixture], mutations), cut)
+
+
+# --- names --------------------------------------------------------------------------
+
+LDH_LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=63)
+HOST_NAMES = st.lists(LDH_LABEL, min_size=1, max_size=6).map(".".join).filter(
+    lambda name: len(name) <= 253 and not name.rpartition(".")[2].isdigit()
+    and not name.rpartition(".")[2].lower().startswith("0x"))
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Example.COM", ("example.com", "")),
+    (b"example.com.", ("example.com", "")),
+    ("xn--bcher-kva.example", ("xn--bcher-kva.example", "")),
+    ("example.com..", (None, "bad_name")),
+    ("", (None, "bad_name")),
+    (".", (None, "bad_name")),
+    ("a..b", (None, "bad_name")),
+    (".example.com", (None, "bad_name")),
+    ("a" * 64 + ".example", (None, "bad_name")),
+    (".".join(["a" * 63] * 4), (None, "bad_name")),  # 255 characters
+    ("*.example.com", (None, "bad_name")),
+    ("under_score.example", (None, "bad_name")),
+    (b"nul\x00.example", (None, "bad_name")),
+    ("bücher.example", (None, "bad_name")),
+    (b"b\xc3\xbccher.example", (None, "bad_name")),
+    ("10.0.0.1", (None, "ip_literal")),
+    ("10.0.0.1.", (None, "ip_literal")),
+    ("127.1", (None, "ip_literal")),
+    ("0x7f.0.0.1", (None, "ip_literal")),
+    ("::1", (None, "ip_literal")),
+    ("[2001:DB8::1]", (None, "ip_literal")),
+    ("[::1", (None, "bad_name")),
+])
+def test_normalize_name_examples(raw, expected):
+    assert normalize_name(raw) == expected
+
+
+@given(name=HOST_NAMES, trailing_dot=st.booleans())
+def test_valid_names_are_accepted_lower_case(name, trailing_dot):
+    raw = name + "." * trailing_dot
+    assert normalize_name(raw) == (name.lower(), "")
+    assert normalize_name(raw.encode()) == (name.lower(), "")
+
+
+@given(address=st.ip_addresses())
+def test_ip_addresses_are_literals(address):
+    assert normalize_name(str(address)) == (None, "ip_literal")
+    if address.version == 6:
+        assert normalize_name(f"[{address}]") == (None, "ip_literal")
+
+
+@FUZZ
+@given(raw=st.one_of(st.binary(max_size=300), st.text(max_size=300)))
+def test_normalize_name_properties(raw):
+    name, problem = normalize_name(raw)
+    if name is None:
+        assert problem in ("bad_name", "ip_literal")
+        return
+    assert problem == ""
+    assert name == name.lower() and not name.endswith(".") and 0 < len(name) <= 253
+    assert normalize_name(name) == (name, "")  # idempotent
+    assert normalize_name(name.upper() + ".") == (name, "")
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+    assert all(0 < len(label) <= 63 for label in name.split("."))
+
+
+# --- HTTP ----------------------------------------------------------------------------
+
+def http_head(request_line: str, *fields: str) -> bytes:
+    return "\r\n".join([request_line, *fields, "", ""]).encode("latin-1")
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (CURL_HTTP, FirstFlight("curl.example.test")),  # Host carries a port
+    (http_head("GET / HTTP/1.1", "Host: Example.com"), FirstFlight("example.com")),
+    (http_head("GET / HTTP/1.1", "hOsT:   example.com:8080  "), FirstFlight("example.com")),
+    (http_head("GET / HTTP/1.0", "Host: example.com."), FirstFlight("example.com")),
+    (http_head("GET http://Abs.Example:8080/x?y HTTP/1.1", "Host: other.example"), FirstFlight("abs.example")),
+    (http_head("GET HTTP://user:pw@abs.example/ HTTP/1.1", "Host: other.example"), FirstFlight("abs.example")),
+    (http_head("GET http://abs.example HTTP/1.0"), FirstFlight("abs.example")),
+    (http_head("GET / HTTP/1.1", "Host: [2001:db8::1]:443"), FirstFlight(None, name_problem="ip_literal")),
+    (http_head("GET / HTTP/1.1", "Host: [::1]"), FirstFlight(None, name_problem="ip_literal")),
+    (http_head("GET / HTTP/1.1", "Host: 198.18.0.1:80"), FirstFlight(None, name_problem="ip_literal")),
+    (http_head("GET http://[::1]:80/ HTTP/1.1", "Host: x.example"), FirstFlight(None, name_problem="ip_literal")),
+    (http_head("GET / HTTP/1.1", "Host: example.com:http"), FirstFlight(None, name_problem="bad_name")),
+    (http_head("GET / HTTP/1.1", "Host: under_score.example"), FirstFlight(None, name_problem="bad_name")),
+    (http_head("GET / HTTP/1.1", "Host:"), FirstFlight(None, name_problem="no_host")),
+    (http_head("GET / HTTP/1.0"), FirstFlight(None, name_problem="no_host")),
+    (http_head("GET / HTTP/1.0", "Accept: */*"), FirstFlight(None, name_problem="no_host")),
+    (http_head("POST /form HTTP/1.1", "Content-Length: 3", "Host: post.example") + b"a=b",
+     FirstFlight("post.example")),
+])
+def test_http_names(head, expected):
+    assert parse_http_request(head) == expected
+
+
+@pytest.mark.parametrize("head", [
+    http_head("GET / HTTP/1.1", "Host: a.example", "host: b.example"),
+    http_head("GET / HTTP/1.1", "Accept: */*"),  # HTTP/1.1 requires Host
+    http_head("GET / HTTP/1.1", "Host : a.example"),
+    http_head("GET / HTTP/1.1", "Accept: */*", " folded", "Host: a.example"),
+    http_head("GET / HTTP/1.1", "no colon", "Host: a.example"),
+    http_head("GET  / HTTP/1.1", "Host: a.example"),
+    http_head("GET / HTTP/1.1 extra", "Host: a.example"),
+    http_head("GET / http/1.1", "Host: a.example"),
+    http_head("GET /\x01 HTTP/1.1", "Host: a.example"),
+    b"GET / HTTP/1.1\nHost: a.example\n\n",
+    b"GET / HTTP/1.1\r\nHost: a\x00.example\r\n\r\n",
+])
+def test_http_malformed(head):
+    with pytest.raises(Malformed):
+        parse_http_request(head)
+
+
+def test_http_head_size_limit():
+    fields = [f"X-Filler-{i}: {'v' * 90}" for i in range(MAX_HTTP_HEAD // 100)]
+    head = http_head("GET / HTTP/1.1", "Host: big.example", *fields)
+    assert len(head) > MAX_HTTP_HEAD
+    fitting = http_head("GET / HTTP/1.1", "Host: big.example", *fields[:150])
+    assert len(fitting) < MAX_HTTP_HEAD
+    assert parse_http_request(fitting) == FirstFlight("big.example")
+    assert parse_http_request(head[:MAX_HTTP_HEAD - 1]) is NEED_MORE
+    with pytest.raises(Malformed):
+        parse_http_request(head[:MAX_HTTP_HEAD])
+
+
+@pytest.mark.parametrize("first_bytes", [
+    HELLOS["curl"],
+    IPERF3_COOKIE,
+    b"\x00\x01\x02",
+    b" GET / HTTP/1.1\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 prior-knowledge preface
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+])
+def test_not_http(first_bytes):
+    with pytest.raises(NotThisProtocol):
+        parse_http_request(first_bytes)
+
+
+def test_http_one_byte_at_a_time():
+    head = CURL_HTTP
+    assert_fed_in_pieces(parse_http_request, head, range(len(head)), FirstFlight("curl.example.test"))
+
+
+@settings(max_examples=50, deadline=2000)
+@given(cuts=cut_points)
+def test_http_in_random_segments(cuts):
+    assert_fed_in_pieces(parse_http_request, CURL_HTTP, cuts, FirstFlight("curl.example.test"))
+
+
+@FUZZ
+@given(data=st.binary(max_size=500), cut=st.integers(0, 500))
+def test_http_arbitrary_bytes(data, cut):
+    assert_decision_is_final(parse_http_request, data, cut)
+
+
+@FUZZ
+@given(fields=st.binary(max_size=300), cut=st.integers(0, 400))
+def test_http_arbitrary_fields(fields, cut):
+    assert_decision_is_final(parse_http_request, b"GET / HTTP/1.1\r\n" + fields + b"\r\n\r\n", cut)
+
+
+@FUZZ
+@given(mutations=st.lists(mutation, min_size=1, max_size=4), cut=st.integers(0, 100))
+def test_http_mutated_request(mutations, cut):
+    assert_decision_is_final(parse_http_request, mutate(CURL_HTTP, mutations), cut)
