@@ -1,7 +1,7 @@
 // DNS_CACHE: resolved backend addresses shared by every worker through the
 // pinned map. Userspace reads and writes it; no program looks at it.
 //
-// Key: the first 8 bytes of BLAKE2b over the lower-cased name, little-endian.
+// Key: BLAKE2b with an 8-byte digest over the lower-cased name (u64, host order).
 // The name itself is kept in the value to reject hash collisions.
 #include <uapi/linux/bpf.h>
 
@@ -24,11 +24,10 @@ struct dns_entry {
 
 BPF_TABLE("lru_hash", u64, struct dns_entry, DNS_CACHE, DNS_CACHE_SIZE);
 
-
 // BCC emits BTF (so `bpftool map dump` names the fields) only for a module
-// that has at least one function; a map-only file gets a BTF-less map.
-// This no-op is never attached.
-int dns_cache_btf_anchor(struct __sk_buff *skb)
+// that has at least one function; a map-only file gets a BTF-less map. The
+// loader never loads functions named btf_anchor_*.
+int btf_anchor_dns_cache(struct __sk_buff *skb)
 {
     return 0;
 }

@@ -89,6 +89,12 @@ def map_info(fd: int) -> _MapInfo:
     return info
 
 
+def _is_map(fd: int) -> bool:
+    # bpf_obj_get_info fills in program info for a program fd, so ask fdinfo.
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return any(line.startswith("map_type:") for line in f)
+
+
 @functools.cache
 def possible_cpus() -> int:
     """Per-CPU maps hold one value per possible CPU ("0-3" or "0,2-5" in sysfs)."""
@@ -105,6 +111,8 @@ class PinnedMap:
 
     def __init__(self, fd: int, label: str):
         self.fd, self.label = fd, label
+        if not _is_map(fd):
+            raise BpfError(errno.EINVAL, f"{label} is not a map")
         info = map_info(fd)
         self.name = info.name.decode()
         self.map_type = info.type

@@ -80,6 +80,7 @@ def cmd_start(cfg: Config, args) -> int:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
+        _detach_stdio(_daemon_log(cfg, args))
         code = 1
         try:
             code = Master(cfg, args.config, ready_fd=ready_w).run()
@@ -94,10 +95,27 @@ def cmd_start(cfg: Config, args) -> int:
     with os.fdopen(ready_r) as ready:
         answer = ready.readline().strip()
     if answer == "ok":
-        print("sniproxy-master: started")
+        print(f"sniproxy-master: started; its log is {_daemon_log(cfg, args)}")
         return 0
     print(f"sniproxy-master: {answer.removeprefix('error: ') or 'the master exited during start'}", file=sys.stderr)
     return 1
+
+
+def _daemon_log(cfg: Config, args):
+    from .master import runtime_paths
+    return runtime_paths(cfg, args.config)[0].with_suffix(".log")
+
+
+def _detach_stdio(log_path) -> None:
+    """A daemon keeps no terminal: stdin from /dev/null, stdout and stderr to its log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
 
 
 def _master_pid(cfg: Config, args) -> int | None:

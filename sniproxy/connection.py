@@ -33,6 +33,10 @@ class Refused(Exception):
         self.reason, self.answer = reason, answer
 
 
+class ClosedEarly(Exception):
+    """The client closed without sending a byte."""
+
+
 def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket, peer) -> dict:
     record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
               "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
@@ -65,6 +69,9 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket
         record["outcome"] = f"refused:{r}"
         if r.answer:
             _send_quietly(client, r.answer)
+    except ClosedEarly:
+        worker.counters.add("closed_early")
+        record["outcome"] = "closed_early"
     except (OSError, gevent.Timeout) as e:
         worker.counters.add("errors")
         record["outcome"] = f"error:{e.__class__.__name__}:{e}"
@@ -84,6 +91,8 @@ def read_first_flight(client: socket.socket, protocol: str, timeout: float) -> t
             while True:
                 chunk = client.recv(READ_SIZE)
                 if not chunk:
+                    if not data:              # a port probe or a client that gave up: not a refusal
+                        raise ClosedEarly()
                     raise Refused("malformed", "client closed before the first flight was complete")
                 data += chunk
                 try:

@@ -22,7 +22,7 @@ REFUSAL_REASONS = (
 )
 NAMES = (
     "accepted", "relayed_kernel", "relayed_userspace", "fallback",
-    "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "errors",
+    "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "closed_early", "errors",
 ) + tuple(f"refused_{r}" for r in REFUSAL_REASONS)
 ROWS = 256
 _WIDTH = 64                       # counters per row, room to grow without a new layout

@@ -155,11 +155,12 @@ class _Reader:
     def number(self, size: int) -> int:
         return int.from_bytes(self.take(size))
 
-    def vector(self, length_size: int, what: str) -> _Reader:
-        return _Reader(self.take(self.number(length_size)), what)
+    def opaque(self, length_size: int) -> bytes:
+        """A variable-length field: its length, then that many bytes."""
+        return self.take(self.number(length_size))
 
-    def rest(self) -> bytes:
-        return self.take(len(self._data) - self._pos)
+    def vector(self, length_size: int, what: str) -> _Reader:
+        return _Reader(self.opaque(length_size), what)
 
     def done(self) -> bool:
         return self._pos == len(self._data)
@@ -174,12 +175,12 @@ def _parse_client_hello_body(body: bytes) -> FirstFlight:
     if hello.take(2)[0] != 3:
         raise Malformed("ClientHello version is not 3.x")
     hello.take(32)  # random
-    if len(hello.vector(1, "session_id").rest()) > 32:
+    if len(hello.opaque(1)) > 32:
         raise Malformed("session_id longer than 32 bytes")
-    cipher_suites = hello.vector(2, "cipher_suites").rest()
+    cipher_suites = hello.opaque(2)
     if not cipher_suites or len(cipher_suites) % 2:
         raise Malformed("cipher_suites length")
-    if not hello.vector(1, "compression_methods").rest():
+    if not hello.opaque(1):
         raise Malformed("no compression method")
     extensions = {} if hello.done() else _extensions(hello.vector(2, "extensions"))
     hello.expect_done()
@@ -197,7 +198,7 @@ def _extensions(block: _Reader) -> dict[int, bytes]:
         ext_type = block.number(2)
         if ext_type in extensions:
             raise Malformed(f"duplicate extension {ext_type}")  # RFC 8446 4.2
-        extensions[ext_type] = block.vector(2, f"extension {ext_type}").rest()
+        extensions[ext_type] = block.opaque(2)
     return extensions
 
 
@@ -210,7 +211,7 @@ def _server_name(ext: bytes) -> tuple[str | None, str]:
     host_name = None
     while not names.done():
         name_type = names.number(1)
-        value = names.vector(2, "server_name entry").rest()
+        value = names.opaque(2)
         if name_type == _NAME_TYPE_HOST_NAME:
             if host_name is not None:
                 raise Malformed("two host_name entries")  # RFC 6066 3
@@ -228,7 +229,7 @@ def _alpn(ext: bytes) -> tuple[str, ...]:
         raise Malformed("empty ALPN list")
     names = []
     while not protocols.done():
-        protocol = protocols.vector(1, "ALPN protocol").rest()
+        protocol = protocols.opaque(1)
         if not protocol:
             raise Malformed("empty ALPN protocol name")
         names.append(protocol.decode("ascii", "backslashreplace"))

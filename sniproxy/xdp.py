@@ -7,6 +7,7 @@ everyone else passes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from typing import Iterable
@@ -47,7 +48,7 @@ def _replace_entries(m: PinnedMap, wanted: dict[bytes, bytes]) -> list[bytes]:
     """Write every wanted entry now; return the stale keys for the caller to delete later."""
     for key, value in wanted.items():
         m.update(key, value)
-    return [bytes(k) for k in m.keys() if bytes(k) not in wanted]
+    return [k for k in m.keys() if k not in wanted]
 
 
 def load_access_rules(pin_path: str, allow: Iterable[str], deny: Iterable[str],
@@ -60,8 +61,14 @@ def load_access_rules(pin_path: str, allow: Iterable[str], deny: Iterable[str],
     """
     allow_nets, deny_nets = parse_networks(allow), parse_networks(deny)
     ports = sorted(set(ports))
-    maps = {name: PinnedMap.open(os.path.join(pin_path, name))
-            for name in (*ALLOW_MAPS.values(), *DENY_MAPS.values(), "XDP_PORTS", "XDP_CONFIG")}
+    with contextlib.ExitStack() as opened:
+        maps = {name: opened.enter_context(PinnedMap.open(os.path.join(pin_path, name)))
+                for name in (*ALLOW_MAPS.values(), *DENY_MAPS.values(), "XDP_PORTS", "XDP_CONFIG")}
+        _apply_rules(maps, allow_nets, deny_nets, ports)
+
+
+def _apply_rules(maps: dict[str, PinnedMap], allow_nets: list[Network], deny_nets: list[Network],
+                 ports: list[int]) -> None:
     stale = []
     for nets, names in ((allow_nets, ALLOW_MAPS), (deny_nets, DENY_MAPS)):
         for version, name in names.items():
@@ -79,9 +86,10 @@ def load_access_rules(pin_path: str, allow: Iterable[str], deny: Iterable[str],
 
 def xdp_counters(pin_path: str) -> dict[str, int]:
     """XDP_STATS summed over CPUs."""
-    stats = PinnedMap.open(os.path.join(pin_path, "XDP_STATS"))
+    with PinnedMap.open(os.path.join(pin_path, "XDP_STATS")) as stats:
+        per_cpu = stats.lookup_percpu(ARRAY_KEY_0)
     totals = dict.fromkeys(STAT_NAMES, 0)
-    for value in stats.lookup_percpu(ARRAY_KEY_0):
+    for value in per_cpu:
         for name, n in zip(STAT_NAMES, XDP_STATS.unpack(bytes(value))):
             totals[name] += n
     return totals

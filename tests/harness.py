@@ -57,6 +57,7 @@ class TlsBackend:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(*map(str, cert))
         self.ctx.set_alpn_protocols(["http/1.1"])
+        self.ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,7 +82,6 @@ class TlsBackend:
     def _handle(self, raw: socket.socket) -> None:
         try:
             conn = self.ctx.wrap_socket(raw, server_side=True)
-            self.sni.append(getattr(conn, "server_hostname", None))
             if self.greeting:
                 conn.sendall(self.greeting)
             first = conn.recv(65536)
@@ -96,6 +96,50 @@ class TlsBackend:
             conn.close()
         except (OSError, ssl.SSLError):
             raw.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class PlainBackend:
+    """A plain TCP server on loopback: echoes bytes, or answers an HTTP GET with its label."""
+
+    def __init__(self, label: str, host: str = "127.0.0.1"):
+        self.label = label
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = conn.recv(65536)
+                if data.startswith(b"GET "):
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    body = f"backend={self.label}\n".encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (len(body), body))
+                    return
+                while data:
+                    conn.sendall(data)
+                    data = conn.recv(262144)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.sock.close()

@@ -149,6 +149,12 @@ def test_real_hello_gives_name_and_alpn(fixture):
     assert parse_client_hello(HELLOS[fixture]) == EXPECTED_HELLOS[fixture]
 
 
+def test_bytearray_input_is_accepted():
+    # A reader may accumulate into a bytearray.
+    assert parse_client_hello(bytearray(HELLOS["curl"])) == EXPECTED_HELLOS["curl"]
+    assert parse_http_request(bytearray(CURL_HTTP)) == FirstFlight("curl.example.test")
+
+
 @fixture_names
 def test_real_hello_one_byte_at_a_time(fixture):
     flight = HELLOS[fixture]
@@ -261,7 +267,8 @@ def test_handshake_that_is_not_a_client_hello():
         parse_client_hello(as_records(b"\x02" + handshake[1:]))
 
 
-@pytest.mark.parametrize("change", ["extensions length one short", "stray byte after the extensions", "extension truncated"])
+@pytest.mark.parametrize("change", [
+    "extensions length one short", "stray byte after the extensions", "extension truncated"])
 def test_lengths_that_do_not_add_up(change):
     handshake = handshake_of(HELLOS["curl"])
     head, extensions = split_client_hello(handshake)

@@ -62,10 +62,11 @@ def ns():
 
 
 @pytest.fixture
-def attached(pins, ns):
-    """The filter in generic mode on the host side of the veth; detached again at the end."""
-    flags = xdp.attach(pins, ns.host_ifname, "generic")
-    assert flags == xdp.XDP_FLAGS_SKB_MODE
+def attached(request, pins, ns):
+    """The filter on the host side of the veth (generic mode unless parametrized); detached at the end."""
+    mode = getattr(request, "param", "generic")
+    flags = xdp.attach(pins, ns.host_ifname, mode)
+    assert flags == xdp.MODE_FLAGS[mode][0]
     try:
         yield pins
     finally:
@@ -111,12 +112,22 @@ def bpftool_json(*args: str):
                                      capture_output=True, text=True).stdout)
 
 
+def pinned_program_id(pins) -> int:
+    return bpftool_json("prog", "show", "pinned", f"{pins}/xdp_ip_filter")["id"]
+
+
+def xdp_attachments(ifname: str) -> list[tuple[str, int]]:
+    """(mode, program id) of each XDP program `bpftool net show` lists on ifname."""
+    return [(x["mode"], x["id"]) for dev in bpftool_json("net", "show", "dev", ifname) for x in dev["xdp"]]
+
+
 def test_program_is_pinned_as_xdp(pins):
     prog = bpftool_json("prog", "show", "pinned", f"{pins}/xdp_ip_filter")
     assert prog["type"] == "xdp"
     assert prog["name"] == "xdp_ip_filter"
 
 
+@pytest.mark.parametrize("attached", ["generic", "native"], indirect=True)  # veth has native XDP
 def test_denied_source_is_dropped_and_counted(attached, ns):
     allowed, denied = ns.peer_v4s[0], ns.peer_v4s[1]
     xdp.load_access_rules(attached, allow=[], deny=[f"{denied}/32"])
@@ -182,10 +193,10 @@ def test_detach_lets_traffic_through(pins, ns):
     try:
         with listening(ns.host_v4) as listener:
             assert not connect_from(ns, denied, listener)
-            assert "xdp_ip_filter" in json.dumps(bpftool_json("net", "show", "dev", ns.host_ifname))
+            assert xdp_attachments(ns.host_ifname) == [("generic", pinned_program_id(pins))]
     finally:
         xdp.detach(ns.host_ifname, flags)
-    assert "xdp_ip_filter" not in json.dumps(bpftool_json("net", "show", "dev", ns.host_ifname))
+    assert xdp_attachments(ns.host_ifname) == []
     with listening(ns.host_v4) as listener:
         assert connect_from(ns, denied, listener)
 

@@ -1,0 +1,304 @@
+"""The kernel relay: bytes of a registered pair flow through the SK_SKB verdict
+in bpf/relay.c and never reach userspace; userspace only registers the pair,
+carries half-closes, bounds the kernel's queue, and notices the end.
+
+Registration (nothing lost, nothing reordered):
+ 1. Drain each socket's receive queue in userspace and forward it to the peer
+    with sendall. These are early bytes sitting behind the first flight (or
+    sent by the backend at accept). The verdict hands over whole skbs, so a
+    partially read skb would be replayed from its start (measured: duplicated
+    bytes, then a stall); an empty queue has no partial skb. Forwarding them
+    first puts them in the peer's write queue ahead of anything redirected.
+ 2. Take baselines from TCP_INFO: bytes userspace consumed from each socket
+    (bytes_received - SIOCINQ) and bytes written to each (bytes_acked +
+    SIOCOUTQ, which counts the first flight and step 1).
+ 3. CONNECTION_MAP both ways, then both sockets into SOCK_TARGETS (no
+    programs), then into SOCK_MAP (the verdict). The verdict redirects through
+    SOCK_TARGETS, so its target exists before any verdict runs; a redirect to a
+    socket not in the map would drop bytes the sender already saw ACKed.
+ 4. Kick both sockets (SO_RCVLOWAT): bytes that arrived between step 1 and
+    step 3 wait in the receive queue until something runs the verdict; this
+    runs it now, in order, ahead of later segments.
+
+Afterwards the relay is idle in userspace: one epoll per KernelRelay watches
+only EPOLLRDHUP|EPOLLHUP|EPOLLERR (edge-triggered), which data wakeups do not
+match, and each pair checks its counters on an adaptive timer.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import time
+
+import gevent
+from gevent.event import Event
+
+from .bpfsys import PinnedMap
+from .relay import RelayResult
+
+SO_COOKIE = 57
+SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
+_TCP_INFO_SIZE = 232
+_TCP_CLOSE = 7
+# States after a FIN arrived (TCP_CLOSE counts when no error is pending:
+# a socket that finished both FINs while we held it ends there).
+_FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_CONNECTION = struct.Struct("<QQQ")  # peer cookie, bytes, skbs (struct connection)
+_DRAIN_CHUNK = 1 << 20
+
+MIN_CHECK_INTERVAL = 0.002
+MAX_CHECK_INTERVAL = 1.0   # idle pairs: the bound on reaction to a burst after idleness
+DRAIN_CHECK_INTERVAL = 0.05
+
+
+class TcpCounters:
+    __slots__ = ("state", "acked", "received")
+
+    def __init__(self, sock: socket.socket):
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        self.state = info[0]
+        self.acked, self.received = struct.unpack_from("<QQ", info, 120)  # tcpi_bytes_acked, _received
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+
+
+def _kick(sock: socket.socket) -> None:
+    """Run the verdict over whatever waits in the receive queue."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+class _Side:
+    """One socket of a pair and what it had seen before the kernel took over."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.key = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
+        self.early = 0       # bytes drained and forwarded to the peer at registration
+        self.consumed0 = 0   # bytes read from it before the relay (step 2)
+        self.written0 = 0    # bytes written to it before the relay (step 2)
+        self.fin_sent = False
+
+    def take_baselines(self) -> None:
+        while True:  # bytes may arrive between the two reads; retry until none did
+            before = TcpCounters(self.sock).received
+            inq = _ioctl_int(self.fd, SIOCINQ)
+            now = TcpCounters(self.sock)
+            if now.received == before:
+                break
+        self.consumed0 = now.received - inq
+        self.written0 = now.acked + _ioctl_int(self.fd, SIOCOUTQ)
+
+    def written(self, counters: TcpCounters) -> int:
+        """Bytes the relay has put into this socket's write queue (acked first: a
+        racing ACK can only make this low, never high)."""
+        return counters.acked + _ioctl_int(self.fd, SIOCOUTQ) - self.written0
+
+
+class _Pair:
+    def __init__(self, client: socket.socket, upstream: socket.socket):
+        self.client, self.upstream = _Side(client), _Side(upstream)
+        self.wake = Event()
+
+
+class KernelRelay:
+    kind = "kernel"
+
+    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20):
+        self.max_queued, self.sndbuf = max_queued, sndbuf
+        self._maps: list[PinnedMap] = []
+        try:
+            self.sock_map, self.sock_targets, self.connections = (
+                self._open(os.path.join(pin_path, name))
+                for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP"))
+        except BaseException:
+            self.close()
+            raise
+        self._epoll = select.epoll()
+        self._pairs_by_fd: dict[int, _Pair] = {}
+        self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
+        self._watcher = gevent.get_hub().loop.io(self._epoll.fileno(), 1)
+        self._watcher.start(self._on_epoll)
+
+    def _open(self, path: str) -> PinnedMap:
+        m = PinnedMap.open(path)
+        self._maps.append(m)
+        return m
+
+    def _on_epoll(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            self.wakeups += 1
+            pair = self._pairs_by_fd.get(fd)
+            if pair is not None:
+                pair.wake.set()
+
+    # -- registration -------------------------------------------------------
+
+    def _size_buffers(self, sock: socket.socket) -> None:
+        # The redirect kworker backs off a whole tick when the target's send
+        # buffer is half full, so relayed sockets need large ones.
+        for forced, plain in ((socket.SO_SNDBUFFORCE, socket.SO_SNDBUF),
+                              (socket.SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, forced, self.sndbuf)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, self.sndbuf)
+
+    @staticmethod
+    def _drain_into(src: _Side, dst: _Side) -> None:
+        """Step 1: empty src's receive queue into dst. Stops when a read came back
+        short (the queue was empty then), so no skb is left partially read."""
+        raw = socket.socket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
+        try:
+            while True:
+                try:
+                    data = raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                if data:
+                    dst.sock.sendall(data)
+                    src.early += len(data)
+                if len(data) < _DRAIN_CHUNK:
+                    return
+        finally:
+            raw.detach()
+
+    def _register(self, pair: _Pair) -> None:
+        c, u = pair.client, pair.upstream
+        for side in (c, u):
+            self._size_buffers(side.sock)
+        self._drain_into(c, u)
+        self._drain_into(u, c)
+        for side in (c, u):
+            side.take_baselines()
+        self.connections.update(c.key, _CONNECTION.pack(int.from_bytes(u.key, "little"), 0, 0))
+        self.connections.update(u.key, _CONNECTION.pack(int.from_bytes(c.key, "little"), 0, 0))
+        for sockets in (self.sock_targets, self.sock_map):
+            for side in (c, u):
+                sockets.update(side.key, struct.pack("<Q", side.fd))
+        for side in (c, u):
+            self._pairs_by_fd[side.fd] = pair
+            self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
+            _kick(side.sock)
+
+    def _unregister(self, pair: _Pair) -> tuple[int, int]:
+        """Remove the pair everywhere; return (up, down) as the kernel counted them."""
+        counts = []
+        for side in (pair.client, pair.upstream):
+            if self._pairs_by_fd.pop(side.fd, None) is not None:
+                try:
+                    self._epoll.unregister(side.fd)
+                except OSError:
+                    pass
+            for sockets in (self.sock_map, self.sock_targets):
+                sockets.delete(side.key)
+            raw = self.connections.lookup(side.key)
+            self.connections.delete(side.key)
+            counts.append(side.early + (_CONNECTION.unpack(raw)[1] if raw else 0))
+        return counts[0], counts[1]
+
+    # -- the life of a pair -------------------------------------------------
+
+    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float) -> RelayResult:
+        pair = _Pair(client, upstream)
+        outcome = "error"
+        try:
+            self._register(pair)
+            outcome = self._watch(pair, idle_timeout)
+        except OSError:
+            outcome = "error"
+        finally:
+            up, down = self._unregister(pair)
+        return RelayResult(up, down, outcome)
+
+    def _watch(self, pair: _Pair, idle_timeout: float) -> str:
+        c, u = pair.client, pair.upstream
+        directions = ((c, u), (u, c))
+        now = time.monotonic()
+        last_activity, last_check = now, now
+        last_sample = None
+        interval = MIN_CHECK_INTERVAL
+        while True:
+            pair.wake.wait(timeout=interval)
+            pair.wake.clear()
+            now = time.monotonic()
+            counters = {side: TcpCounters(side.sock) for side in (c, u)}
+            redirected = {side: self._redirected(side) for side in (c, u)}
+
+            for side in (c, u):
+                if counters[side].state == _TCP_CLOSE:
+                    err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        self._mirror_reset(u if side is c else c)
+                        return "reset"
+
+            worst_queued, draining = 0, False
+            for src, dst in directions:
+                if dst.fin_sent:
+                    continue
+                fin_in = counters[src].state in _FIN_RECEIVED or counters[src].state == _TCP_CLOSE
+                # Queued toward dst: redirected, not yet acknowledged by dst's reader.
+                worst_queued = max(worst_queued, redirected[src] - (counters[dst].acked - dst.written0))
+                if not fin_in:
+                    continue
+                draining = True
+                if redirected[src] < counters[src].received - src.consumed0:
+                    _kick(src)  # bytes still waiting in src's receive queue
+                elif dst.written(counters[dst]) >= redirected[src]:
+                    # Everything src sent is in dst's write queue: the FIN goes behind it.
+                    dst.sock.shutdown(socket.SHUT_WR)
+                    dst.fin_sent = True
+            if c.fin_sent and u.fin_sent:
+                return "done"
+            if worst_queued > self.max_queued:
+                return "slow_reader"
+
+            sample = (redirected[c], redirected[u], counters[c].acked, counters[u].acked)
+            if sample != last_sample:
+                if last_sample is not None:
+                    last_activity = now
+                rate = (sum(sample[:2]) - sum(last_sample[:2])) / max(now - last_check, 1e-6) \
+                    if last_sample is not None else 0
+                # Check again before the queue could grow past the bound at this rate.
+                headroom = max(self.max_queued - worst_queued, 0)
+                interval = headroom / (2 * rate) if rate > 0 else MIN_CHECK_INTERVAL
+            elif now - last_activity >= idle_timeout:
+                return "idle_timeout"
+            else:
+                interval *= 2  # idle pairs cost less and less
+            last_sample, last_check = sample, now
+            ceiling = DRAIN_CHECK_INTERVAL if draining else MAX_CHECK_INTERVAL
+            interval = min(max(interval, MIN_CHECK_INTERVAL), ceiling,
+                           max(last_activity + idle_timeout - now, MIN_CHECK_INTERVAL))
+
+    def _redirected(self, side: _Side) -> int:
+        raw = self.connections.lookup(side.key)
+        return _CONNECTION.unpack(raw)[1] if raw else 0
+
+    @staticmethod
+    def _mirror_reset(sock_side: _Side) -> None:
+        # Closing with a zero linger sends RST: the other end learns of the reset.
+        try:
+            sock_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError as e:
+            if e.errno not in (errno.EBADF, errno.ENOTCONN):
+                raise
+
+    def close(self) -> None:
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+            self._watcher = None
+        if getattr(self, "_epoll", None) is not None:
+            self._epoll.close()
+            self._epoll = None
+        for m in self._maps:
+            m.close()
+        self._maps.clear()

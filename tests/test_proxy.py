@@ -1,0 +1,303 @@
+"""The real master against real clients (Python ssl, curl, openssl) and real TLS backends.
+
+These run with the userspace relay (bpf.mode = "off"); test_kernel_proxy.py runs
+the same paths with the kernel relay.
+"""
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from harness import (Dnsmasq, PlainBackend, curl, echo_through, free_port, https_get, sha, tls_client,
+                     wait_until)
+
+
+def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tls", host="127.0.0.1",
+                workers=2, pin_path=None):
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"[master]\nworkers = {workers}\ngraceful_timeout = 10.0\n",
+             f'[bpf]\nmode = "{mode}"\n' + (f'pin_path = "{pin_path}"\n' if pin_path else ""),
+             f'[[listener]]\naddress = "{listen}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n']
+    for match, backend in routes:
+        lines.append(f'[[table.default]]\nmatch = \'{match}\'\nbackend = "{backend}"\n')
+    return "\n".join(lines) + extra
+
+
+def stats(p):
+    out = p.cli("stats", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["workers"]
+
+
+@pytest.fixture
+def plain(request):
+    made = []
+
+    def make(label):
+        made.append(PlainBackend(label))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_routes_exact_wildcard_regex_with_three_clients(proxy, backends):
+    a, b, c = backends("exact", "wild", "regex")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address), ("*.wild.test", b.address),
+                                 (r"~api[0-9]+\.test", c.address)]), wait_ports=(port,))
+    assert https_get(port, "example.com") == "backend=exact\n"
+    assert https_get(port, "EXAMPLE.com.") == "backend=exact\n"      # case and trailing dot
+    assert https_get(port, "deep.sub.wild.test") == "backend=wild\n"
+    assert curl(port, "api42.test").stdout == "backend=regex\n"
+    assert curl(port, "x.wild.test", "--http1.1").stdout == "backend=wild\n"
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "api7.test",
+                          "-quiet", "-ign_eof"], input=b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+                         capture_output=True, timeout=20)
+    assert b"backend=regex" in out.stdout
+    # The backend saw the client's own SNI: the proxy passed the handshake through.
+    assert "api7.test" in c.sni
+    assert (a.accepted, b.accepted, c.accepted) == (2, 2, 2)
+    counters = stats(p)
+    assert counters["relayed_userspace"] == 6
+    assert counters["accepted"] == 6 + counters["closed_early"]   # the harness probes the port
+
+
+def test_unknown_name_gets_unrecognized_name_alert(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        https_get(port, "unknown.test")
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "nope.test"],
+                         input=b"", capture_output=True, timeout=20)
+    assert b"unrecognized name" in out.stdout + out.stderr
+    assert a.accepted == 0
+    assert stats(p)["refused_no_route"] == 2
+    assert p.output().count("outcome=refused:no_route") == 2
+
+
+def test_fallback_for_no_sni_and_for_non_tls(proxy, backends, plain):
+    a = backends("a")
+    fb = plain("fallback")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], fallback=fb.address), wait_ports=(port,))
+    # iperf3-like: the first bytes are not a ClientHello; the fallback gets them unchanged.
+    payload = os.urandom(300_000)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        threading.Thread(target=s.sendall, args=(payload,), daemon=True).start()
+        got = bytearray()
+        while len(got) < len(payload) and (chunk := s.recv(65536)):
+            got += chunk
+    assert sha(got) == sha(payload)
+    assert fb.accepted == 1 and a.accepted == 0
+    assert stats(p)["fallback"] == 1
+
+
+def test_no_sni_without_fallback_is_refused(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    with pytest.raises(ssl.SSLError):
+        https_get(port, None)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:    # not TLS at all
+        s.sendall(b"hello there\r\n")
+        assert s.recv(100) == b""
+    counters = stats(p)
+    assert counters["refused_no_name"] == 1 and counters["refused_not_protocol"] == 1
+    assert a.accepted == 0
+
+
+def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], fallback=a.address,
+                          extra="[timeouts]\nclient_hello = 0.5\n"), wait_ports=(port,))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(bytes.fromhex("160301000a") + b"\x02" + bytes(9))       # a ServerHello, not a ClientHello
+        assert s.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(bytes.fromhex("1603010200"))                           # a record header, then silence
+        start = time.monotonic()
+        assert s.recv(100) == b""
+        assert 0.3 < time.monotonic() - start < 3
+    counters = stats(p)
+    assert counters["refused_malformed"] == 1 and counters["refused_client_hello_timeout"] == 1
+    assert a.accepted == 0
+
+
+def test_http_listener_routes_by_host(proxy, plain):
+    a, b = plain("a"), plain("b")
+    port = free_port()
+    p = proxy(make_config(port, [("a.test", a.address), ("*.b.test", b.address)], protocol="http"),
+              wait_ports=(port,))
+
+    def get(url, host):
+        return subprocess.run(["curl", "-s", "-o", "-", "-w", "%{http_code}", "--max-time", "10",
+                               "-H", f"Host: {host}", url], capture_output=True, text=True).stdout
+
+    assert get(f"http://127.0.0.1:{port}/", "a.test") == "backend=a\n200"
+    assert get(f"http://127.0.0.1:{port}/", "x.b.test:8080") == "backend=b\n200"
+    # absolute-form request target, as sent to a forward proxy
+    assert subprocess.run(["curl", "-s", "--max-time", "10", "-x", f"http://127.0.0.1:{port}", "http://a.test/"],
+                          capture_output=True, text=True).stdout == "backend=a\n"
+    assert get(f"http://127.0.0.1:{port}/", "nowhere.test") == "421"
+    assert stats(p)["refused_no_route"] == 1
+
+
+def test_star_backend_resolves_with_dnsmasq(proxy, backends, tmp_path):
+    a = backends("resolved")
+    dns = Dnsmasq(tmp_path, {"api.example.com": "127.0.0.1", "pub.example.com": "198.18.0.1"})
+    try:
+        port = free_port()
+        extra = f'[resolver]\nnameservers = ["127.0.0.1:{dns.port}"]\nallow_private = true\n'
+        proxy(make_config(port, [("*.example.com", f"*:{a.port}")], extra=extra, workers=1), wait_ports=(port,))
+        for _ in range(3):
+            assert https_get(port, "api.example.com") == "backend=resolved\n"
+        assert dns.queries("api.example.com") == 1      # then the TTL cache answers
+        port2 = free_port()
+        extra2 = f'[resolver]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
+        p2 = proxy(make_config(port2, [("*.example.com", f"*:{a.port}")], extra=extra2, workers=1),
+                   wait_ports=(port2,))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            https_get(port2, "api.example.com")          # loopback answer, allow_private = false
+        assert stats(p2)["refused_private_address"] == 1
+    finally:
+        dns.close()
+
+
+def test_large_transfer_both_directions_intact(proxy, backends):
+    a = backends("echo")
+    port = free_port()
+    proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    payload = os.urandom(32 << 20)
+    assert sha(echo_through(port, "example.com", payload)) == sha(payload)
+
+
+def test_half_close_is_carried(proxy, plain):
+    fb = plain("echo")
+    port = free_port()
+    proxy(make_config(port, [], fallback=fb.address), wait_ports=(port,))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"not tls, half-closed after this")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+    assert got == b"not tls, half-closed after this"
+
+
+def test_ipv6_listener_and_backend(proxy, backends):
+    a = backends("six", host="::1")
+    port = free_port("::1")
+    proxy(make_config(port, [("example.com", a.address)], host="::1"))
+    wait_until(lambda: _connects("::1", port), what="the IPv6 listener")
+    assert https_get(port, "example.com", host="::1") == "backend=six\n"
+
+
+def _connects(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_dead_worker_loses_no_queued_connection(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], workers=1), wait_ports=(port,))
+    [worker] = p.worker_pids()
+    os.kill(worker, signal.SIGSTOP)                  # connections now wait in its accept queue
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(https_get(port, "example.com"))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(worker, signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert results == ["backend=a\n"] * 5
+    assert wait_until(lambda: p.worker_pids() and p.worker_pids() != [worker], what="a replacement worker")
+
+
+def test_reload_under_traffic(proxy, backends):
+    a, b = backends("a", "b")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    live = tls_client(port, "example.com")              # goes on across the reload
+    live.sendall(b"before")
+    assert live.recv(100) == b"before"
+    p.write(make_config(port, [("example.com", b.address)]))
+    assert p.cli("reload").returncode == 0
+    wait_until(lambda: https_get(port, "example.com") == "backend=b\n", what="the new route")
+    live.sendall(b"after")
+    assert live.recv(100) == b"after"
+    live.close()
+    p.write("[master]\nworkers = 'many'\n")                # rejected; the running config stays
+    p.signal(signal.SIGHUP)
+    wait_until(lambda: "reload rejected" in p.output(), what="the rejection")
+    assert all(https_get(port, "example.com") == "backend=b\n" for _ in range(4))
+
+
+def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
+    a = backends("echo")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    payload = os.urandom(8 << 20)
+    with tls_client(port, "example.com", timeout=30) as s:
+        s.sendall(payload[:1 << 20])
+        p.signal(signal.SIGTERM)                          # stop while the transfer is in flight
+        time.sleep(0.3)
+        threading.Thread(target=s.sendall, args=(payload[1 << 20:],), daemon=True).start()
+        got = bytearray()
+        while len(got) < len(payload) and (chunk := s.recv(262144)):
+            got += chunk
+    assert sha(got) == sha(payload)
+    assert p.proc.wait(20) == 0
+
+
+def test_cli_check_errors_and_port_in_use(tmp_path, proxy, backends):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[listener]]\naddress = "1.2.3.4:99999"\ntable = "nope"\n')
+    out = subprocess.run([*__import__("harness").MASTER, "check", "-c", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "listener[0].address = '1.2.3.4:99999'" in out.stderr
+    assert "listener[0].table = 'nope'" in out.stderr
+    a = backends("a")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = proxy(make_config(port, [("example.com", a.address)]), start=False)
+        out = p.cli("start", "--foreground")
+    assert out.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in out.stderr
+    help_text = subprocess.run([*__import__("harness").MASTER, "--help"], capture_output=True, text=True).stdout
+    assert "reload" in help_text and "graceful" in help_text
+
+
+def test_daemon_start_status_stop(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), start=False)
+    out = p.cli("start")
+    assert out.returncode == 0, out.stderr
+    try:
+        wait_until(lambda: _connects("127.0.0.1", port), what="the daemon")
+        status = p.cli("status")
+        assert status.returncode == 0 and "relay userspace" in status.stdout
+        assert https_get(port, "example.com") == "backend=a\n"
+        titles = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+        assert f"sniproxy: master {p.path}" in titles and "sniproxy: worker 1" in titles
+    finally:
+        assert p.cli("stop").returncode == 0
+    assert p.cli("status").returncode == 3
+    assert not _connects("127.0.0.1", port)
