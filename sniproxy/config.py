@@ -34,6 +34,7 @@ class BpfConfig(_Section):
     pin_path: str = "/sys/fs/bpf/sniproxy"
     xdp_interfaces: tuple[str, ...] = ()
     xdp_mode: Literal["auto", "native", "generic"] = "auto"
+    xdp_ports_only: bool = True      # filter only TCP to the listeners' ports; pass other traffic
     sndbuf: int = 32 << 20           # send/receive buffers of kernel-relayed sockets
     max_queued: int = 64 << 20       # bytes the kernel may queue toward a slow reader
 

@@ -56,7 +56,8 @@ class DataPlane:
 
     def _load_access_rules(self, cfg: Config) -> None:
         from . import xdp
-        ports = sorted({parse_listen_address(lc.address).port for lc in cfg.listener})
+        ports = sorted({parse_listen_address(lc.address).port for lc in cfg.listener}) \
+            if cfg.bpf.xdp_ports_only else []
         xdp.load_access_rules(cfg.bpf.pin_path, list(cfg.access.allow), list(cfg.access.deny), ports)
 
     def _attach_xdp(self, ifname: str) -> None:

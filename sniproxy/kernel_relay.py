@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import socket
@@ -35,12 +36,16 @@ import struct
 import time
 
 import gevent
+import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
 from .relay import RelayResult
 
+log = logging.getLogger("sniproxy.relay")
+
 SO_COOKIE = 57
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 _TCP_INFO_SIZE = 232
 _TCP_CLOSE = 7
@@ -120,7 +125,8 @@ class KernelRelay:
         except BaseException:
             self.close()
             raise
-        self._epoll = select.epoll()
+        # The real epoll: gevent's patched select module has none.
+        self._epoll = gevent.monkey.get_original("select", "epoll")()
         self._pairs_by_fd: dict[int, _Pair] = {}
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self._watcher = gevent.get_hub().loop.io(self._epoll.fileno(), 1)
@@ -143,8 +149,7 @@ class KernelRelay:
     def _size_buffers(self, sock: socket.socket) -> None:
         # The redirect kworker backs off a whole tick when the target's send
         # buffer is half full, so relayed sockets need large ones.
-        for forced, plain in ((socket.SO_SNDBUFFORCE, socket.SO_SNDBUF),
-                              (socket.SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        for forced, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, forced, self.sndbuf)
             except PermissionError:
@@ -211,7 +216,8 @@ class KernelRelay:
         try:
             self._register(pair)
             outcome = self._watch(pair, idle_timeout)
-        except OSError:
+        except OSError as e:
+            log.warning("kernel relay failed: %s", e, exc_info=True)
             outcome = "error"
         finally:
             up, down = self._unregister(pair)
@@ -248,8 +254,9 @@ class KernelRelay:
                 if not fin_in:
                     continue
                 draining = True
+                print("DBG", src is c, counters[src].state, redirected[src], counters[src].received - src.consumed0, dst.written(counters[dst]), counters[dst].acked - dst.written0)
                 if redirected[src] < counters[src].received - src.consumed0:
-                    _kick(src)  # bytes still waiting in src's receive queue
+                    _kick(src.sock)  # bytes still waiting in src's receive queue
                 elif dst.written(counters[dst]) >= redirected[src]:
                     # Everything src sent is in dst's write queue: the FIN goes behind it.
                     dst.sock.shutdown(socket.SHUT_WR)

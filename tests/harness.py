@@ -104,8 +104,9 @@ class TlsBackend:
 class PlainBackend:
     """A plain TCP server on loopback: echoes bytes, or answers an HTTP GET with its label."""
 
-    def __init__(self, label: str, host: str = "127.0.0.1"):
+    def __init__(self, label: str, host: str = "127.0.0.1", greeting: bytes = b""):
         self.label = label
+        self.greeting = greeting          # sent the instant a connection is accepted
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
@@ -127,6 +128,8 @@ class PlainBackend:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             try:
+                if self.greeting:
+                    conn.sendall(self.greeting)
                 data = conn.recv(65536)
                 if data.startswith(b"GET "):
                     while b"\r\n\r\n" not in data:
@@ -208,9 +211,10 @@ class Proxy:
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*MASTER, *args, "-c", str(self.path)], capture_output=True, text=True, timeout=timeout)
 
-    def start(self, wait_ports: tuple[int, ...] = (), env: dict | None = None, prefix: tuple[str, ...] = ()) -> "Proxy":
+    def start(self, wait_ports: tuple[int, ...] = (), env: dict | None = None, wrap=lambda argv: argv) -> "Proxy":
+        """wrap(argv) -> the command line to run, e.g. under capsh."""
         self.logfile = open(self.log, "ab")
-        self.proc = subprocess.Popen([*prefix, *MASTER, "start", "--foreground", "-c", str(self.path)],
+        self.proc = subprocess.Popen(wrap([*MASTER, "start", "--foreground", "-c", str(self.path)]),
                                      stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=env)
         wait_until(lambda: self.pidfile.exists() and self.state() or self.proc.poll() is not None,

@@ -1,0 +1,219 @@
+"""The real master with the kernel relay: real programs in this kernel, checked with bpftool."""
+import json
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import MASTER, Dnsmasq, PlainBackend, echo_through, free_port, https_get, sha, tls_client, wait_until
+from netns import veth_netns
+from test_proxy import make_config, stats
+
+pytestmark = pytest.mark.bpf
+HELLO = (Path(__file__).parent / "fixtures/hellos/curl.bin").read_bytes()   # SNI curl.example.test
+
+
+def bpftool(*args):
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def entries(pin_path, name):
+    return len(bpftool("map", "dump", "pinned", f"{pin_path}/{name}"))
+
+
+def worker_cpu(pids):
+    """utime + stime of the given processes, in seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def plain():
+    made = []
+
+    def make(label, **kw):
+        made.append(PlainBackend(label, **kw))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def test_pins_have_the_contract_types_and_the_relay_uses_sock_map(proxy, backends, pin_path):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path),
+              wait_ports=(port,))
+    types = {name: bpftool("map", "show", "pinned", f"{pin_path}/{name}")["type"]
+             for name in ("SOCK_MAP", "CONNECTION_MAP", "DNS_CACHE")}
+    assert types == {"SOCK_MAP": "sockhash", "CONNECTION_MAP": "hash", "DNS_CACHE": "lru_hash"}
+    sock_map_id = bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
+    relay = bpftool("prog", "show", "pinned", f"{pin_path}/relay_verdict")
+    assert relay["type"] == "sk_skb" and sock_map_id in relay["map_ids"]
+    assert bpftool("prog", "show", "pinned", f"{pin_path}/xdp_ip_filter")["type"] == "xdp"
+    # BTF: bpftool prints CONNECTION_MAP's fields by name.
+    assert "relay kernel" in p.cli("status").stdout
+    maps = p.cli("maps").stdout
+    assert "SOCK_MAP" in maps and "sockhash" in maps and "lru_hash" in maps
+    assert p.stop() == 0
+    assert not Path(pin_path).exists()                  # a clean stop removes the pins
+
+
+def test_large_tls_transfer_is_relayed_by_the_kernel_and_entries_leave(proxy, backends, pin_path):
+    a = backends("echo")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path),
+              wait_ports=(port,))
+    payload = os.urandom(64 << 20)
+    seen = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append((entries(pin_path, "SOCK_MAP"), entries(pin_path, "CONNECTION_MAP")))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        got = echo_through(port, "example.com", payload)
+    finally:
+        done.set()
+        watcher.join()
+    assert sha(got) == sha(payload)                   # TLS end to end: a lost byte breaks the MAC
+    assert (2, 2) in seen                             # the pair was registered during the transfer
+    wait_until(lambda: entries(pin_path, "SOCK_MAP") == 0 and entries(pin_path, "CONNECTION_MAP") == 0,
+               what="the pair's entries to leave the maps")
+    counters = stats(p)
+    assert counters["relayed_kernel"] == 1
+    relay = json.loads(p.cli("stats", "--json").stdout)["relay_stats"]
+    assert relay["relayed_bytes"] >= 2 * len(payload)  # both directions went through the verdict
+
+
+def test_early_data_both_ways_hundreds_of_rounds(proxy, plain, pin_path):
+    """The client sends bytes right behind its ClientHello; the backend speaks the
+    instant it accepts; both sides then half-close. Nothing may be lost or reordered."""
+    greeting = os.urandom(48 << 10)
+    b = plain("early", greeting=greeting)
+    port = free_port()
+    proxy(make_config(port, [("curl.example.test", b.address)], mode="require", pin_path=pin_path),
+          wait_ports=(port,))
+    for round_ in range(200):
+        payload = os.urandom(1000 + round_ * 97)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(HELLO + payload)
+            s.shutdown(socket.SHUT_WR)
+            got = bytearray()
+            while chunk := s.recv(262144):
+                got += chunk
+        expected = greeting + HELLO + payload
+        assert len(got) == len(expected) and sha(got) == sha(expected), f"round {round_}"
+
+
+def test_dns_cache_is_shared_by_the_workers(proxy, backends, pin_path, tmp_path):
+    a = backends("resolved")
+    dns = Dnsmasq(tmp_path, {"shared.example.com": "127.0.0.1"})
+    try:
+        port = free_port()
+        extra = f'[resolver]\nnameservers = ["127.0.0.1:{dns.port}"]\nallow_private = true\n'
+        p = proxy(make_config(port, [("*.example.com", f"*:{a.port}")], mode="require", pin_path=pin_path,
+                              extra=extra, workers=2), wait_ports=(port,))
+        for _ in range(12):
+            assert https_get(port, "shared.example.com") == "backend=resolved\n"
+        assert dns.queries("shared.example.com") == 1
+        assert entries(pin_path, "DNS_CACHE") == 1
+        # Both workers served some of the connections, so the second one used the shared entry.
+        assert len(p.worker_pids()) == 2
+    finally:
+        dns.close()
+
+
+def test_half_close_through_the_kernel(proxy, plain, pin_path):
+    b = plain("echo")
+    port = free_port()
+    proxy(make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path), wait_ports=(port,))
+    payload = os.urandom(5 << 20)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"\x00not tls")
+        time.sleep(0.2)                                # registered by now: the rest goes through the kernel
+        threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True).start()
+        got = bytearray()
+        while chunk := s.recv(262144):
+            got += chunk
+    assert sha(got) == sha(b"\x00not tls" + payload)
+
+
+def test_without_bpf_privileges_auto_falls_back_and_require_refuses(proxy, backends, pin_path):
+    a = backends("a")
+    drop = ("capsh", "--drop=cap_bpf,cap_sys_admin,cap_perfmon", "--")
+    port = free_port()
+    without_bpf = lambda argv: [*drop, "-c", "exec " + shlex.join(argv)]
+    p = proxy(make_config(port, [("example.com", a.address)], mode="auto", pin_path=pin_path),
+              wait_ports=(port,), wrap=without_bpf)
+    assert https_get(port, "example.com") == "backend=a\n"
+    assert "relay userspace" in p.cli("status").stdout
+    assert p.output().count("relaying in userspace instead") == 1
+    assert "CAP_BPF" in p.output()
+    port2 = free_port()
+    q = proxy(make_config(port2, [("example.com", a.address)], mode="require", pin_path=pin_path + "-r"),
+              start=False)
+    out = subprocess.run(without_bpf([*MASTER, "start", "--foreground", "-c", str(q.path)]),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "bpf.mode = require" in out.stderr and "CAP_BPF" in out.stderr
+
+
+def test_worker_cpu_kernel_relay_is_a_tenth_of_userspace(proxy, plain, pin_path):
+    """The same bulk transfer costs the workers' CPU at most a tenth in kernel mode."""
+    b = plain("echo")
+    payload = os.urandom(256 << 20)
+    cpu = {}
+    for mode in ("off", "require"):
+        port = free_port()
+        p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1),
+                  wait_ports=(port,))
+        pids = p.worker_pids()
+        before = worker_cpu(pids)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True).start()
+            n = 0
+            while chunk := s.recv(1 << 20):
+                n += len(chunk)
+        assert n == len(payload)
+        cpu[mode] = worker_cpu(pids) - before
+        p.stop()
+    print(f"worker CPU for 2 x 256 MiB: userspace {cpu['off']:.3f}s, kernel {cpu['require']:.3f}s")
+    assert cpu["require"] <= 0.1 * cpu["off"], cpu
+
+
+def test_xdp_filter_on_a_veth_drops_denied_hosts_and_detaches(proxy, backends, pin_path):
+    with veth_netns(peer_addresses=2) as ns:
+        allowed, denied = ns.peer_v4s
+        a = backends("a")
+        port = free_port()
+        cfg = make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path,
+                          host=ns.host_v4)
+        cfg = cfg.replace("[bpf]\n", f'[bpf]\nxdp_interfaces = ["{ns.host_ifname}"]\nxdp_mode = "generic"\n')
+        cfg += f'[access]\ndeny = ["{denied}/32"]\n'
+        p = proxy(cfg)
+        probe = ("import socket,sys\ns=socket.socket();s.settimeout(1.5);s.bind((sys.argv[1],0))\n"
+                 "try:\n s.connect((sys.argv[2],int(sys.argv[3])));print('connected')\n"
+                 "except OSError as e:\n print('failed', e)\n")
+        assert ns.python(probe, allowed, ns.host_v4, str(port)).stdout.startswith("connected")
+        assert ns.python(probe, denied, ns.host_v4, str(port)).stdout.startswith("failed timed out")
+        xdp = json.loads(p.cli("stats", "--json").stdout)["xdp_stats"]
+        assert xdp["dropped_deny"] >= 1
+        assert ns.host_ifname in subprocess.run(["bpftool", "net", "show"], capture_output=True, text=True).stdout
+        assert p.stop() == 0
+        assert ns.host_ifname not in subprocess.run(["bpftool", "net", "show"], capture_output=True,
+                                                    text=True).stdout
