@@ -40,7 +40,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import RelayResult
+from .relay import RelayResult, UserspaceRelay
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -48,7 +48,7 @@ SO_COOKIE = 57
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 _TCP_INFO_SIZE = 232
-_TCP_CLOSE = 7
+_TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
 # States after a FIN arrived (TCP_CLOSE counts when no error is pending:
 # a socket that finished both FINs while we held it ends there).
 _FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
@@ -89,6 +89,7 @@ class _Side:
         self.consumed0 = 0   # bytes read from it before the relay (step 2)
         self.written0 = 0    # bytes written to it before the relay (step 2)
         self.fin_sent = False
+        self.in_userspace = False  # got its FIN before SOCK_MAP took it: drained by us
 
     def take_baselines(self) -> None:
         while True:  # bytes may arrive between the two reads; retry until none did
@@ -117,6 +118,7 @@ class KernelRelay:
 
     def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20):
         self.max_queued, self.sndbuf = max_queued, sndbuf
+        self._fallback = UserspaceRelay()
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections = (
@@ -174,26 +176,55 @@ class KernelRelay:
         finally:
             raw.detach()
 
-    def _register(self, pair: _Pair) -> None:
+    def _register(self, pair: _Pair) -> bool:
+        """Hand the pair to the kernel; False when it cannot take it (a socket is
+        no longer ESTABLISHED: sockmaps refuse it) and nothing is left in the maps."""
         c, u = pair.client, pair.upstream
         for side in (c, u):
             self._size_buffers(side.sock)
         self._drain_into(c, u)
         self._drain_into(u, c)
+        if any(TcpCounters(side.sock).state != _TCP_ESTABLISHED for side in (c, u)):
+            return False
         for side in (c, u):
             side.take_baselines()
         self.connections.update(c.key, _CONNECTION.pack(int.from_bytes(u.key, "little"), 0, 0))
         self.connections.update(u.key, _CONNECTION.pack(int.from_bytes(c.key, "little"), 0, 0))
-        for sockets in (self.sock_targets, self.sock_map):
-            for side in (c, u):
+        # A FIN may still arrive before an insertion. Until the first SOCK_MAP
+        # insertion no verdict runs, so backing out is clean.
+        try:
+            for sockets, side in ((self.sock_targets, c), (self.sock_targets, u), (self.sock_map, c)):
                 sockets.update(side.key, struct.pack("<Q", side.fd))
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            self._forget_sockets(pair)
+            return False
+        try:
+            self.sock_map.update(u.key, struct.pack("<Q", u.fd))
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            # The upstream got its FIN: everything it will send is in its
+            # receive queue. c's verdict already runs, so finish u -> c here.
+            u.in_userspace = True
         for side in (c, u):
             self._pairs_by_fd[side.fd] = pair
             self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
-            _kick(side.sock)
+            if side.in_userspace:
+                self._drain_into(side, c if side is u else u)
+            else:
+                _kick(side.sock)
+        return True
+
+    def _forget_sockets(self, pair: _Pair) -> None:
+        for side in (pair.client, pair.upstream):
+            for sockets in (self.sock_map, self.sock_targets):
+                sockets.delete(side.key)
 
     def _unregister(self, pair: _Pair) -> tuple[int, int]:
         """Remove the pair everywhere; return (up, down) as the kernel counted them."""
+        self._forget_sockets(pair)
         counts = []
         for side in (pair.client, pair.upstream):
             if self._pairs_by_fd.pop(side.fd, None) is not None:
@@ -201,8 +232,6 @@ class KernelRelay:
                     self._epoll.unregister(side.fd)
                 except OSError:
                     pass
-            for sockets in (self.sock_map, self.sock_targets):
-                sockets.delete(side.key)
             raw = self.connections.lookup(side.key)
             self.connections.delete(side.key)
             counts.append(side.early + (_CONNECTION.unpack(raw)[1] if raw else 0))
@@ -214,7 +243,10 @@ class KernelRelay:
         pair = _Pair(client, upstream)
         outcome = "error"
         try:
-            self._register(pair)
+            if not self._register(pair):
+                # Too late for the kernel: a short exchange that already half-closed.
+                result = self._fallback.relay(client, upstream, idle_timeout)
+                return result._replace(up=result.up + pair.client.early, down=result.down + pair.upstream.early)
             outcome = self._watch(pair, idle_timeout)
         except OSError as e:
             log.warning("kernel relay failed: %s", e, exc_info=True)
@@ -255,7 +287,7 @@ class KernelRelay:
                     continue
                 draining = True
                 print("DBG", src is c, counters[src].state, redirected[src], counters[src].received - src.consumed0, dst.written(counters[dst]), counters[dst].acked - dst.written0)
-                if redirected[src] < counters[src].received - src.consumed0:
+                if not src.in_userspace and redirected[src] < counters[src].received - src.consumed0:
                     _kick(src.sock)  # bytes still waiting in src's receive queue
                 elif dst.written(counters[dst]) >= redirected[src]:
                     # Everything src sent is in dst's write queue: the FIN goes behind it.

@@ -47,3 +47,14 @@ def proxy(tmp_path):
     yield make
     for p in made:
         p.stop(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _bpf_available(request):
+    """BPF tests fail, never skip, where the kernel or privileges do not allow them."""
+    if request.node.get_closest_marker("bpf") is None:
+        return
+    from sniproxy import bpfload
+    problems = bpfload.probe("/sys/fs/bpf/sniproxy-probe").problems()
+    if problems:
+        pytest.fail("BPF is unavailable here: " + "; ".join(problems), pytrace=False)

@@ -301,3 +301,35 @@ def test_daemon_start_status_stop(proxy, backends):
         assert p.cli("stop").returncode == 0
     assert p.cli("status").returncode == 3
     assert not _connects("127.0.0.1", port)
+
+
+def test_stuck_worker_is_aborted_and_replaced(proxy, backends):
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], workers=1,
+                          extra="").replace("graceful_timeout = 10.0", "graceful_timeout = 10.0\nworker_timeout = 1.5"),
+              wait_ports=(port,))
+    [worker] = p.worker_pids()
+    os.kill(worker, signal.SIGSTOP)                 # alive, but its heartbeat stops
+    wait_until(lambda: p.worker_pids() and p.worker_pids() != [worker], timeout=15, what="a replacement")
+    assert "missed its heartbeat" in p.output()
+    assert https_get(port, "example.com") == "backend=a\n"
+
+
+def test_access_log_file_is_reopened_on_usr1(proxy, backends, tmp_path):
+    a = backends("a")
+    port = free_port()
+    log = tmp_path / "access.log"
+    p = proxy(make_config(port, [("example.com", a.address)], workers=1, extra=f'[log]\naccess = "{log}"\n'),
+              wait_ports=(port,))
+    assert https_get(port, "example.com") == "backend=a\n"
+    wait_until(lambda: log.exists() and "name=example.com" in log.read_text(), what="the access line")
+    line = [l for l in log.read_text().splitlines() if "name=example.com" in l][0]
+    for field in ("client=127.0.0.1:", f"listener=127.0.0.1:{port}", "alpn=http/1.1", f"backend={a.address}",
+                  "relay=userspace", "outcome=done", "duration="):
+        assert field in line
+    log.rename(tmp_path / "access.log.1")
+    p.signal(signal.SIGUSR1)
+    wait_until(lambda: log.exists(), what="the reopened log")
+    assert https_get(port, "example.com") == "backend=a\n"
+    wait_until(lambda: "name=example.com" in log.read_text(), what="a line in the new file")

@@ -1,0 +1,93 @@
+"""What the machine says about a system's cost: CPU time, RSS, kernel socket memory."""
+
+import os
+import time
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (a proxy's master and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _read_stat(int(entry.name))
+            if stat:
+                children.setdefault(int(stat[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/pid/stat after the command name (state is [0], ppid is [1])."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        stat = _read_stat(pid)
+        if stat:
+            total += int(stat[11]) + int(stat[12])
+    return total / _TICKS
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def socket_memory_bytes() -> int:
+    """Kernel memory charged to TCP sockets (/proc/net/sockstat 'TCP: ... mem PAGES')."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1]) * _PAGE
+    return 0
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time spent not idle by the whole machine, summed over CPUs."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _TICKS  # guest time is already in user
+
+
+def idle_busy_rate(seconds: float) -> float:
+    """Busy CPU-seconds per second while nothing of ours runs: the noise to subtract."""
+    start_busy, start = busy_cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return (busy_cpu_seconds() - start_busy) / (time.monotonic() - start)
+
+
+class CpuMeter:
+    """CPU used by a system's processes and by the whole machine during a measurement."""
+
+    def __init__(self, pids: list[int], idle_rate: float):
+        self._pids, self._idle_rate = pids, idle_rate
+        self._proc0 = cpu_seconds(pids)
+        self._busy0, self._t0 = busy_cpu_seconds(), time.monotonic()
+
+    def read(self) -> tuple[float, float]:
+        """(process CPU-seconds, machine CPU-seconds above the idle baseline) so far."""
+        wall = time.monotonic() - self._t0
+        machine = busy_cpu_seconds() - self._busy0 - self._idle_rate * wall
+        return cpu_seconds(self._pids) - self._proc0, max(machine, 0.0)

@@ -1,0 +1,121 @@
+"""Child processes of the benchmark: started in their own process group, and
+all killed when the benchmark ends, however it ends."""
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_children: list[subprocess.Popen] = []
+
+
+def _die_with_parent():
+    # If the benchmark is SIGKILLed, no finally block runs: let the kernel kill the child.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start argv in the background with stdout and stderr in log_path."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL the whole process group after grace seconds."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    # Workers may outlive their master: kill whatever is left in the group.
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_children)):
+        stop(proc, grace=1.0)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(argv: list[str], timeout: float) -> str:
+    """Run a load generator to completion; its stdout, or RuntimeError with its stderr."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True, preexec_fn=_die_with_parent)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s") from exc
+    if done.returncode != 0:
+        detail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise RuntimeError(f"{argv[0]} exited {done.returncode}: {' | '.join(detail)}")
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def listening_ports() -> set[int]:
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def established_count(local_port: int) -> int:
+    """Established TCP sockets whose local port is local_port (one per accepted connection)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == local_port:
+                    count += 1
+    return count
+
+
+def wait_listening(proc: subprocess.Popen, ports: list[int], log_path: Path, timeout: float) -> None:
+    """Wait until every port listens; raise with the log's tail if proc exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited {proc.returncode}: {log_tail(log_path)}")
+        if set(ports) <= listening_ports():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"ports {ports} not listening after {timeout:.0f} s: {log_tail(log_path)}")
+
+
+def log_tail(log_path: Path, lines: int = 3) -> str:
+    try:
+        text = log_path.read_text(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text.splitlines()[-lines:]) or "(empty log)"
