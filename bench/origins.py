@@ -72,7 +72,8 @@ def start(workdir: Path, download_bytes: int, nofile: int) -> Origins:
         (["nginx", "-p", str(workdir), "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
          [origins.tls, origins.hold], "origin-nginx.log"),
         # --idle-timeout: a client that dies mid-test must not leave the server busy for good.
-        (["iperf3", "-s", "-B", "127.0.0.1", "-p", str(origins.iperf), "--idle-timeout", "20"],
+        (["iperf3", "-s", "-B", "127.0.0.1", "-p", str(origins.iperf), "--idle-timeout", "20",
+          "-I", str(workdir / "origin-iperf3.pid")],
          [origins.iperf], "origin-iperf3.log"),
         (["sockperf", "server", "--tcp", "-i", "127.0.0.1", "-p", str(origins.sockperf)],
          [origins.sockperf], "origin-sockperf.log"),

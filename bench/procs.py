@@ -57,14 +57,14 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def run(argv: list[str], timeout: float) -> str:
+def run(argv: list[str], timeout: float, check: bool = True) -> str:
     """Run a load generator to completion; its stdout, or RuntimeError with its stderr."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               start_new_session=True, preexec_fn=_die_with_parent)
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s") from exc
-    if done.returncode != 0:
+    if check and done.returncode != 0:
         detail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
         raise RuntimeError(f"{argv[0]} exited {done.returncode}: {' | '.join(detail)}")
     return done.stdout

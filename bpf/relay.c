@@ -55,6 +55,12 @@ BPF_PERCPU_ARRAY(RELAY_STATS, struct relay_stats, 1);
 
 int relay_verdict(struct __sk_buff *skb)
 {
+    // The skb that carries a FIN may be empty. Redirected, its empty send
+    // counts as a broken pipe: the peer gets EPIPE and its psock stops
+    // sending. Userspace carries the FIN itself (shutdown), so drop it.
+    if (skb->len == 0)
+        return SK_DROP;
+
     u64 cookie = bpf_get_socket_cookie(skb);
     int zero = 0;
     struct relay_stats *stats = RELAY_STATS.lookup(&zero);

@@ -242,7 +242,7 @@ def _compile(source_name: str, text: str, cflags: list[str]):
     if os.environ.get("SNIPROXY_BPF_DUMP") == "1":
         print(f"/* {source_name} cflags: {' '.join(cflags)} */\n{text}", flush=True)
     try:
-        module = BPF(text=text, cflags=cflags)
+        module = BPF(text=text.encode(), cflags=cflags)
     except Exception as e:
         raise BpfLoadError(
             f"{source_name}: compiling failed ({e}). Kernel headers must be at {_kernel_headers()} "
@@ -277,7 +277,7 @@ def _load_program(module, source_name: str, function: str, loaded: LoadedBpf) ->
     if spec is None:
         raise BpfLoadError(f"{source_name}: unknown program {function}(): add it to bpfload.PROGRAMS")
     try:
-        fn = module.load_func(function, spec.prog_type)
+        fn = module.load_func(function.encode(), spec.prog_type)
         if spec.attach_map:
             BPF.attach_func(fn, loaded.map_fds[spec.attach_map], spec.attach_type)
     except KeyError:

@@ -124,12 +124,20 @@ def _master_pid(cfg: Config, args) -> int | None:
     return pid if pid and _alive(pid) else None
 
 
-def cmd_stop(cfg: Config, args) -> int:
+def _signal_master(cfg: Config, args, sig: int) -> int | None:
+    """Send sig to the running master; its pid, or None (said) when none runs."""
     pid = _master_pid(cfg, args)
     if pid is None:
         print("sniproxy-master: not running", file=sys.stderr)
+    else:
+        os.kill(pid, sig)
+    return pid
+
+
+def cmd_stop(cfg: Config, args) -> int:
+    pid = _signal_master(cfg, args, signal.SIGTERM)
+    if pid is None:
         return 1
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + cfg.master.graceful_timeout + 10
     while time.monotonic() < deadline:
         if _master_pid(cfg, args) is None:
@@ -141,11 +149,9 @@ def cmd_stop(cfg: Config, args) -> int:
 
 
 def cmd_reload(cfg: Config, args) -> int:
-    pid = _master_pid(cfg, args)
+    pid = _signal_master(cfg, args, signal.SIGHUP)
     if pid is None:
-        print("sniproxy-master: not running", file=sys.stderr)
         return 1
-    os.kill(pid, signal.SIGHUP)
     print(f"sniproxy-master: reload requested (pid {pid})")
     return 0
 

@@ -286,8 +286,8 @@ class KernelRelay:
                 if not fin_in:
                     continue
                 draining = True
-                print("DBG", src is c, counters[src].state, redirected[src], counters[src].received - src.consumed0, dst.written(counters[dst]), counters[dst].acked - dst.written0)
-                if not src.in_userspace and redirected[src] < counters[src].received - src.consumed0:
+                # bytes_received counts the FIN's sequence number too.
+                if not src.in_userspace and redirected[src] < counters[src].received - 1 - src.consumed0:
                     _kick(src.sock)  # bytes still waiting in src's receive queue
                 elif dst.written(counters[dst]) >= redirected[src]:
                     # Everything src sent is in dst's write queue: the FIN goes behind it.

@@ -119,6 +119,19 @@ class Worker:
         import gevent
         self.alive = False
         gevent.killall(self.servers, block=False)
+        gevent.spawn(self._accept_what_waits)
+
+    def _accept_what_waits(self) -> None:
+        """Serve the connections already in the accept queue: when the master
+        closes the last copy of a listening socket, whatever waits there is reset."""
+        for lc, listening in self.slot.listeners:
+            while True:
+                try:
+                    conn, peer = listening.accept()
+                except OSError:          # BlockingIOError: the queue is empty
+                    break
+                import gevent.socket
+                self.connections.spawn(self._handle, lc, gevent.socket.socket(fileno=conn.detach()), peer)
 
     def _stop_gracefully(self) -> None:
         """Serve what is in flight until graceful_timeout, then leave."""

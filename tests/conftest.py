@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Proxy, TlsBackend, make_cert, unique
+from harness import Backend, Proxy, make_cert, unique
 
 
 @pytest.fixture(scope="session")
@@ -13,13 +13,27 @@ def cert(tmp_path_factory):
 
 @pytest.fixture
 def backends(cert):
-    """backends("a", "b") -> TlsBackends on loopback, closed after the test."""
+    """backends("a", "b") -> TLS backends on loopback, closed after the test."""
     made = []
 
     def make(*labels, host="127.0.0.1", greeting=b""):
-        new = [TlsBackend(cert, label, host=host, greeting=greeting) for label in labels]
+        new = [Backend(label, host=host, greeting=greeting, cert=cert) for label in labels]
         made.extend(new)
         return new if len(new) > 1 else new[0]
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
+def plain():
+    """plain("label", greeting=b"") -> a plain TCP backend, closed after the test."""
+    made = []
+
+    def make(label, **kw):
+        made.append(Backend(label, **kw))
+        return made[-1]
 
     yield make
     for b in made:

@@ -47,72 +47,27 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-class TlsBackend:
-    """A real TLS server on loopback. An HTTP GET gets "backend=<label>" back;
-    anything else is echoed byte for byte until the client half-closes."""
+class Backend:
+    """A real server on loopback, plain TCP or TLS. An HTTP GET gets "backend=<label>"
+    back; anything else is echoed byte for byte until the client half-closes."""
 
-    def __init__(self, cert: tuple[Path, Path], label: str, host: str = "127.0.0.1", greeting: bytes = b""):
+    def __init__(self, label: str, host: str = "127.0.0.1", greeting: bytes = b"",
+                 cert: tuple[Path, Path] | None = None):
         self.label = label
         self.greeting = greeting          # sent the instant a connection is accepted (server speaks first)
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(*map(str, cert))
-        self.ctx.set_alpn_protocols(["http/1.1"])
-        self.ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.ctx = None
+        self.sni: list[str | None] = []
+        if cert is not None:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(*map(str, cert))
+            self.ctx.set_alpn_protocols(["http/1.1"])
+            self.ctx.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(128)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        self.accepted = 0
-        self.sni: list[str | None] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, raw: socket.socket) -> None:
-        try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-            if self.greeting:
-                conn.sendall(self.greeting)
-            first = conn.recv(65536)
-            if first.startswith(b"GET "):
-                body = f"backend={self.label}\n".encode()
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            else:
-                data = first
-                while data:
-                    conn.sendall(data)
-                    data = conn.recv(262144)
-            conn.close()
-        except (OSError, ssl.SSLError):
-            raw.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class PlainBackend:
-    """A plain TCP server on loopback: echoes bytes, or answers an HTTP GET with its label."""
-
-    def __init__(self, label: str, host: str = "127.0.0.1", greeting: bytes = b""):
-        self.label = label
-        self.greeting = greeting          # sent the instant a connection is accepted
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"{host}:{self.port}"
         self.accepted = 0
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -125,9 +80,9 @@ class PlainBackend:
             self.accepted += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
+    def _handle(self, raw: socket.socket) -> None:
+        try:
+            with (self.ctx.wrap_socket(raw, server_side=True) if self.ctx else raw) as conn:
                 if self.greeting:
                     conn.sendall(self.greeting)
                 data = conn.recv(65536)
@@ -141,8 +96,8 @@ class PlainBackend:
                 while data:
                     conn.sendall(data)
                     data = conn.recv(262144)
-            except OSError:
-                pass
+        except (OSError, ssl.SSLError):
+            raw.close()
 
     def close(self) -> None:
         self.sock.close()

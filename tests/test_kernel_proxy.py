@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import MASTER, Dnsmasq, PlainBackend, echo_through, free_port, https_get, sha, tls_client, wait_until
+from harness import MASTER, Dnsmasq, Backend, echo_through, free_port, https_get, sha, tls_client, wait_until
 from netns import veth_netns
 from test_proxy import make_config, stats
 
@@ -36,17 +36,6 @@ def worker_cpu(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def plain():
-    made = []
-
-    def make(label, **kw):
-        made.append(PlainBackend(label, **kw))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.close()
 
 
 def test_pins_have_the_contract_types_and_the_relay_uses_sock_map(proxy, backends, pin_path):

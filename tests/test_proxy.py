@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import (Dnsmasq, PlainBackend, curl, echo_through, free_port, https_get, sha, tls_client,
+from harness import (Dnsmasq, Backend, curl, echo_through, free_port, https_get, sha, tls_client,
                      wait_until)
 
 
@@ -35,17 +35,6 @@ def stats(p):
     return json.loads(out.stdout)["workers"]
 
 
-@pytest.fixture
-def plain(request):
-    made = []
-
-    def make(label):
-        made.append(PlainBackend(label))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.close()
 
 
 def test_routes_exact_wildcard_regex_with_three_clients(proxy, backends):
@@ -254,10 +243,10 @@ def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
     payload = os.urandom(8 << 20)
     with tls_client(port, "example.com", timeout=30) as s:
         s.sendall(payload[:1 << 20])
-        p.signal(signal.SIGTERM)                          # stop while the transfer is in flight
+        got = bytearray(s.recv(262144))                   # the transfer is under way
+        p.signal(signal.SIGTERM)                          # stop while it is in flight
         time.sleep(0.3)
         threading.Thread(target=s.sendall, args=(payload[1 << 20:],), daemon=True).start()
-        got = bytearray()
         while len(got) < len(payload) and (chunk := s.recv(262144)):
             got += chunk
     assert sha(got) == sha(payload)

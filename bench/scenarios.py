@@ -1,0 +1,254 @@
+"""The scenarios. Each turns into steps (one progress line each); a step returns one
+value per metric for one repeat. Every path goes through a routing decision: SNI
+for TLS clients, a listener's fallback for the others."""
+
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from bench import measure, procs, tools
+from bench.systems import System
+
+HIGHER, LOWER = "higher", "lower"
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int
+    seconds: int                                # per tool run; iperf3 and sockperf take whole seconds
+    bulk_variants: tuple[tuple[int, bool], ...]  # (streams, reverse)
+    download_bytes: int
+    idle_connections: int
+    baseline_seconds: float
+
+
+MODES = {
+    "full": Settings(5, 5, ((1, False), (1, True), (4, False), (4, True)), 1 << 30, 10_000, 3.0),
+    "quick": Settings(1, 1, ((1, False), (4, True)), 256 << 20, 1_000, 1.0),
+    "smoke": Settings(1, 1, ((1, False),), 32 << 20, 100, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    better: str
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    estimate: float                         # seconds, for the ETA
+    action: Callable[[], dict[str, float]]  # metric name -> value
+
+
+@dataclass(frozen=True)
+class Context:
+    settings: Settings
+    workdir: Path
+    idle_rate: float   # busy CPU-seconds per second of the idle machine
+    hold_port: int     # the origin port that idle connections end at
+
+
+class Scenario:
+    name = ""
+    step_estimate = 2.0
+
+    def metrics(self, system: System, settings: Settings) -> list[Metric]:
+        raise NotImplementedError
+
+    def measure(self, system: System, ctx: Context) -> dict[str, float]:
+        """One repeat of every metric."""
+        raise NotImplementedError
+
+    def steps(self, system: System, ctx: Context) -> list[Step]:
+        repeats = ctx.settings.repeats
+        return [Step(f"repeat {i + 1}/{repeats}", self.estimate(ctx.settings),
+                     partial(self.measure, system, ctx)) for i in range(repeats)]
+
+    def estimate(self, settings: Settings) -> float:
+        return settings.seconds + 1.0
+
+
+def cpu_metrics(system: System) -> list[Metric]:
+    own = [Metric("cpu_proc_s_per_gb", "CPU-s/GB", LOWER)] if system.has_processes else []
+    return own + [Metric("cpu_machine_s_per_gb", "CPU-s/GB", LOWER)]
+
+
+def cpu_per_gb(meter: measure.CpuMeter, relayed_bytes: int, system: System) -> dict[str, float]:
+    """The system's own CPU, and the whole machine's above idle, per GB relayed."""
+    own, machine = meter.read()
+    gigabytes = relayed_bytes / 1e9
+    values = {"cpu_machine_s_per_gb": machine / gigabytes}
+    if system.has_processes:
+        values["cpu_proc_s_per_gb"] = own / gigabytes
+    return values
+
+
+def bulk_metric(streams: int, reverse: bool) -> str:
+    return f"gbps_{streams}stream{'s' if streams > 1 else ''}{'_reverse' if reverse else ''}"
+
+
+class Bulk(Scenario):
+    """iperf3 through the fallback route, Gbit/s."""
+    name = "bulk"
+
+    def metrics(self, system, settings):
+        return [Metric(bulk_metric(*v), "Gbit/s", HIGHER) for v in settings.bulk_variants] + cpu_metrics(system)
+
+    def estimate(self, settings):
+        return len(settings.bulk_variants) * (settings.seconds + 0.5)
+
+    def measure(self, system, ctx):
+        meter = measure.CpuMeter(system.pids(), ctx.idle_rate)
+        values, relayed = {}, 0
+        for streams, reverse in ctx.settings.bulk_variants:
+            result = tools.iperf3(system.address("iperf"), ctx.settings.seconds, streams, reverse)
+            values[bulk_metric(streams, reverse)] = result.rate
+            relayed += result.bytes
+        return values | cpu_per_gb(meter, relayed, system)
+
+
+class TlsDownload(Scenario):
+    """One large HTTPS download from the TLS origin routed by SNI, MB/s."""
+    name = "tls_download"
+
+    def metrics(self, system, settings):
+        return [Metric("mb_per_s", "MB/s", HIGHER)] + cpu_metrics(system)
+
+    def estimate(self, settings):
+        return 0.5 + settings.download_bytes / 400e6
+
+    def measure(self, system, ctx):
+        meter = measure.CpuMeter(system.pids(), ctx.idle_rate)
+        result = tools.curl_download(system.address("tls"), ctx.settings.download_bytes)
+        return {"mb_per_s": result.rate} | cpu_per_gb(meter, result.bytes, system)
+
+
+class Latency(Scenario):
+    """sockperf 64-byte ping-pong through the fallback route, round trip in us."""
+    name = "latency"
+
+    def metrics(self, system, settings):
+        return [Metric("p50_us", "us", LOWER), Metric("p99_us", "us", LOWER)]
+
+    def estimate(self, settings):
+        return settings.seconds + 2.2  # sockperf warms up and waits before it starts
+
+    def measure(self, system, ctx):
+        percentiles = tools.sockperf_ping_pong(system.address("sockperf"), ctx.settings.seconds)
+        return {"p50_us": percentiles[50.0], "p99_us": percentiles[99.0]}
+
+
+class ConnRate(Scenario):
+    """New TLS connections per second (wrk, one request per connection) routed by SNI."""
+    name = "conn_rate"
+
+    def metrics(self, system, settings):
+        return [Metric("conn_per_s", "conn/s", HIGHER)]
+
+    def measure(self, system, ctx):
+        return {"conn_per_s": tools.wrk_new_connections(system.address("tls"), ctx.settings.seconds,
+                                                        ctx.workdir)}
+
+
+class Concurrency(Scenario):
+    """Many idle connections held through the system: memory per connection, and
+    bulk throughput while they are held."""
+    name = "concurrency"
+    # An unfinished HTTP request line: not TLS (so it takes the fallback), and the
+    # origin keeps waiting for the rest of it.
+    first_flight = b"GET /idle"
+
+    def metrics(self, system, settings):
+        rss = [Metric("rss_kib_per_conn", "KiB", LOWER)] if system.has_processes else []
+        return ([Metric("connections", "conns", HIGHER)] + rss +
+                [Metric("sock_mem_kib_per_conn", "KiB", LOWER), Metric("gbps_while_held", "Gbit/s", HIGHER)])
+
+    def estimate(self, settings):
+        return settings.seconds + 1.0 + settings.idle_connections / 2000
+
+    def measure(self, system, ctx):
+        wanted = ctx.settings.idle_connections
+        already = procs.established_count(ctx.hold_port)
+        rss_before, mem_before = measure.rss_bytes(system.pids()), measure.socket_memory_bytes()
+        held = []
+        try:
+            held = open_idle_connections(system.address("hold"), wanted, self.first_flight,
+                                         deadline=time.monotonic() + 60)
+            arrived = wait_for_count(ctx.hold_port, already + len(held), timeout=30) - already
+            if arrived < 0.99 * wanted:
+                raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
+            time.sleep(0.2)  # let the system finish its bookkeeping for the last ones
+            values = {"connections": float(arrived),
+                      "sock_mem_kib_per_conn": (measure.socket_memory_bytes() - mem_before) / 1024 / arrived}
+            if system.has_processes:
+                values["rss_kib_per_conn"] = (measure.rss_bytes(system.pids()) - rss_before) / 1024 / arrived
+            values["gbps_while_held"] = tools.iperf3(system.address("iperf"), ctx.settings.seconds,
+                                                     1, False).rate
+            return values
+        finally:
+            for sock in held:
+                sock.close()
+            wait_for_count(ctx.hold_port, already, timeout=20, falling=True)
+
+
+def open_idle_connections(address: tuple[str, int], count: int, first_flight: bytes,
+                          deadline: float) -> list[socket.socket]:
+    held = []
+    try:
+        while len(held) < count and time.monotonic() < deadline:
+            sock = socket.create_connection(address, timeout=5)
+            held.append(sock)
+            sock.sendall(first_flight)
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return held
+
+
+def wait_for_count(port: int, target: int, timeout: float, falling: bool = False) -> int:
+    """Poll the established connections on port until they reach target (or timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = procs.established_count(port)
+        reached = count <= target if falling else count >= target
+        if reached or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
+
+
+class WorkerScaling(Scenario):
+    """conn_rate with 1 worker, then (for systems that have workers) with 2.
+    Restarts the system, so it runs last."""
+    name = "worker_scaling"
+
+    def metrics(self, system, settings):
+        counts = (1, 2) if system.has_workers else (1,)
+        return [Metric(f"conn_per_s_{n}worker{'s' if n > 1 else ''}", "conn/s", HIGHER) for n in counts]
+
+    def steps(self, system, ctx):
+        steps = []
+        for metric, workers in zip(self.metrics(system, ctx.settings), (1, 2)):
+            if workers > 1:
+                steps.append(Step(f"restart with {workers} workers", 3.0, partial(restart, system, workers)))
+            steps += [Step(f"{workers} worker(s) repeat {i + 1}/{ctx.settings.repeats}", self.estimate(ctx.settings),
+                           partial(self._rate, system, ctx, metric.name)) for i in range(ctx.settings.repeats)]
+        return steps
+
+    def _rate(self, system, ctx, metric_name):
+        return {metric_name: ConnRate().measure(system, ctx)["conn_per_s"]}
+
+
+def restart(system: System, workers: int) -> dict[str, float]:
+    system.stop()
+    system.start(workers=workers)
+    return {}
+
+
+SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), WorkerScaling()]

@@ -1,0 +1,391 @@
+"""The kernel (sockmap) relay on loopback: client <-> [c | u] <-> server.
+
+Endpoints run in threads with plain blocking sockets; the relay runs in this
+process's gevent hub, as in a worker. `python tests/test_kernel_relay.py --bench`
+measures throughput and CPU against a userspace loop and a direct connection.
+"""
+import hashlib
+import os
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+
+import gevent
+import pytest
+
+from bpf_fixtures import pin_dir, relay_pins  # noqa: F401 - fixtures
+from sniproxy.bpfsys import PinnedMap
+from sniproxy.kernel_relay import KernelRelay
+
+pytestmark = pytest.mark.bpf
+MiB = 1 << 20
+
+
+def cookie(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.SOL_SOCKET, 57, 8)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+class Background(threading.Thread):
+    """fn(*args) in a thread; join() returns its result or raises its exception."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.result, self.error = fn, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to join()
+            self.error = e
+
+    def join(self, timeout: float = 60):
+        super().join(timeout)
+        assert not self.is_alive(), f"{self.fn.__name__} still running"
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def send_stream(sock: socket.socket, size: int, seed: int, shut: bool = True) -> str:
+    """size pseudo-random bytes; returns their sha256."""
+    block = random.Random(seed).randbytes(MiB)
+    digest, left = hashlib.sha256(), size
+    while left:
+        chunk = block[:min(left, len(block))]
+        sock.sendall(chunk)
+        digest.update(chunk)
+        left -= len(chunk)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return digest.hexdigest()
+
+
+def recv_stream(sock: socket.socket) -> tuple[int, str]:
+    """Everything until EOF: (length, sha256)."""
+    digest, total = hashlib.sha256(), 0
+    while data := sock.recv(4 * MiB):
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(MiB):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def relay(relay_pins):
+    r = KernelRelay(relay_pins.pin_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def map_sizes(pins: str) -> dict[str, int]:
+    sizes = {}
+    for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP"):
+        with PinnedMap.open(f"{pins}/{name}") as m:
+            sizes[name] = len(m)
+    return sizes
+
+
+def test_bulk_both_directions_at_once(relay_pins, relay):
+    size = 64 * MiB
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    pair_cookies = {cookie(c), cookie(u)}
+    seen_in_sock_map = []
+
+    def watch_sock_map():
+        with PinnedMap.open(f"{relay_pins.pin_path}/SOCK_MAP") as sock_map:
+            while not seen_in_sock_map:
+                keys = set(sock_map.keys())
+                if keys:
+                    seen_in_sock_map.append(keys)
+                gevent.sleep(0.0005)
+
+    watcher = gevent.spawn(watch_sock_map)
+    jobs = [Background(send_stream, client, size, 1), Background(recv_stream, server),
+            Background(send_stream, server, size, 2), Background(recv_stream, client)]
+    result = relay.relay(c, u, idle_timeout=30)
+    c.close(), u.close()
+    up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
+    watcher.kill()
+
+    assert result == (size, size, "done")
+    assert up_got == (size, up_sent) and down_got == (size, down_sent)
+    assert seen_in_sock_map == [pair_cookies]
+    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    # 128 MiB is tens of thousands of skbs; only hang-ups may wake the watcher.
+    assert relay.wakeups <= 8
+    for s in (client, server):
+        s.close()
+
+
+def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    expected = {cookie(c), cookie(u)}
+    relayer = gevent.spawn(relay.relay, c, u, 30)
+    gevent.sleep(0.05)
+    with PinnedMap.open(f"{relay_pins.pin_path}/SOCK_MAP") as sock_map:
+        assert set(sock_map.keys()) == expected
+        assert {sock_map.lookup(k) for k in expected} == expected  # value: the socket's cookie
+    with PinnedMap.open(f"{relay_pins.pin_path}/CONNECTION_MAP") as connections:
+        peers = {k: struct.unpack("<QQQ", connections.lookup(k))[0].to_bytes(8, "little") for k in expected}
+    assert peers == {cookie(c): cookie(u), cookie(u): cookie(c)}
+    client.sendall(b"ping")
+    assert server.recv(10) == b"ping"
+    server.sendall(b"pong")
+    assert client.recv(10) == b"pong"
+    client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
+    assert relayer.get(timeout=10) == (4, 4, "done")
+    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    for s in (client, c, u, server):
+        s.close()
+
+
+def test_early_data_both_ways_for_hundreds_of_rounds(relay):
+    """The client sends right behind its first flight, the server speaks at accept,
+    and more bytes come during registration; every round must arrive intact."""
+    rng = random.Random(7)
+    proxy_listener = socket.create_server(("127.0.0.1", 0))
+    server_listener = socket.create_server(("127.0.0.1", 0))
+
+    def client_side(first, early, late, pause, expected):
+        with socket.create_connection(proxy_listener.getsockname()) as s:
+            s.sendall(first + early)
+            time.sleep(pause)
+            s.sendall(late)
+            s.shutdown(socket.SHUT_WR)
+            return recv_all(s) == expected
+
+    def server_side(greeting, reply, expected):
+        s, _ = server_listener.accept()
+        with s:
+            s.sendall(greeting)
+            got = recv_all(s)
+            s.sendall(reply)
+            return got == expected
+
+    try:
+        for round_ in range(300):
+            first = rng.randbytes(rng.randint(200, 600))
+            early, late = rng.randbytes(rng.randint(1, 200_000)), rng.randbytes(rng.randint(0, 50_000))
+            greeting, reply = rng.randbytes(rng.randint(1, 100_000)), rng.randbytes(rng.randint(0, 50_000))
+            pause = rng.choice((0, 0, 0.0005, 0.002))
+            client = Background(client_side, first, early, late, pause, greeting + reply)
+            server = Background(server_side, greeting, reply, first + early + late)
+            c, _ = proxy_listener.accept()
+            with c:
+                # Read exactly the first flight, as a worker does: it may end inside an skb.
+                got = b""
+                while len(got) < len(first):
+                    got += c.recv(len(first) - len(got))
+                with socket.create_connection(server_listener.getsockname()) as u:
+                    u.sendall(got)
+                    result = relay.relay(c, u, idle_timeout=10)
+            assert result == (len(early) + len(late), len(greeting) + len(reply), "done"), round_
+            assert client.join() and server.join(), round_
+    finally:
+        proxy_listener.close(), server_listener.close()
+
+
+@pytest.mark.parametrize("first_to_close", ["client", "server"])
+def test_half_close_is_carried_both_ways(relay, first_to_close):
+    """One side stops writing; the other still sends, and receives everything."""
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    closer, other = (client, server) if first_to_close == "client" else (server, client)
+
+    def closer_side():
+        sent = send_stream(closer, 3 * MiB, 3)     # then SHUT_WR
+        return sent, recv_stream(closer)            # still reading
+
+    def other_side():
+        got = recv_stream(other)                    # until the carried FIN
+        return got, send_stream(other, 12 * MiB, 4)
+
+    a, b = Background(closer_side), Background(other_side)
+    result = relay.relay(c, u, idle_timeout=30)
+    (closer_sent, closer_got), (other_got, other_sent) = a.join(), b.join()
+    assert result.outcome == "done"
+    assert other_got == (3 * MiB, closer_sent)
+    assert closer_got == (12 * MiB, other_sent)
+    for s in (client, c, u, server):
+        s.close()
+
+
+def test_slow_reader_is_bounded(relay_pins):
+    """A fast server and a client that reads slowly: the kernel must not queue
+    without limit; the relay gives up with slow_reader."""
+    max_queued = 4 * MiB
+    relay = KernelRelay(relay_pins.pin_path, max_queued=max_queued, sndbuf=MiB)
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    client_read = [0]
+
+    def slow_reader():
+        try:
+            while data := client.recv(64 * 1024):
+                client_read[0] += len(data)
+                time.sleep(0.01)
+        except OSError:
+            pass
+
+    def fast_sender():
+        try:
+            send_stream(server, 1024 * MiB, 5)
+        except OSError:
+            pass
+
+    jobs = [Background(slow_reader), Background(fast_sender)]
+    try:
+        started = time.monotonic()
+        result = relay.relay(c, u, idle_timeout=30)
+        elapsed = time.monotonic() - started
+        c.close(), u.close()
+        for job in jobs:
+            job.join()
+    finally:
+        relay.close()
+    client_rcvbuf = int(open("/proc/sys/net/ipv4/tcp_rmem").read().split()[2])
+    assert result.outcome == "slow_reader"
+    assert elapsed < 10
+    # Redirected toward the client beyond what it read: the bound, the buffers of
+    # both sockets, and what one check interval lets through.
+    assert result.down - client_read[0] <= max_queued + client_rcvbuf + 2 * MiB + 8 * MiB, \
+        (result.down, client_read[0])
+
+
+def test_idle_timeout(relay):
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    client.sendall(b"hello")
+    started = time.monotonic()
+    result = relay.relay(c, u, idle_timeout=0.3)
+    assert result == (5, 0, "idle_timeout")
+    assert 0.3 <= time.monotonic() - started < 2.5
+    assert server.recv(10) == b"hello"
+    for s in (client, c, u, server):
+        s.close()
+
+
+def test_reset_ends_the_relay_and_reaches_the_other_side(relay):
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    killer = gevent.spawn_later(0.1, lambda: (
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)), server.close()))
+    result = relay.relay(c, u, idle_timeout=10)
+    killer.get()
+    assert result.outcome == "reset"
+    c.close(), u.close()
+    with pytest.raises(ConnectionResetError):
+        client.recv(10)
+    client.close()
+
+
+def test_pair_that_half_closed_before_registration(relay):
+    """A client that sent everything and its FIN before the relay starts: sockmaps
+    refuse such sockets, and the bytes must still arrive."""
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    client.sendall(b"request" * 1000)
+    client.shutdown(socket.SHUT_WR)
+    server.sendall(b"greeting")
+    time.sleep(0.05)
+    answer = Background(lambda: (recv_all(server), server.sendall(b"reply" * 1000), server.close()))
+    result = relay.relay(c, u, idle_timeout=10)
+    assert answer.join()[0] == b"request" * 1000
+    assert result == (7000, 8 + 5000, "done")
+    c.close(), u.close()
+    assert recv_all(client) == b"greeting" + b"reply" * 1000
+
+
+# -- benchmark (report only): python tests/test_kernel_relay.py --bench [GiB] --
+
+def _endpoints_in_child(proxy_addr, server_listener, size: int, report_w: int) -> int:
+    """Fork a process that sends size bytes to proxy_addr and receives them on
+    server_listener; it writes the receiver's seconds to report_w."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        receiver = Background(lambda: recv_stream(server_listener.accept()[0]))
+        with socket.create_connection(proxy_addr) as s:
+            started = time.monotonic()
+            send_stream(s, size, 9)
+            n, _ = receiver.join(600)
+        os.write(report_w, f"{n} {time.monotonic() - started}".encode())
+    finally:
+        os._exit(0)
+
+
+def _userspace_loop(c: socket.socket, u: socket.socket) -> None:
+    buf = memoryview(bytearray(256 * 1024))
+    while n := c.recv_into(buf):
+        u.sendall(buf[:n])
+    u.shutdown(socket.SHUT_WR)
+
+
+def _cpu_busy() -> float:
+    """Seconds all CPUs spent not idle (includes softirq and kworkers)."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def bench(size: int, pins: str) -> None:
+    for mode in ("direct", "userspace", "kernel"):
+        server_listener = socket.create_server(("127.0.0.1", 0))
+        proxy_listener = socket.create_server(("127.0.0.1", 0))
+        report_r, report_w = os.pipe()
+        target = server_listener.getsockname() if mode == "direct" else proxy_listener.getsockname()
+        pid = _endpoints_in_child(target, server_listener, size, report_w)
+        cpu0, busy0 = time.process_time(), _cpu_busy()
+        if mode != "direct":
+            c, _ = proxy_listener.accept()
+            u = socket.create_connection(server_listener.getsockname())
+            if mode == "kernel":
+                relay = KernelRelay(pins)
+                relay.relay(c, u, idle_timeout=30)
+                relay.close()
+            else:
+                for s in (c, u):  # the same buffers the kernel relay sets
+                    s.setsockopt(socket.SOL_SOCKET, 32, 32 * MiB)
+                    s.setsockopt(socket.SOL_SOCKET, 33, 32 * MiB)
+                _userspace_loop(c, u)
+            c.close(), u.close()
+        os.waitpid(pid, 0)
+        n, seconds = os.read(report_r, 100).decode().split()
+        cpu, busy = time.process_time() - cpu0, _cpu_busy() - busy0
+        print(f"{mode:10s} {int(n) / float(seconds) * 8 / 1e9:6.1f} Gbit/s  "
+              f"relay process CPU {cpu:5.2f} s  all CPUs busy {busy:5.2f} s  ({int(n) >> 20} MiB)")
+        for fd in (report_r, report_w):
+            os.close(fd)
+        server_listener.close(), proxy_listener.close()
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    from sniproxy import bpfload
+    gib = float(sys.argv[sys.argv.index("--bench") + 1]) if len(sys.argv) > sys.argv.index("--bench") + 1 else 1
+    pins = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}"
+    loaded = bpfload.load(pins)
+    try:
+        bench(int(gib * (1 << 30)), pins)
+    finally:
+        loaded.unpin()
