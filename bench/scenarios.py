@@ -23,12 +23,13 @@ class Settings:
     download_bytes: int
     idle_connections: int
     baseline_seconds: float
+    slack: float          # how long past its nominal duration a stalled tool or wait may take
 
 
 MODES = {
-    "full": Settings(5, 5, ((1, False), (1, True), (4, False), (4, True)), 1 << 30, 10_000, 3.0),
-    "quick": Settings(1, 1, ((1, False), (4, True)), 256 << 20, 1_000, 1.0),
-    "smoke": Settings(1, 1, ((1, False),), 32 << 20, 100, 0.5),
+    "full": Settings(5, 5, ((1, False), (1, True), (4, False), (4, True)), 1 << 30, 10_000, 3.0, 20.0),
+    "quick": Settings(1, 1, ((1, False), (4, True)), 256 << 20, 1_000, 1.0, 8.0),
+    "smoke": Settings(1, 1, ((1, False),), 32 << 20, 100, 0.5, 3.0),
 }
 
 
@@ -107,7 +108,8 @@ class Bulk(Scenario):
         meter = measure.CpuMeter(system.pids(), ctx.idle_rate)
         values, relayed = {}, 0
         for streams, reverse in ctx.settings.bulk_variants:
-            result = tools.iperf3(system.address("iperf"), ctx.settings.seconds, streams, reverse)
+            result = tools.iperf3(system.address("iperf"), ctx.settings.seconds, streams, reverse,
+                                  ctx.settings.slack)
             values[bulk_metric(streams, reverse)] = result.rate
             relayed += result.bytes
         return values | cpu_per_gb(meter, relayed, system)
@@ -125,7 +127,7 @@ class TlsDownload(Scenario):
 
     def measure(self, system, ctx):
         meter = measure.CpuMeter(system.pids(), ctx.idle_rate)
-        result = tools.curl_download(system.address("tls"), ctx.settings.download_bytes)
+        result = tools.curl_download(system.address("tls"), ctx.settings.download_bytes, ctx.settings.slack)
         return {"mb_per_s": result.rate} | cpu_per_gb(meter, result.bytes, system)
 
 
@@ -140,7 +142,8 @@ class Latency(Scenario):
         return settings.seconds + 2.2  # sockperf warms up and waits before it starts
 
     def measure(self, system, ctx):
-        percentiles = tools.sockperf_ping_pong(system.address("sockperf"), ctx.settings.seconds)
+        percentiles = tools.sockperf_ping_pong(system.address("sockperf"), ctx.settings.seconds,
+                                              ctx.settings.slack)
         return {"p50_us": percentiles[50.0], "p99_us": percentiles[99.0]}
 
 
@@ -153,7 +156,7 @@ class ConnRate(Scenario):
 
     def measure(self, system, ctx):
         return {"conn_per_s": tools.wrk_new_connections(system.address("tls"), ctx.settings.seconds,
-                                                        ctx.workdir)}
+                                                        ctx.workdir, ctx.settings.slack)}
 
 
 class Concurrency(Scenario):
@@ -179,8 +182,8 @@ class Concurrency(Scenario):
         held = []
         try:
             held = open_idle_connections(system.address("hold"), wanted, self.first_flight,
-                                         deadline=time.monotonic() + 60)
-            arrived = wait_for_count(ctx.hold_port, already + len(held), timeout=30) - already
+                                         deadline=time.monotonic() + 3 * ctx.settings.slack)
+            arrived = wait_for_count(ctx.hold_port, already + len(held), timeout=ctx.settings.slack) - already
             if arrived < 0.99 * wanted:
                 raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
             time.sleep(0.2)  # let the system finish its bookkeeping for the last ones
@@ -189,12 +192,12 @@ class Concurrency(Scenario):
             if system.has_processes:
                 values["rss_kib_per_conn"] = (measure.rss_bytes(system.pids()) - rss_before) / 1024 / arrived
             values["gbps_while_held"] = tools.iperf3(system.address("iperf"), ctx.settings.seconds,
-                                                     1, False).rate
+                                                     1, False, ctx.settings.slack).rate
             return values
         finally:
             for sock in held:
                 sock.close()
-            wait_for_count(ctx.hold_port, already, timeout=20, falling=True)
+            wait_for_count(ctx.hold_port, already, timeout=ctx.settings.slack, falling=True)
 
 
 def open_idle_connections(address: tuple[str, int], count: int, first_flight: bytes,

@@ -102,7 +102,7 @@ class Sniproxy(Proxy):
 
     def config(self, workers: int) -> str:
         # A pin directory of its own, so that parallel runs and other instances never meet.
-        self._pin_path = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}-{secrets.token_hex(4)}"
+        self._pin_path = f"/sys/fs/bpf/sniproxy-benchrun-{os.getpid()}-{secrets.token_hex(4)}"
         text = (f'[master]\nworkers = {workers}\npidfile = "{self.workdir / self.name}.pid"\n'
                 f'graceful_timeout = 1.0\n\n'
                 f'[bpf]\nmode = "{self.bpf_mode}"\npin_path = "{self._pin_path}"\n\n'

@@ -8,9 +8,8 @@ from pathlib import Path
 from bench import procs
 from bench.origins import BIG_FILE, SMALL_FILE, SNI_NAME
 
-# Startup, handshakes and teardown on top of a tool's nominal duration; a system
-# that stalls a tool costs no more than this.
-SLACK = 10.0
+# slack (each call): seconds for startup, handshakes and teardown on top of a tool's
+# nominal duration; a system that stalls a tool costs no more than that.
 SLOWEST_DOWNLOAD = 20e6  # bytes/s below which a download counts as stalled
 
 
@@ -20,16 +19,16 @@ class Transfer:
     bytes: int
 
 
-def iperf3(address: tuple[str, int], seconds: int, streams: int, reverse: bool) -> Transfer:
+def iperf3(address: tuple[str, int], seconds: int, streams: int, reverse: bool, slack: float) -> Transfer:
     host, port = address
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams),
             "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])
     # iperf3 -J reports its errors in the JSON, with a non-zero exit status.
-    out = procs.run(argv, seconds + SLACK, check=False)
+    out = procs.run(argv, seconds + slack, check=False)
     try:
         report = json.loads(out)
     except ValueError:
-        raise RuntimeError(f"iperf3 printed no JSON: {out.strip()[-200:]}") from None
+        raise RuntimeError(f"iperf3 printed no JSON: {_tail(out)}") from None
     if "error" in report:
         raise RuntimeError(f"iperf3: {report['error']}")
     received = report["end"]["sum_received"]
@@ -38,10 +37,10 @@ def iperf3(address: tuple[str, int], seconds: int, streams: int, reverse: bool) 
     return Transfer(received["bits_per_second"] / 1e9, int(received["bytes"]))
 
 
-def curl_download(address: tuple[str, int], expected_bytes: int) -> Transfer:
+def curl_download(address: tuple[str, int], expected_bytes: int, slack: float) -> Transfer:
     """Download the big file over TLS with SNI_NAME, through address."""
     host, port = address
-    timeout = SLACK + expected_bytes / SLOWEST_DOWNLOAD
+    timeout = slack + expected_bytes / SLOWEST_DOWNLOAD
     out = procs.run(["curl", "-sS", "-k", "-o", "/dev/null", "--max-time", str(int(timeout)),
                      "--resolve", f"{SNI_NAME}:{port}:{host}",
                      "-w", "%{http_code} %{size_download} %{speed_download}",
@@ -52,17 +51,21 @@ def curl_download(address: tuple[str, int], expected_bytes: int) -> Transfer:
     return Transfer(float(speed) / 1e6, int(size))
 
 
+def _tail(out: str) -> str:
+    return " | ".join(line.strip() for line in out.strip().splitlines()[-2:])
+
+
 _PERCENTILE = re.compile(r"percentile (\d+\.\d+) =\s+([\d.]+)")
 
 
-def sockperf_ping_pong(address: tuple[str, int], seconds: int) -> dict[float, float]:
+def sockperf_ping_pong(address: tuple[str, int], seconds: int, slack: float) -> dict[float, float]:
     """Round-trip percentiles (us) of 64-byte request/response messages over one TCP connection."""
     host, port = address
     out = procs.run(["sockperf", "ping-pong", "--tcp", "-i", host, "-p", str(port),
-                     "-t", str(seconds), "-m", "64", "--full-rtt"], seconds + SLACK)
+                     "-t", str(seconds), "-m", "64", "--full-rtt"], seconds + slack)
     found = {float(p): float(v) for p, v in _PERCENTILE.findall(out)}
     if 50.0 not in found or 99.0 not in found:
-        raise RuntimeError(f"sockperf printed no percentiles: {out.strip()[-200:]}")
+        raise RuntimeError(f"sockperf printed no percentiles: {_tail(out)}")
     return found
 
 
@@ -72,7 +75,7 @@ function wrk.resolve(host, service) wrk.addrs = wrk.lookup("{host}", service) en
 """
 
 
-def wrk_new_connections(address: tuple[str, int], seconds: int, workdir: Path,
+def wrk_new_connections(address: tuple[str, int], seconds: int, workdir: Path, slack: float,
                         connections: int = 16) -> float:
     """TLS connections per second: one request per connection (Connection: close)."""
     host, port = address
@@ -80,10 +83,10 @@ def wrk_new_connections(address: tuple[str, int], seconds: int, workdir: Path,
     script.write_text(_WRK_RESOLVE.format(host=host))
     out = procs.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s",
                      "-s", str(script), "-H", "Connection: close",
-                     f"https://{SNI_NAME}:{port}/{SMALL_FILE}"], seconds + SLACK)
+                     f"https://{SNI_NAME}:{port}/{SMALL_FILE}"], seconds + slack)
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not rate or float(rate.group(1)) <= 0:
-        raise RuntimeError(f"wrk completed no requests: {out.strip()[-200:]}")
+        raise RuntimeError(f"wrk completed no requests: {_tail(out)}")
     if "Non-2xx" in out:
-        raise RuntimeError(f"wrk got error responses: {out.strip()[-200:]}")
+        raise RuntimeError(f"wrk got error responses: {_tail(out)}")
     return float(rate.group(1))

@@ -59,7 +59,7 @@ class UserspaceRelay:
         outcome = "done"
         while not (up.dead and down.dead):
             gevent.joinall((up, down), timeout=max(0.05, last[0] + idle_timeout - time.monotonic()), count=None)
-            if any(g.dead and not g.successful() for g in (up, down)):
+            if any(g.dead and g.value is False for g in (up, down)):
                 outcome = "reset"
                 break
             if time.monotonic() - last[0] >= idle_timeout and not (up.dead and down.dead):
@@ -68,25 +68,26 @@ class UserspaceRelay:
         gevent.killall((up, down))
         return RelayResult(counts[0], counts[1], outcome)
 
-    def _pump(self, src, dst, last, counts, index) -> None:
-        """Copy src to dst until EOF, then half-close dst."""
+    def _pump(self, src, dst, last, counts, index) -> bool:
+        """Copy src to dst until EOF, then half-close dst. False if either side failed."""
         fd = src.fileno()
-        while True:
-            gevent.socket.wait_read(fd)
-            buf = self.pool.take()
-            try:
-                n = src.recv_into(buf)
-                if not n:
-                    break
-                dst.sendall(memoryview(buf)[:n])
-            finally:
-                self.pool.give(buf)
-            counts[index] += n
-            last[0] = time.monotonic()
         try:
+            while True:
+                gevent.socket.wait_read(fd)
+                buf = self.pool.take()
+                try:
+                    n = src.recv_into(buf)
+                    if not n:
+                        break
+                    dst.sendall(memoryview(buf)[:n])
+                finally:
+                    self.pool.give(buf)
+                counts[index] += n
+                last[0] = time.monotonic()
             dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        except OSError:          # a reset is an outcome, not a worker error
+            return False
+        return True
 
     def close(self) -> None:
         pass

@@ -1,4 +1,5 @@
-"""bench/run end to end, with tiny durations: every system x scenario appears, well formed."""
+"""bench/run end to end, with tiny durations: every system x scenario appears, well formed.
+One test, so that parallel workers never start two benchmark runs at once."""
 
 import json
 import shutil
@@ -14,27 +15,30 @@ OURS = {"sniproxy-ebpf", "sniproxy-userspace"}
 TOOLS = ["iperf3", "wrk", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def test_bench_smoke(tmp_path):
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     if missing:
         pytest.skip(f"benchmark tools missing: {missing} (scripts/setup installs them)")
-    out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([str(REPO / "bench/run"), "--smoke", "--out", str(out)],
+    done = subprocess.run([str(REPO / "bench/run"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out, done.stdout
+    rows = json.loads((tmp_path / "results.json").read_text())
 
-
-def test_every_system_and_scenario_is_present(smoke_run):
-    out, _ = smoke_run
-    rows = json.loads((out / "results.json").read_text())
     assert {(r["system"], r["scenario"]) for r in rows} == {(s, c) for s in SYSTEMS for c in SCENARIOS}
+    check_rows_are_well_formed(rows)
+    check_measurements_are_real({(r["system"], r["scenario"], r["metric"]): r for r in rows})
+
+    report = (tmp_path / "report.md").read_text()
+    assert all(name in report for name in SYSTEMS | SCENARIOS)
+    assert "vs best peer" in report
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ETA" in done.stdout and "elapsed" in done.stdout
+    # Every child ran with its config under the run's work directory: none may be left.
+    left = subprocess.run(["pgrep", "-af", "sniproxy-benchrun-"], capture_output=True, text=True)
+    assert left.returncode == 1, left.stdout
 
 
-def test_rows_are_well_formed(smoke_run):
-    out, _ = smoke_run
-    rows = json.loads((out / "results.json").read_text())
+def check_rows_are_well_formed(rows):
     keys = [(r["system"], r["scenario"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys)), "one row per system x scenario x metric"
     for row in rows:
@@ -47,30 +51,13 @@ def test_rows_are_well_formed(smoke_run):
             assert row["system"] in OURS, f"direct and the peers must work: {row}"
 
 
-def test_measurements_are_real(smoke_run):
-    out, _ = smoke_run
-    rows = {(r["system"], r["scenario"], r["metric"]): r for r in json.loads((out / "results.json").read_text())}
+def check_measurements_are_real(rows):
     for system in SYSTEMS - OURS:
         assert rows[(system, "bulk", "gbps_1stream")]["median"] > 0.1
         assert rows[(system, "tls_download", "mb_per_s")]["median"] > 1
         assert rows[(system, "concurrency", "connections")]["median"] == 100
-        assert 0 < rows[(system, "latency", "p50_us")]["median"] <= rows[(system, "latency", "p99_us")]["median"]
+        latency = [rows[(system, "latency", m)]["median"] for m in ("p50_us", "p99_us")]
+        assert 0 < latency[0] <= latency[1]
     assert rows[("nginx", "latency", "added_p50_us")]["status"] == "ok"
-    assert ("direct", "worker_scaling", "conn_per_s_2workers") not in rows
     assert ("haproxy", "worker_scaling", "conn_per_s_2workers") in rows
-
-
-def test_report_and_plot_are_written(smoke_run):
-    out, stdout = smoke_run
-    report = (out / "report.md").read_text()
-    for name in SYSTEMS | SCENARIOS:
-        assert name in report
-    assert "vs best peer" in report
-    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "ETA" in stdout and "elapsed" in stdout
-
-
-def test_no_child_outlives_the_run(smoke_run):
-    out, _ = smoke_run
-    config_dirs = subprocess.run(["pgrep", "-af", "sniproxy-bench-"], capture_output=True, text=True).stdout
-    assert "sniproxy-bench-" not in config_dirs.replace("pgrep", ""), config_dirs
+    assert ("direct", "worker_scaling", "conn_per_s_2workers") not in rows
