@@ -143,13 +143,25 @@ def connect_backend(worker: "Worker", lc: ListenerConfig, backend: HostPort, nam
     error = None
     for address in addresses:
         try:
-            upstream = gevent.socket.create_connection((address, backend.port), timeout=worker.cfg.timeouts.connect)
-            upstream.settimeout(None)
+            upstream = _connect(address, backend.port, worker.cfg.timeouts.connect)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return upstream, str(HostPort(address, backend.port))
         except OSError as e:
             error = e
     raise Refused("connect_failed", f"{host}:{backend.port}: {error}", unavailable)
+
+
+def _connect(address: str, port: int, timeout: float) -> socket.socket:
+    """Connect to an IP literal (no getaddrinfo round trip through a thread pool)."""
+    sock = gevent.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
