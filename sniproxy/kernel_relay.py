@@ -20,12 +20,20 @@ Registration (nothing lost, nothing reordered):
     step 3 wait in the receive queue until something runs the verdict; this
     runs it now, in order, ahead of later segments.
 
+A socket that already got its FIN cannot enter a sockmap; such a pair is
+relayed in userspace (UserspaceRelay), or, when only the last insertion
+failed, its finished direction is drained to EOF here.
+
 Afterwards the relay is idle in userspace: one epoll per KernelRelay watches
 only EPOLLRDHUP|EPOLLHUP|EPOLLERR (edge-triggered), which data wakeups do not
-match, and each pair checks its counters on an adaptive timer.
+match, and each pair checks its counters on an adaptive timer: half-closes are
+carried once TCP_INFO shows the peer's write queue holds everything, and a
+direction whose reader lags by more than max_queued is paused through
+RELAY_CONTROL (bpf/relay.c) until the reader catches up.
 """
 from __future__ import annotations
 
+import ctypes as ct
 import errno
 import fcntl
 import logging
@@ -52,12 +60,27 @@ _TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
 # States after a FIN arrived (TCP_CLOSE counts when no error is pending:
 # a socket that finished both FINs while we held it ends there).
 _FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
-_CONNECTION = struct.Struct("<QQQ")  # peer cookie, bytes, skbs (struct connection)
+_CONNECTION = struct.Struct("<QQQQ")  # struct connection: peer cookie, bytes, skbs, passed
+_CONTROL = struct.Struct("<IIQ")       # struct relay_control: mode, pad, forwarded
+MODE_PAUSED, MODE_RESUMING = 1, 2
+_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL = 324, 1  # x86_64 syscall number
+# The unpatched socket class: in a monkey-patched worker socket.socket waits on EAGAIN.
+_PlainSocket = gevent.monkey.get_original("socket", "socket")
 _DRAIN_CHUNK = 1 << 20
 
 MIN_CHECK_INTERVAL = 0.002
 MAX_CHECK_INTERVAL = 1.0   # idle pairs: the bound on reaction to a burst after idleness
-DRAIN_CHECK_INTERVAL = 0.05
+DRAIN_CHECK_INTERVAL = 0.02  # while waiting for a queue to drain (FIN or pause)
+
+
+def _membarrier_global() -> None:
+    if ct.CDLL(None, use_errno=True).syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
+        raise OSError(ct.get_errno(), "membarrier")
+
+
+def _wait_for_rcu_readers() -> None:
+    """membarrier(GLOBAL) is synchronize_rcu(); it blocks, so in a pool thread."""
+    gevent.get_hub().threadpool.apply(_membarrier_global)
 
 
 class TcpCounters:
@@ -89,6 +112,8 @@ class _Side:
         self.consumed0 = 0   # bytes read from it before the relay (step 2)
         self.written0 = 0    # bytes written to it before the relay (step 2)
         self.fin_sent = False
+        self.paused = False
+        self.forwarded = 0   # bytes kept on it while paused that we sent on (RELAY_CONTROL)
         self.in_userspace = False  # got its FIN before SOCK_MAP took it: drained by us
 
     def take_baselines(self) -> None:
@@ -121,9 +146,9 @@ class KernelRelay:
         self._fallback = UserspaceRelay()
         self._maps: list[PinnedMap] = []
         try:
-            self.sock_map, self.sock_targets, self.connections = (
+            self.sock_map, self.sock_targets, self.connections, self.control = (
                 self._open(os.path.join(pin_path, name))
-                for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP"))
+                for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP", "RELAY_CONTROL"))
         except BaseException:
             self.close()
             raise
@@ -131,6 +156,7 @@ class KernelRelay:
         self._epoll = gevent.monkey.get_original("select", "epoll")()
         self._pairs_by_fd: dict[int, _Pair] = {}
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
+        self.pauses = 0   # times a direction was paused for a slow reader
         self._watcher = gevent.get_hub().loop.io(self._epoll.fileno(), 1)
         self._watcher.start(self._on_epoll)
 
@@ -161,7 +187,7 @@ class KernelRelay:
     def _drain_into(src: _Side, dst: _Side) -> None:
         """Step 1: empty src's receive queue into dst. Stops when a read came back
         short (the queue was empty then), so no skb is left partially read."""
-        raw = socket.socket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
+        raw = _PlainSocket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
         try:
             while True:
                 try:
@@ -188,8 +214,8 @@ class KernelRelay:
             return False
         for side in (c, u):
             side.take_baselines()
-        self.connections.update(c.key, _CONNECTION.pack(int.from_bytes(u.key, "little"), 0, 0))
-        self.connections.update(u.key, _CONNECTION.pack(int.from_bytes(c.key, "little"), 0, 0))
+        self.connections.update(c.key, _CONNECTION.pack(int.from_bytes(u.key, "little"), 0, 0, 0))
+        self.connections.update(u.key, _CONNECTION.pack(int.from_bytes(c.key, "little"), 0, 0, 0))
         # A FIN may still arrive before an insertion. Until the first SOCK_MAP
         # insertion no verdict runs, so backing out is clean.
         try:
@@ -219,8 +245,8 @@ class KernelRelay:
 
     def _forget_sockets(self, pair: _Pair) -> None:
         for side in (pair.client, pair.upstream):
-            for sockets in (self.sock_map, self.sock_targets):
-                sockets.delete(side.key)
+            for m in (self.sock_map, self.sock_targets, self.control):
+                m.delete(side.key)
 
     def _unregister(self, pair: _Pair) -> tuple[int, int]:
         """Remove the pair everywhere; return (up, down) as the kernel counted them."""
@@ -234,7 +260,7 @@ class KernelRelay:
                     pass
             raw = self.connections.lookup(side.key)
             self.connections.delete(side.key)
-            counts.append(side.early + (_CONNECTION.unpack(raw)[1] if raw else 0))
+            counts.append(side.early + side.forwarded + (_CONNECTION.unpack(raw)[1] if raw else 0))
         return counts[0], counts[1]
 
     # -- the life of a pair -------------------------------------------------
@@ -257,7 +283,6 @@ class KernelRelay:
 
     def _watch(self, pair: _Pair, idle_timeout: float) -> str:
         c, u = pair.client, pair.upstream
-        directions = ((c, u), (u, c))
         now = time.monotonic()
         last_activity, last_check = now, now
         last_sample = None
@@ -267,7 +292,7 @@ class KernelRelay:
             pair.wake.clear()
             now = time.monotonic()
             counters = {side: TcpCounters(side.sock) for side in (c, u)}
-            redirected = {side: self._redirected(side) for side in (c, u)}
+            kernel = {side: self._counts(side) for side in (c, u)}  # (redirected, passed)
 
             for side in (c, u):
                 if counters[side].state == _TCP_CLOSE:
@@ -276,34 +301,45 @@ class KernelRelay:
                         self._mirror_reset(u if side is c else c)
                         return "reset"
 
-            worst_queued, draining = 0, False
-            for src, dst in directions:
+            worst_queued, waiting = 0, False
+            for src, dst in ((c, u), (u, c)):
                 if dst.fin_sent:
                     continue
-                fin_in = counters[src].state in _FIN_RECEIVED or counters[src].state == _TCP_CLOSE
-                # Queued toward dst: redirected, not yet acknowledged by dst's reader.
-                worst_queued = max(worst_queued, redirected[src] - (counters[dst].acked - dst.written0))
-                if not fin_in:
+                redirected, passed = kernel[src]
+                delivered = redirected + src.forwarded
+                # Queued toward dst: sent on, not yet acknowledged by dst's reader.
+                queued = delivered - (counters[dst].acked - dst.written0)
+                worst_queued = max(worst_queued, queued)
+                if not src.paused and queued > self.max_queued:
+                    self._pause(src)
+                elif src.paused and queued <= self.max_queued // 2:
+                    try:
+                        with gevent.Timeout(idle_timeout):
+                            self._resume(src, dst)
+                    except gevent.Timeout:
+                        return "idle_timeout"  # the reader stopped reading altogether
+                waiting |= src.paused
+                state = counters[src].state
+                if src.paused or not (state in _FIN_RECEIVED or state == _TCP_CLOSE):
                     continue
-                draining = True
+                waiting = True
                 # bytes_received counts the FIN's sequence number too.
-                if not src.in_userspace and redirected[src] < counters[src].received - 1 - src.consumed0:
+                if not src.in_userspace and redirected + passed < counters[src].received - 1 - src.consumed0:
                     _kick(src.sock)  # bytes still waiting in src's receive queue
-                elif dst.written(counters[dst]) >= redirected[src]:
+                elif passed == src.forwarded and dst.written(counters[dst]) >= delivered:
                     # Everything src sent is in dst's write queue: the FIN goes behind it.
                     dst.sock.shutdown(socket.SHUT_WR)
                     dst.fin_sent = True
             if c.fin_sent and u.fin_sent:
                 return "done"
-            if worst_queued > self.max_queued:
-                return "slow_reader"
 
-            sample = (redirected[c], redirected[u], counters[c].acked, counters[u].acked)
+            sample = (kernel[c], kernel[u], counters[c].acked, counters[u].acked)
             if sample != last_sample:
                 if last_sample is not None:
                     last_activity = now
-                rate = (sum(sample[:2]) - sum(last_sample[:2])) / max(now - last_check, 1e-6) \
-                    if last_sample is not None else 0
+                moved = sum(kernel[c]) + sum(kernel[u]) - (sum(last_sample[0]) + sum(last_sample[1])
+                                                           if last_sample else 0)
+                rate = moved / max(now - last_check, 1e-6) if last_sample is not None else 0
                 # Check again before the queue could grow past the bound at this rate.
                 headroom = max(self.max_queued - worst_queued, 0)
                 interval = headroom / (2 * rate) if rate > 0 else MIN_CHECK_INTERVAL
@@ -312,13 +348,60 @@ class KernelRelay:
             else:
                 interval *= 2  # idle pairs cost less and less
             last_sample, last_check = sample, now
-            ceiling = DRAIN_CHECK_INTERVAL if draining else MAX_CHECK_INTERVAL
+            ceiling = DRAIN_CHECK_INTERVAL if waiting else MAX_CHECK_INTERVAL
             interval = min(max(interval, MIN_CHECK_INTERVAL), ceiling,
                            max(last_activity + idle_timeout - now, MIN_CHECK_INTERVAL))
 
-    def _redirected(self, side: _Side) -> int:
+    def _counts(self, side: _Side) -> tuple[int, int]:
+        """(bytes redirected, bytes kept while paused) as the verdict counted them."""
         raw = self.connections.lookup(side.key)
-        return _CONNECTION.unpack(raw)[1] if raw else 0
+        return _CONNECTION.unpack(raw)[1::2] if raw else (0, 0)
+
+    # -- backpressure: see RELAY_CONTROL in bpf/relay.c -------------------------
+
+    def _pause(self, src: _Side) -> None:
+        """Keep src's bytes on src: its receive buffer fills and TCP stops the sender.
+        (Removing src from SOCK_MAP instead can drop an skb: a verdict already
+        under way finds no program and drops.)"""
+        self.control.update(src.key, _CONTROL.pack(MODE_PAUSED, 0, src.forwarded))
+        # A verdict under way may still redirect one skb; after this, none will
+        # until the resume, so the redirected count stands still.
+        _wait_for_rcu_readers()
+        src.paused = True
+        self.pauses += 1
+
+    def _resume(self, src: _Side, dst: _Side) -> None:
+        """Send on what src kept, in order, then let the verdict relay again."""
+        # Bytes redirected before the pause may still wait in dst's psock queue,
+        # outside its write queue; what we send now must go behind them.
+        redirected = self._counts(src)[0]
+        while dst.written(TcpCounters(dst.sock)) < redirected + src.forwarded:
+            gevent.sleep(0.001)
+        self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
+        raw = _PlainSocket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
+        try:
+            while True:
+                try:
+                    data = raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    data = b""
+                if data:
+                    dst.sock.sendall(data)
+                    src.forwarded += len(data)
+                    self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
+                elif self._counts(src)[1] != src.forwarded:
+                    gevent.sleep(0.001)  # kept skbs still on their way into src's queue
+                else:
+                    # A verdict that read the previous `forwarded` may still be
+                    # running and about to keep one more skb. Verdicts run under
+                    # RCU: once every reader in flight is done, equality holds for good.
+                    _wait_for_rcu_readers()
+                    if self._counts(src)[1] == src.forwarded:
+                        break
+        finally:
+            raw.detach()
+        self.control.delete(src.key)
+        src.paused = False
 
     @staticmethod
     def _mirror_reset(sock_side: _Side) -> None:
