@@ -4,9 +4,9 @@
 // Userspace registers a pair (see sniproxy/kernel_relay.py) by writing
 // CONNECTION_MAP both ways, inserting both sockets into SOCK_TARGETS (no
 // programs), and only then into SOCK_MAP (which runs relay_verdict). The
-// verdict redirects through SOCK_TARGETS, so a redirect target always exists
-// by the time any verdict runs: a redirect to a missing socket drops bytes
-// that were already ACKed.
+// verdict falls back to SOCK_TARGETS, so a redirect target always exists by
+// the time any verdict runs: a redirect to a missing socket drops bytes that
+// were already ACKed.
 #include <uapi/linux/bpf.h>
 
 #ifndef SOCK_MAP_MAX
@@ -40,11 +40,26 @@ SOCKHASH_BY_COOKIE(SOCK_MAP, SOCK_MAP_MAX);
 SOCKHASH_BY_COOKIE(SOCK_TARGETS, SOCK_MAP_MAX);
 
 struct connection {
-    u64 peer;   // cookie of the socket this one's bytes go to
-    u64 bytes;  // received on this socket and redirected to the peer
+    u64 peer;    // cookie of the socket this one's bytes go to
+    u64 bytes;   // received on this socket and redirected to the peer
     u64 skbs;
+    u64 passed;  // received while paused: kept on this socket for userspace
 };
 BPF_HASH(CONNECTION_MAP, u64, struct connection, CONNECTION_MAP_MAX);
+
+// Backpressure toward a slow reader. Written by userspace only (the verdict
+// only reads it), so no update of one side overwrites the other's counters.
+// No entry: relay. PAUSED: keep this socket's bytes on it (charged to its
+// receive buffer, so TCP's window closes). RESUMING: keep them until userspace
+// has forwarded every byte kept so far, then relay again; from that moment
+// passed == forwarded, so the order of bytes never changes.
+enum relay_mode { MODE_PAUSED = 1, MODE_RESUMING = 2 };
+struct relay_control {
+    u32 mode;
+    u32 pad;
+    u64 forwarded;  // of the kept bytes, how many userspace has sent to the peer
+};
+BPF_HASH(RELAY_CONTROL, u64, struct relay_control, CONNECTION_MAP_MAX);
 
 struct relay_stats {
     u64 relayed_bytes;
@@ -65,9 +80,18 @@ int relay_verdict(struct __sk_buff *skb)
     int zero = 0;
     struct relay_stats *stats = RELAY_STATS.lookup(&zero);
     struct connection *conn = CONNECTION_MAP.lookup(&cookie);
+    struct relay_control *control = RELAY_CONTROL.lookup(&cookie);
+    if (conn && control &&
+        (control->mode == MODE_PAUSED || conn->passed != control->forwarded)) {
+        conn->passed += skb->len;
+        return SK_PASS;
+    }
     if (conn) {
         u64 peer = conn->peer;
-        if (SOCK_TARGETS.sk_redirect_hash(skb, &peer, 0) == SK_PASS) {
+        // The peer is normally in SOCK_MAP too; during registration it may be
+        // only in SOCK_TARGETS.
+        if (SOCK_MAP.sk_redirect_hash(skb, &peer, 0) == SK_PASS ||
+            SOCK_TARGETS.sk_redirect_hash(skb, &peer, 0) == SK_PASS) {
             // The verdict of one socket never runs concurrently with itself
             // (socket lock or softirq), so plain adds are exact.
             conn->bytes += skb->len;

@@ -46,6 +46,8 @@ def _lib() -> ct.CDLL:
         "bpf_get_next_key": [ct.c_int, ct.c_void_p, ct.c_void_p],
         "bpf_obj_get_info": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
         "bcc_create_map": [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int],
+        "bpf_prog_query": [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                           ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)],
     }.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ct.c_int
@@ -61,6 +63,14 @@ def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise BpfError(_errno_of(ret), what)
     return ret
+
+
+def attached_programs(target_fd: int, attach_type: int, most: int = 8) -> list[int]:
+    """Ids of the programs attached to a map (or cgroup) for attach_type."""
+    ids, count, flags = (ct.c_uint32 * most)(), ct.c_uint32(most), ct.c_uint32()
+    _check(_lib().bpf_prog_query(target_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(count)),
+           f"query programs attached to fd {target_fd}")
+    return list(ids[:count.value])
 
 
 def obj_get(path: str) -> int:
@@ -89,10 +99,15 @@ def map_info(fd: int) -> _MapInfo:
     return info
 
 
+def fd_info(fd: int) -> dict[str, str]:
+    """/proc/self/fdinfo of a BPF fd: map_type, prog_type, prog_id, ..."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
 def _is_map(fd: int) -> bool:
     # bpf_obj_get_info fills in program info for a program fd, so ask fdinfo.
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        return any(line.startswith("map_type:") for line in f)
+    return "map_type" in fd_info(fd)
 
 
 @functools.cache

@@ -198,7 +198,7 @@ def cmd_maps(cfg: Config, args) -> int:
         print(f"no pinned objects under {cfg.bpf.pin_path}")
         return 1
     for row in rows:
-        print("  ".join(f"{v!s:<{w}}" for v, w in zip(row, (24, 14, 10, 10))))
+        print("  ".join(f"{v!s:<{w}}" for v, w in zip(row, (20, 14, 8, 0))).rstrip())
     return 0
 
 

@@ -40,17 +40,32 @@ def percpu_totals(path: str, fields: tuple[str, ...]) -> dict[str, int] | None:
     return dict(zip(fields, totals))
 
 
-def pinned_objects(pin_path: str) -> list[tuple[str, str, str, str]]:
-    """(name, kind, entries, max entries) for everything pinned under pin_path."""
+SOCKMAP_ATTACH_TYPES = {4: "stream parser", 5: "stream verdict"}   # BPF_SK_SKB_STREAM_*
+PROG_TYPES = {"6": "xdp", "14": "sk_skb"}
+
+
+def pinned_objects(pin_path: str) -> list[tuple[str, ...]]:
+    """(name, type, entries, max entries or what a program is attached to) per pinned object."""
     if not os.path.isdir(pin_path):
         return []
-    from .bpfsys import BpfError, PinnedMap
-    rows = [("NAME", "TYPE", "ENTRIES", "MAX")]
+    from .bpfsys import BpfError, PinnedMap, attached_programs, fd_info, obj_get
+    rows, programs, attached = [("NAME", "TYPE", "ENTRIES", "MAX/ATTACHED")], [], {}
     for name in sorted(os.listdir(pin_path)):
+        path = os.path.join(pin_path, name)
         try:
-            with PinnedMap.open(os.path.join(pin_path, name)) as m:
+            with PinnedMap.open(path) as m:
                 entries = "-" if "array" in m.type_name or "percpu" in m.type_name else str(len(m))
                 rows.append((name, m.type_name, entries, str(m.max_entries)))
+                if m.type_name.startswith("sock"):
+                    for kind, label in SOCKMAP_ATTACH_TYPES.items():
+                        for prog_id in attached_programs(m.fd, kind):
+                            attached[prog_id] = f"{label} of {name}"
         except BpfError:
-            rows.append((name, "prog", "-", "-"))
+            fd = obj_get(path)
+            try:
+                info = fd_info(fd)
+            finally:
+                os.close(fd)
+            programs.append((name, PROG_TYPES.get(info.get("prog_type", ""), "prog"), int(info.get("prog_id", 0))))
+    rows += [(name, kind, "-", attached.get(prog_id, "-")) for name, kind, prog_id in programs]
     return rows

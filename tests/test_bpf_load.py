@@ -31,11 +31,12 @@ def test_probe_finds_everything_on_this_machine(pin_dir):
 def test_pinned_maps_and_program_have_the_right_kernel_types(relay_pins):
     pins = relay_pins.pin_path
     assert sorted(os.listdir(pins)) == sorted(
-        ["LAYOUT", "SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP", "RELAY_STATS", "relay_verdict"])
+        ["LAYOUT", "SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP", "RELAY_CONTROL", "RELAY_STATS",
+         "relay_verdict"])
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_MAP")["type"] == "sockhash"
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_TARGETS")["type"] == "sockhash"
     connections = bpftool("map", "show", "pinned", f"{pins}/CONNECTION_MAP")
-    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, 24)
+    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, 32)
     assert connections["max_entries"] == 1024  # the -D knob reached the C text
     assert bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")["type"] == "sk_skb"
 
@@ -53,9 +54,9 @@ def test_verdict_is_attached_to_sock_map(relay_pins):
 def test_maps_carry_btf_field_names(relay_pins):
     pins = relay_pins.pin_path
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as connections:
-        connections.update(struct.pack("<Q", 7), struct.pack("<QQQ", 8, 1234, 5))
+        connections.update(struct.pack("<Q", 7), struct.pack("<QQQQ", 8, 1234, 5, 6))
     dumped = bpftool("map", "dump", "pinned", f"{pins}/CONNECTION_MAP")
-    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5}}]
+    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5, "passed": 6}}]
     stats = bpftool("map", "dump", "pinned", f"{pins}/RELAY_STATS")
     assert set(stats[0]["formatted"]["values"][0]["value"]) == {"relayed_bytes", "relayed_skbs", "redirect_failures"}
     layout = bpftool("map", "dump", "pinned", f"{pins}/LAYOUT")
@@ -114,7 +115,7 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
             # A worker: reach the maps by path, write, and leave the way
             # sys.exit does at the end: atexit handlers, then exit.
             with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-                m.update(struct.pack("<Q", 1), struct.pack("<QQQ", 2, 3, 4))
+                m.update(struct.pack("<Q", 1), struct.pack("<QQQQ", 2, 3, 4, 5))
             atexit._run_exitfuncs()
             code = 0
         finally:
@@ -124,20 +125,20 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
     for name, fd in fds.items():
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf"), name
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-        assert m.lookup(struct.pack("<Q", 1)) == struct.pack("<QQQ", 2, 3, 4)
+        assert m.lookup(struct.pack("<Q", 1)) == struct.pack("<QQQQ", 2, 3, 4, 5)
     bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")
 
 
 def test_pinned_map_operations(relay_pins):
     with relay_pins.open_map("CONNECTION_MAP") as m:
-        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 24)
+        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 32)
         keys = [struct.pack("<Q", i) for i in range(1, 6)]
         for i, key in enumerate(keys):
-            m.update(key, struct.pack("<QQQ", i, i * 10, i * 100))
+            m.update(key, struct.pack("<QQQQ", i, i * 10, i * 100, 0))
         assert sorted(m.keys()) == sorted(keys)
-        assert dict(m.items())[keys[2]] == struct.pack("<QQQ", 2, 20, 200)
+        assert dict(m.items())[keys[2]] == struct.pack("<QQQQ", 2, 20, 200, 0)
         with pytest.raises(BpfError, match="CONNECTION_MAP.*File exists"):
-            m.update(keys[0], bytes(24), flags=bpfsys.BPF_NOEXIST)
+            m.update(keys[0], bytes(32), flags=bpfsys.BPF_NOEXIST)
         assert m.delete(keys[0]) is True
         assert m.delete(keys[0]) is False
         assert m.lookup(keys[0]) is None

@@ -14,7 +14,10 @@ from harness import MASTER, Dnsmasq, Backend, echo_through, free_port, https_get
 from netns import veth_netns
 from test_proxy import make_config, stats
 
+from sniproxy.bpfsys import PinnedMap, attached_programs
+
 pytestmark = pytest.mark.bpf
+STREAM_VERDICT = 5          # BPF_SK_SKB_STREAM_VERDICT
 HELLO = (Path(__file__).parent / "fixtures/hellos/curl.bin").read_bytes()   # SNI curl.example.test
 
 
@@ -46,14 +49,17 @@ def test_pins_have_the_contract_types_and_the_relay_uses_sock_map(proxy, backend
     types = {name: bpftool("map", "show", "pinned", f"{pin_path}/{name}")["type"]
              for name in ("SOCK_MAP", "CONNECTION_MAP", "DNS_CACHE")}
     assert types == {"SOCK_MAP": "sockhash", "CONNECTION_MAP": "hash", "DNS_CACHE": "lru_hash"}
-    sock_map_id = bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
     relay = bpftool("prog", "show", "pinned", f"{pin_path}/relay_verdict")
-    assert relay["type"] == "sk_skb" and sock_map_id in relay["map_ids"]
+    assert relay["type"] == "sk_skb"
+    with PinnedMap.open(f"{pin_path}/SOCK_MAP") as sock_map:   # the kernel's own answer (BPF_PROG_QUERY)
+        assert attached_programs(sock_map.fd, STREAM_VERDICT) == [relay["id"]]
     assert bpftool("prog", "show", "pinned", f"{pin_path}/xdp_ip_filter")["type"] == "xdp"
-    # BTF: bpftool prints CONNECTION_MAP's fields by name.
+    # BTF: bpftool prints the fields by name.
+    assert "relayed_bytes" in json.dumps(bpftool("map", "dump", "pinned", f"{pin_path}/RELAY_STATS"))
     assert "relay kernel" in p.cli("status").stdout
     maps = p.cli("maps").stdout
     assert "SOCK_MAP" in maps and "sockhash" in maps and "lru_hash" in maps
+    assert "relay_verdict" in maps and "stream verdict of SOCK_MAP" in maps
     assert p.stop() == 0
     assert not Path(pin_path).exists()                  # a clean stop removes the pins
 
