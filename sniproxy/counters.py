@@ -36,7 +36,8 @@ class CounterTable:
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         fd = os.open(path, flags, 0o644)
         try:
-            if create and os.fstat(fd).st_size != size:
+            if create:                    # a new master counts from zero
+                os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
         finally:
