@@ -307,8 +307,9 @@ class KernelRelay:
                     continue
                 redirected, passed = kernel[src]
                 delivered = redirected + src.forwarded
-                # Queued toward dst: sent on, not yet acknowledged by dst's reader.
-                queued = delivered - (counters[dst].acked - dst.written0)
+                # Queued in the kernel toward dst and not yet in dst's write queue:
+                # the part no socket buffer bounds (the write queue is sndbuf-bounded).
+                queued = delivered - dst.written(counters[dst])
                 worst_queued = max(worst_queued, queued)
                 if not src.paused and queued > self.max_queued:
                     self._pause(src)

@@ -69,6 +69,7 @@ class Worker:
         import setproctitle
 
         from .access import AccessList
+        from .connection import serve_connection
         from .resolver import Resolver
         from .routing import Router
 
@@ -80,6 +81,7 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
         gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
 
+        self.serve_connection = serve_connection     # imported here, not on the first connection
         self.counters = CounterTable(self.counters_path).row(self.number)
         self.router = Router(self.cfg)
         self.access = AccessList(self.cfg.access.allow, self.cfg.access.deny)
@@ -162,9 +164,8 @@ class Worker:
     # --- one connection -------------------------------------------------------
 
     def _handle(self, lc: ListenerConfig, client: socket.socket, peer) -> None:
-        from .connection import serve_connection
         start = time.monotonic()
         self.counters.add("accepted")
-        record = serve_connection(self, lc, client, peer)
+        record = self.serve_connection(self, lc, client, peer)
         record["duration"] = time.monotonic() - start
         self.access_log.write(record)

@@ -127,18 +127,19 @@ def curl(port: int, name: str, *extra: str, host: str = "127.0.0.1") -> subproce
                            f"https://{name}:{port}/", *extra], capture_output=True, text=True)
 
 
-def echo_through(port: int, name: str, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Send payload over TLS through the proxy, half-close, read the echo back."""
+def echo_through(port: int, name: str, payload: bytes, host: str = "127.0.0.1", window: int = 1 << 20) -> bytes:
+    """Send payload over TLS through the proxy and read the echo back, at most
+    `window` bytes ahead (one thread: an SSL socket is not safe to share)."""
     with tls_client(port, name, host, timeout=60) as s:
         received = bytearray()
-        writer = threading.Thread(target=lambda: (s.sendall(payload)), daemon=True)
-        writer.start()
-        while len(received) < len(payload):
-            chunk = s.recv(262144)
-            if not chunk:
-                break
-            received += chunk
-        writer.join()
+        view = memoryview(payload)
+        for offset in range(0, len(payload), window):
+            s.sendall(view[offset:offset + window])
+            while len(received) < min(offset + window, len(payload)):
+                chunk = s.recv(262144)
+                if not chunk:
+                    return bytes(received)
+                received += chunk
     return bytes(received)
 
 
