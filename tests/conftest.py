@@ -43,9 +43,13 @@ def plain():
 @pytest.fixture
 def pin_path():
     """A bpffs directory of this test's own; removed even when the test fails."""
-    path = Path("/sys/fs/bpf") / unique("sniproxy-test")
-    yield str(path)
-    shutil.rmtree(path, ignore_errors=True)
+    from sniproxy import bpfload
+    path = str(Path("/sys/fs/bpf") / unique("sniproxy-test"))
+    try:
+        yield path
+    finally:
+        bpfload.unpin(path)
+        shutil.rmtree(path, ignore_errors=True)   # and whatever a crashed master left unlisted
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from bpf_fixtures import pin_dir, relay_pins  # noqa: F401 - fixtures
+from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from sniproxy import bpfload, bpfsys
 from sniproxy.bpfsys import BpfError, PinnedMap
 
@@ -22,8 +22,8 @@ def bpftool(*args: str, check: bool = True):
     return result
 
 
-def test_probe_finds_everything_on_this_machine(pin_dir):
-    caps = bpfload.probe(pin_dir)
+def test_probe_finds_everything_on_this_machine(pin_path):
+    caps = bpfload.probe(pin_path)
     assert caps.ok, caps.problems()
     assert (caps.bpffs, caps.privileges, caps.bcc, caps.sockmap, caps.btf) == (True,) * 5
 
@@ -63,35 +63,35 @@ def test_maps_carry_btf_field_names(relay_pins):
     assert layout[0]["formatted"]["value"] == {"version": bpfload.LAYOUT_VERSION, "owner_pid": os.getpid()}
 
 
-def test_incompatible_pins_are_replaced_loudly(pin_dir, caplog):
-    old = bpfload.load(pin_dir)
-    old_id = bpftool("map", "show", "pinned", f"{pin_dir}/SOCK_MAP")["id"]
-    with PinnedMap.open(f"{pin_dir}/LAYOUT") as layout:
+def test_incompatible_pins_are_replaced_loudly(pin_path, caplog):
+    old = bpfload.load(pin_path)
+    old_id = bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
+    with PinnedMap.open(f"{pin_path}/LAYOUT") as layout:
         layout.update(b"\0" * 4, struct.pack("<II", 999, 1))
     old.close()  # a crashed master: pins stay, fds gone
-    assert bpfload.read_layout(pin_dir) == 999
+    assert bpfload.read_layout(pin_path) == 999
 
-    new = bpfload.load(pin_dir)
+    new = bpfload.load(pin_path)
     try:
         assert "incompatible" in caplog.text and "999" in caplog.text
-        assert bpfload.read_layout(pin_dir) == bpfload.LAYOUT_VERSION
-        assert bpftool("map", "show", "pinned", f"{pin_dir}/SOCK_MAP")["id"] != old_id
+        assert bpfload.read_layout(pin_path) == bpfload.LAYOUT_VERSION
+        assert bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"] != old_id
     finally:
         new.unpin()
-    assert not os.path.exists(pin_dir)
+    assert not os.path.exists(pin_path)
 
 
-def test_half_written_pins_without_layout_are_replaced(pin_dir, caplog):
-    os.makedirs(pin_dir)
+def test_half_written_pins_without_layout_are_replaced(pin_path, caplog):
+    os.makedirs(pin_path)
     fd = bpfsys.create_map(2, "leftover", 4, 4, 1)
-    bpfsys.obj_pin(fd, f"{pin_dir}/leftover")
+    bpfsys.obj_pin(fd, f"{pin_path}/leftover")
     os.close(fd)
-    assert bpfload.read_layout(pin_dir) is None
-    loaded = bpfload.load(pin_dir)
+    assert bpfload.read_layout(pin_path) is None
+    loaded = bpfload.load(pin_path)
     assert "incompatible" in caplog.text
-    assert "leftover" not in os.listdir(pin_dir)
+    assert "leftover" not in os.listdir(pin_path)
     loaded.unpin()
-    assert not os.path.exists(pin_dir)
+    assert not os.path.exists(pin_path)
 
 
 def test_unpin_removes_everything(relay_pins):
@@ -148,9 +148,9 @@ def test_pinned_map_operations(relay_pins):
         assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(24) for v in per_cpu)
 
 
-def test_errors_name_the_path(pin_dir):
-    with pytest.raises(BpfError, match=f"{pin_dir}/SOCK_MAP.*No such file"):
-        PinnedMap.open(f"{pin_dir}/SOCK_MAP")
+def test_errors_name_the_path(pin_path):
+    with pytest.raises(BpfError, match=f"{pin_path}/SOCK_MAP.*No such file"):
+        PinnedMap.open(f"{pin_path}/SOCK_MAP")
 
 
 def test_program_objects_are_not_maps(relay_pins):
@@ -158,19 +158,19 @@ def test_program_objects_are_not_maps(relay_pins):
         PinnedMap.open(f"{relay_pins.pin_path}/relay_verdict")
 
 
-def test_compile_errors_name_the_file(pin_dir, tmp_path, monkeypatch):
+def test_compile_errors_name_the_file(pin_path, tmp_path, monkeypatch):
     (tmp_path / "broken.c").write_text("int broken(struct __sk_buff *skb) { return undeclared; }\n")
     monkeypatch.setattr(bpfload, "BPF_SOURCE_DIR", tmp_path)
     with pytest.raises(bpfload.BpfLoadError, match=r"bpf/broken\.c: compiling failed.*SNIPROXY_BPF_DUMP"):
-        bpfload.load(pin_dir, programs=("broken",))
+        bpfload.load(pin_path, programs=("broken",))
     with pytest.raises(bpfload.BpfLoadError, match=r"missing\.c"):
-        bpfload.load(pin_dir, programs=("missing",))
-    assert not os.path.exists(pin_dir)
+        bpfload.load(pin_path, programs=("missing",))
+    assert not os.path.exists(pin_path)
 
 
-def test_dump_prints_c_text_and_flags(pin_dir, monkeypatch, capsys):
+def test_dump_prints_c_text_and_flags(pin_path, monkeypatch, capsys):
     monkeypatch.setenv("SNIPROXY_BPF_DUMP", "1")
-    bpfload.load(pin_dir, cflags={"SOCK_MAP_MAX": 77}).unpin()
+    bpfload.load(pin_path, cflags={"SOCK_MAP_MAX": 77}).unpin()
     out = capsys.readouterr().out
     assert "int relay_verdict(struct __sk_buff *skb)" in out
     assert "-DSOCK_MAP_MAX=77" in out and f"-DLAYOUT_VERSION={bpfload.LAYOUT_VERSION}" in out

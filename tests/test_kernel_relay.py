@@ -16,7 +16,7 @@ import time
 import gevent
 import pytest
 
-from bpf_fixtures import pin_dir, relay_pins  # noqa: F401 - fixtures
+from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_relay import KernelRelay
 
