@@ -1,6 +1,7 @@
 """What the machine says about a system's cost: CPU time, RSS, kernel socket memory."""
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -72,22 +73,33 @@ def busy_cpu_seconds() -> float:
 
 
 def idle_busy_rate(seconds: float) -> float:
-    """Busy CPU-seconds per second while nothing of ours runs: the noise to subtract."""
+    """Busy CPU-seconds per second while nothing of ours runs: the machine's other load."""
     start_busy, start = busy_cpu_seconds(), time.monotonic()
     time.sleep(seconds)
     return (busy_cpu_seconds() - start_busy) / (time.monotonic() - start)
 
 
-class CpuMeter:
-    """CPU used by a system's processes and by the whole machine during a measurement."""
+_KTHREADD = 2  # the parent of every kernel thread
 
-    def __init__(self, pids: list[int], idle_rate: float):
-        self._pids, self._idle_rate = pids, idle_rate
-        self._proc0 = cpu_seconds(pids)
-        self._busy0, self._t0 = busy_cpu_seconds(), time.monotonic()
+
+def taking_part_cpu_seconds() -> float:
+    """CPU of everything that moves the benchmark's bytes: the processes it started (proxies,
+    origins) and itself, the load generators it has waited for, and the kernel threads
+    (sockmap's kworkers, ksoftirqd). Softirq work is charged to the task it interrupts (tick
+    accounting), so it lands in these too. The machine's other, unrelated load stays out."""
+    finished = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (cpu_seconds(process_tree(os.getpid())) + cpu_seconds(process_tree(_KTHREADD))
+            + finished.ru_utime + finished.ru_stime)
+
+
+class CpuMeter:
+    """CPU used by a system's processes, and by everything taking part, during a measurement.
+    Load generators must have finished (been waited for) before read()."""
+
+    def __init__(self, pids: list[int]):
+        self._pids = pids
+        self._proc0, self._all0 = cpu_seconds(pids), taking_part_cpu_seconds()
 
     def read(self) -> tuple[float, float]:
-        """(process CPU-seconds, machine CPU-seconds above the idle baseline) so far."""
-        wall = time.monotonic() - self._t0
-        machine = busy_cpu_seconds() - self._busy0 - self._idle_rate * wall
-        return cpu_seconds(self._pids) - self._proc0, max(machine, 0.0)
+        """(the system's own CPU-seconds, CPU-seconds of everything taking part) so far."""
+        return cpu_seconds(self._pids) - self._proc0, taking_part_cpu_seconds() - self._all0

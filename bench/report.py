@@ -4,6 +4,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench import targets
 from bench.scenarios import LOWER, Metric
 from bench.systems import PEERS
 
@@ -90,7 +91,14 @@ def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
     lines = ["# sniproxy benchmark", ""] + header + [
         "", "Medians over the repeats; min and max beside them. Ratios are median / reference:",
         "`vs direct` against no proxy at all, `vs best peer` against the best of "
-        f"{', '.join(PEERS)} for that metric (named). Whether higher or lower is better is given per metric.", ""]
+        f"{', '.join(PEERS)} for that metric (named). Whether higher or lower is better is given per metric.", "",
+        "CPU per GB relayed: `cpu_proc` counts the proxy's own processes (master and workers); "
+        "`cpu_total` counts everything taking part (proxy, load generator, origin servers, kernel threads "
+        "such as sockmap's kworkers; softirq work lands on the task it interrupts), not the machine's "
+        "other load. `rss_kib_per_conn` is the growth of the proxy's RSS from before it first held idle "
+        "connections, per connection held; `kernel_relayed_conns` counts the held connections whose "
+        "sockets are in the pinned SOCK_MAP.", ""]
+    lines += targets.markdown(targets.evaluate(rows, PEERS))
     direct = {(r["scenario"], r["metric"]): r["median"] for r in rows if r["system"] == "direct"}
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         lines += [f"## {scenario}", "",

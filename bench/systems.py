@@ -5,12 +5,15 @@ fallback route ("iperf", "sockperf", "hold"); the "tls" route uses any of them."
 import os
 import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from bench import measure, procs
 from bench.origins import SNI_NAME, Origins
 
 REPO = Path(__file__).resolve().parent.parent
+MASTER = REPO / ".venv/bin/sniproxy-master"
 PEERS = ("haproxy", "nginx", "sniproxy-debian")
 
 
@@ -19,6 +22,7 @@ class System:
     name = "direct"
     has_workers = False
     has_processes = False
+    has_kernel_relay = False
 
     def __init__(self, origins: Origins, workdir: Path):
         self.origins, self.workdir = origins, workdir
@@ -71,9 +75,33 @@ class Proxy(System):
         self._proc = procs.spawn(argv, log)
         try:
             procs.wait_listening(self._proc, list(self._ports.values()), log, timeout=30)
+            self._wait_serving(workers, log, timeout=30)
         except RuntimeError:
             self.stop()
             raise
+
+    def _wait_serving(self, workers: int, log: Path, timeout: float) -> None:
+        """A port may listen before anything serves it (a master binds before its workers
+        are ready): wait for requests routed through the proxy to be answered, enough in a
+        row that every worker's share of the listening sockets has answered too."""
+        wanted, in_a_row = 4 * workers, 0
+        deadline = time.monotonic() + timeout
+        while in_a_row < wanted:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"exited {self._proc.returncode}: {procs.log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not serving after {timeout:.0f} s: {procs.log_tail(log)}")
+            in_a_row = in_a_row + 1 if self._answers(self.address("hold")) else 0
+
+    @staticmethod
+    def _answers(address: tuple[str, int]) -> bool:
+        """One complete request through the fallback route to the hold origin (HTTP 204)."""
+        try:
+            with socket.create_connection(address, timeout=1.0) as sock:
+                sock.sendall(b"GET /ready HTTP/1.0\r\n\r\n")
+                return sock.recv(64).startswith(b"HTTP/1.1 204")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self._proc:
@@ -94,11 +122,21 @@ class Sniproxy(Proxy):
     def __init__(self, origins: Origins, workdir: Path, bpf_mode: str):
         super().__init__(origins, workdir)
         self.name = "sniproxy-ebpf" if bpf_mode == "require" else "sniproxy-userspace"
+        self.has_kernel_relay = bpf_mode == "require"
         self.bpf_mode = bpf_mode
         self._pin_path = ""
 
     def command(self, config_path: Path) -> list[str]:
-        return [str(REPO / ".venv/bin/sniproxy-master"), "start", "-c", str(config_path), "--foreground"]
+        return [str(MASTER), "start", "-c", str(config_path), "--foreground"]
+
+    def kernel_relayed_connections(self) -> int:
+        """Connections whose two sockets sit in the pinned SOCK_MAP, per `sniproxy-master maps`."""
+        out = procs.run([str(MASTER), "maps", "-c", str(self.workdir / f"{self.name}.conf")], timeout=20)
+        for line in out.splitlines():
+            fields = line.split()
+            if fields[:1] == ["SOCK_MAP"]:
+                return int(fields[2]) // 2
+        raise RuntimeError(f"no SOCK_MAP in `sniproxy-master maps`: {out.strip()[:200]}")
 
     def config(self, workers: int) -> str:
         # A pin directory of its own, so that parallel runs and other instances never meet.

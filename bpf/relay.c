@@ -39,11 +39,14 @@ SOCKHASH_BY_COOKIE(SOCK_MAP, SOCK_MAP_MAX);
 // The same sockets, without programs: the redirect targets.
 SOCKHASH_BY_COOKIE(SOCK_TARGETS, SOCK_MAP_MAX);
 
+// Which way a socket's received bytes travel; set by userspace at registration.
+enum relay_direction { DIRECTION_UP = 1, DIRECTION_DOWN = 2 };  // client->upstream, upstream->client
 struct connection {
     u64 peer;    // cookie of the socket this one's bytes go to
     u64 bytes;   // received on this socket and redirected to the peer
     u64 skbs;
     u64 passed;  // received while paused: kept on this socket for userspace
+    u32 direction;
 };
 BPF_HASH(CONNECTION_MAP, u64, struct connection, CONNECTION_MAP_MAX);
 
@@ -62,9 +65,11 @@ struct relay_control {
 BPF_HASH(RELAY_CONTROL, u64, struct relay_control, CONNECTION_MAP_MAX);
 
 struct relay_stats {
-    u64 relayed_bytes;
+    u64 relayed_bytes;  // both directions
     u64 relayed_skbs;
     u64 redirect_failures;
+    u64 up_bytes;       // client -> upstream
+    u64 down_bytes;     // upstream -> client
 };
 BPF_PERCPU_ARRAY(RELAY_STATS, struct relay_stats, 1);
 
@@ -99,6 +104,10 @@ int relay_verdict(struct __sk_buff *skb)
             if (stats) {
                 stats->relayed_bytes += skb->len;
                 stats->relayed_skbs++;
+                if (conn->direction == DIRECTION_DOWN)
+                    stats->down_bytes += skb->len;
+                else
+                    stats->up_bytes += skb->len;
             }
             return SK_PASS;
         }

@@ -18,7 +18,7 @@ from . import bpfsys
 log = logging.getLogger("sniproxy.bpf")
 
 # Bump whenever a map's key/value layout or a pinned name changes.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 LAYOUT_MAP = "LAYOUT"
 _LAYOUT_SOURCE = """

@@ -60,7 +60,8 @@ _TCP_ESTABLISHED, _TCP_CLOSE = 1, 7
 # States after a FIN arrived (TCP_CLOSE counts when no error is pending:
 # a socket that finished both FINs while we held it ends there).
 _FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
-_CONNECTION = struct.Struct("<QQQQ")  # struct connection: peer cookie, bytes, skbs, passed
+_CONNECTION = struct.Struct("<QQQQI4x")  # struct connection: peer cookie, bytes, skbs, passed, direction
+DIRECTION_UP, DIRECTION_DOWN = 1, 2       # enum relay_direction: client->upstream, upstream->client
 _CONTROL = struct.Struct("<IIQ")       # struct relay_control: mode, pad, forwarded
 MODE_PAUSED, MODE_RESUMING = 1, 2
 _SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL = 324, 1  # x86_64 syscall number
@@ -113,6 +114,7 @@ class _Side:
         self.written0 = 0    # bytes written to it before the relay (step 2)
         self.fin_sent = False
         self.paused = False
+        self.pauses = 0
         self.forwarded = 0   # bytes kept on it while paused that we sent on (RELAY_CONTROL)
         self.in_userspace = False  # got its FIN before SOCK_MAP took it: drained by us
 
@@ -177,11 +179,14 @@ class KernelRelay:
     def _size_buffers(self, sock: socket.socket) -> None:
         # The redirect kworker backs off a whole tick when the target's send
         # buffer is half full, so relayed sockets need large ones.
-        for forced, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        _rcv = int(os.environ.get("TUNE_RCVBUF", self.sndbuf))
+        for forced, plain, size in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, self.sndbuf), (SO_RCVBUFFORCE, socket.SO_RCVBUF, _rcv)):
+            if size == 0:
+                continue
             try:
-                sock.setsockopt(socket.SOL_SOCKET, forced, self.sndbuf)
+                sock.setsockopt(socket.SOL_SOCKET, forced, size)
             except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, self.sndbuf)
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
     @staticmethod
     def _drain_into(src: _Side, dst: _Side) -> None:
@@ -214,8 +219,8 @@ class KernelRelay:
             return False
         for side in (c, u):
             side.take_baselines()
-        self.connections.update(c.key, _CONNECTION.pack(int.from_bytes(u.key, "little"), 0, 0, 0))
-        self.connections.update(u.key, _CONNECTION.pack(int.from_bytes(c.key, "little"), 0, 0, 0))
+        for src, dst, direction in ((c, u, DIRECTION_UP), (u, c, DIRECTION_DOWN)):
+            self.connections.update(src.key, _CONNECTION.pack(int.from_bytes(dst.key, "little"), 0, 0, 0, direction))
         # A FIN may still arrive before an insertion. Until the first SOCK_MAP
         # insertion no verdict runs, so backing out is clean.
         try:
@@ -279,6 +284,9 @@ class KernelRelay:
             outcome = "error"
         finally:
             up, down = self._unregister(pair)
+        if pair.client.pauses or pair.upstream.pauses:
+            log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
+                      pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
         return RelayResult(up, down, outcome)
 
     def _watch(self, pair: _Pair, idle_timeout: float) -> str:
@@ -356,7 +364,10 @@ class KernelRelay:
     def _counts(self, side: _Side) -> tuple[int, int]:
         """(bytes redirected, bytes kept while paused) as the verdict counted them."""
         raw = self.connections.lookup(side.key)
-        return _CONNECTION.unpack(raw)[1::2] if raw else (0, 0)
+        if not raw:
+            return 0, 0
+        _, redirected, _, passed, _ = _CONNECTION.unpack(raw)
+        return redirected, passed
 
     # -- backpressure: see RELAY_CONTROL in bpf/relay.c -------------------------
 
@@ -369,12 +380,14 @@ class KernelRelay:
         # until the resume, so the redirected count stands still.
         _wait_for_rcu_readers()
         src.paused = True
+        src.pauses += 1
         self.pauses += 1
 
     def _resume(self, src: _Side, dst: _Side) -> None:
         """Send on what src kept, in order, then let the verdict relay again."""
         # Bytes redirected before the pause may still wait in dst's psock queue,
         # outside its write queue; what we send now must go behind them.
+        _t0, _f0 = time.monotonic(), src.forwarded
         redirected = self._counts(src)[0]
         while dst.written(TcpCounters(dst.sock)) < redirected + src.forwarded:
             gevent.sleep(0.001)
@@ -403,6 +416,7 @@ class KernelRelay:
             raw.detach()
         self.control.delete(src.key)
         src.paused = False
+        log.debug("TUNE resume took %.1f ms, forwarded %d", (time.monotonic() - _t0) * 1e3, src.forwarded - _f0)
 
     @staticmethod
     def _mirror_reset(sock_side: _Side) -> None:

@@ -9,7 +9,7 @@ from .counters import CounterTable
 
 # Per-CPU counter maps: their u64 fields, in the order of the C structs.
 PERCPU_COUNTERS = {
-    "RELAY_STATS": ("relayed_bytes", "relayed_skbs", "redirect_failures"),
+    "RELAY_STATS": ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes"),
     "XDP_STATS": ("passed", "dropped_deny", "dropped_not_allowed"),
 }
 

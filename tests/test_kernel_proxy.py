@@ -222,6 +222,11 @@ def test_xdp_filter_on_a_veth_drops_denied_hosts_and_detaches(proxy, backends, p
         xdp = json.loads(p.cli("stats", "--json").stdout)["xdp_stats"]
         assert xdp["dropped_deny"] >= 1
         assert ns.host_ifname in subprocess.run(["bpftool", "net", "show"], capture_output=True, text=True).stdout
+        p.write(cfg.replace(f'deny = ["{denied}/32"]', f'deny = ["{allowed}/32"]'))   # HUP swaps the rules
+        assert p.cli("reload").returncode == 0
+        wait_until(lambda: ns.python(probe, denied, ns.host_v4, str(port)).stdout.startswith("connected"),
+                   timeout=20, what="the reloaded rules to admit the formerly denied host")
+        assert ns.python(probe, allowed, ns.host_v4, str(port)).stdout.startswith("failed timed out")
         assert p.stop() == 0
         assert ns.host_ifname not in subprocess.run(["bpftool", "net", "show"], capture_output=True,
                                                     text=True).stdout
