@@ -114,7 +114,7 @@ class _Side:
         self.written0 = 0    # bytes written to it before the relay (step 2)
         self.fin_sent = False
         self.paused = False
-        self.pauses = 0
+        self.pauses = 0      # times its bytes were kept on it for a slow reader
         self.forwarded = 0   # bytes kept on it while paused that we sent on (RELAY_CONTROL)
         self.in_userspace = False  # got its FIN before SOCK_MAP took it: drained by us
 
@@ -177,16 +177,14 @@ class KernelRelay:
     # -- registration -------------------------------------------------------
 
     def _size_buffers(self, sock: socket.socket) -> None:
-        # The redirect kworker backs off a whole tick when the target's send
-        # buffer is half full, so relayed sockets need large ones.
-        _rcv = int(os.environ.get("TUNE_RCVBUF", self.sndbuf))
-        for forced, plain, size in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, self.sndbuf), (SO_RCVBUFFORCE, socket.SO_RCVBUF, _rcv)):
-            if size == 0:
-                continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, forced, size)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+        # The redirect kworker backs off when the target's send buffer is half
+        # full, so relayed sockets need large ones. The receive buffer stays
+        # autotuned: the verdict empties it at once, and all a large one adds is
+        # what a pause keeps for userspace to forward (measured: no faster).
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
 
     @staticmethod
     def _drain_into(src: _Side, dst: _Side) -> None:
@@ -299,8 +297,10 @@ class KernelRelay:
             pair.wake.wait(timeout=interval)
             pair.wake.clear()
             now = time.monotonic()
-            counters = {side: TcpCounters(side.sock) for side in (c, u)}
+            # The verdict's counts first: read after TCP_INFO, bytes redirected in
+            # between would look queued and could pause a direction for nothing.
             kernel = {side: self._counts(side) for side in (c, u)}  # (redirected, passed)
+            counters = {side: TcpCounters(side.sock) for side in (c, u)}
 
             for side in (c, u):
                 if counters[side].state == _TCP_CLOSE:
@@ -387,7 +387,6 @@ class KernelRelay:
         """Send on what src kept, in order, then let the verdict relay again."""
         # Bytes redirected before the pause may still wait in dst's psock queue,
         # outside its write queue; what we send now must go behind them.
-        _t0, _f0 = time.monotonic(), src.forwarded
         redirected = self._counts(src)[0]
         while dst.written(TcpCounters(dst.sock)) < redirected + src.forwarded:
             gevent.sleep(0.001)
@@ -416,7 +415,6 @@ class KernelRelay:
             raw.detach()
         self.control.delete(src.key)
         src.paused = False
-        log.debug("TUNE resume took %.1f ms, forwarded %d", (time.monotonic() - _t0) * 1e3, src.forwarded - _f0)
 
     @staticmethod
     def _mirror_reset(sock_side: _Side) -> None:

@@ -36,7 +36,7 @@ def test_pinned_maps_and_program_have_the_right_kernel_types(relay_pins):
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_MAP")["type"] == "sockhash"
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_TARGETS")["type"] == "sockhash"
     connections = bpftool("map", "show", "pinned", f"{pins}/CONNECTION_MAP")
-    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, 32)
+    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, 40)
     assert connections["max_entries"] == 1024  # the -D knob reached the C text
     assert bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")["type"] == "sk_skb"
 
@@ -54,11 +54,12 @@ def test_verdict_is_attached_to_sock_map(relay_pins):
 def test_maps_carry_btf_field_names(relay_pins):
     pins = relay_pins.pin_path
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as connections:
-        connections.update(struct.pack("<Q", 7), struct.pack("<QQQQ", 8, 1234, 5, 6))
+        connections.update(struct.pack("<Q", 7), struct.pack("<QQQQI4x", 8, 1234, 5, 6, 2))
     dumped = bpftool("map", "dump", "pinned", f"{pins}/CONNECTION_MAP")
-    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5, "passed": 6}}]
+    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5, "passed": 6, "direction": 2}}]
     stats = bpftool("map", "dump", "pinned", f"{pins}/RELAY_STATS")
-    assert set(stats[0]["formatted"]["values"][0]["value"]) == {"relayed_bytes", "relayed_skbs", "redirect_failures"}
+    assert set(stats[0]["formatted"]["values"][0]["value"]) == {"relayed_bytes", "relayed_skbs", "redirect_failures",
+                                                           "up_bytes", "down_bytes"}
     layout = bpftool("map", "dump", "pinned", f"{pins}/LAYOUT")
     assert layout[0]["formatted"]["value"] == {"version": bpfload.LAYOUT_VERSION, "owner_pid": os.getpid()}
 
@@ -115,7 +116,7 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
             # A worker: reach the maps by path, write, and leave the way
             # sys.exit does at the end: atexit handlers, then exit.
             with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-                m.update(struct.pack("<Q", 1), struct.pack("<QQQQ", 2, 3, 4, 5))
+                m.update(struct.pack("<Q", 1), struct.pack("<QQQQI4x", 2, 3, 4, 5, 1))
             atexit._run_exitfuncs()
             code = 0
         finally:
@@ -125,27 +126,27 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
     for name, fd in fds.items():
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf"), name
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-        assert m.lookup(struct.pack("<Q", 1)) == struct.pack("<QQQQ", 2, 3, 4, 5)
+        assert m.lookup(struct.pack("<Q", 1)) == struct.pack("<QQQQI4x", 2, 3, 4, 5, 1)
     bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")
 
 
 def test_pinned_map_operations(relay_pins):
     with relay_pins.open_map("CONNECTION_MAP") as m:
-        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 32)
+        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 40)
         keys = [struct.pack("<Q", i) for i in range(1, 6)]
         for i, key in enumerate(keys):
-            m.update(key, struct.pack("<QQQQ", i, i * 10, i * 100, 0))
+            m.update(key, struct.pack("<QQQQI4x", i, i * 10, i * 100, 0, 1))
         assert sorted(m.keys()) == sorted(keys)
-        assert dict(m.items())[keys[2]] == struct.pack("<QQQQ", 2, 20, 200, 0)
+        assert dict(m.items())[keys[2]] == struct.pack("<QQQQI4x", 2, 20, 200, 0, 1)
         with pytest.raises(BpfError, match="CONNECTION_MAP.*File exists"):
-            m.update(keys[0], bytes(32), flags=bpfsys.BPF_NOEXIST)
+            m.update(keys[0], bytes(40), flags=bpfsys.BPF_NOEXIST)
         assert m.delete(keys[0]) is True
         assert m.delete(keys[0]) is False
         assert m.lookup(keys[0]) is None
         assert len(m) == 4
     with relay_pins.open_map("RELAY_STATS") as stats:
         per_cpu = stats.lookup_percpu(b"\0" * 4)
-        assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(24) for v in per_cpu)
+        assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(40) for v in per_cpu)
 
 
 def test_errors_name_the_path(pin_path):

@@ -22,6 +22,9 @@ from sniproxy.kernel_relay import KernelRelay
 
 pytestmark = pytest.mark.bpf
 MiB = 1 << 20
+CONNECTION = struct.Struct("<QQQQI4x")  # struct connection: peer, bytes, skbs, passed, direction
+RELAY_STATS = ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes")
+UP, DOWN = 1, 2
 
 
 def cookie(sock: socket.socket) -> bytes:
@@ -147,8 +150,9 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
         assert set(sock_map.keys()) == expected
         assert {sock_map.lookup(k) for k in expected} == expected  # value: the socket's cookie
     with PinnedMap.open(f"{relay_pins.pin_path}/CONNECTION_MAP") as connections:
-        peers = {k: struct.unpack("<QQQQ", connections.lookup(k))[0].to_bytes(8, "little") for k in expected}
-    assert peers == {cookie(c): cookie(u), cookie(u): cookie(c)}
+        entries = {k: CONNECTION.unpack(connections.lookup(k)) for k in expected}
+    assert {k: (e[0].to_bytes(8, "little"), e[4]) for k, e in entries.items()} == {
+        cookie(c): (cookie(u), UP), cookie(u): (cookie(c), DOWN)}
     client.sendall(b"ping")
     assert server.recv(10) == b"ping"
     server.sendall(b"pong")
@@ -156,6 +160,44 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
     client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
     assert relayer.get(timeout=10) == (4, 4, "done")
     assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    for s in (client, c, u, server):
+        s.close()
+
+
+def relay_stats(pins: str) -> dict[str, int]:
+    """RELAY_STATS summed over the CPUs."""
+    with PinnedMap.open(f"{pins}/RELAY_STATS") as m:
+        per_cpu = [struct.unpack(f"<{len(RELAY_STATS)}Q", v) for v in m.lookup_percpu(b"\0" * 4)]
+    return dict(zip(RELAY_STATS, map(sum, zip(*per_cpu))))
+
+
+def wait_for_sock_map(pins: str, count: int) -> None:
+    with PinnedMap.open(f"{pins}/SOCK_MAP") as sock_map:
+        with gevent.Timeout(10):
+            while len(sock_map) < count:
+                gevent.sleep(0.001)
+
+
+def test_relay_stats_count_each_direction_exactly(relay_pins, relay):
+    """Bytes sent after registration all pass the verdict: the per-direction
+    counters equal what each side sent, and the total is their sum."""
+    up_size, down_size = 3 * MiB + 17, 11 * MiB + 5
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    relayer = gevent.spawn(relay.relay, c, u, 30)
+    wait_for_sock_map(relay_pins.pin_path, 2)
+    jobs = [Background(send_stream, client, up_size, 11), Background(recv_stream, server),
+            Background(send_stream, server, down_size, 12), Background(recv_stream, client)]
+    result = relayer.get(timeout=60)
+    up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
+    assert result == (up_size, down_size, "done")
+    assert up_got == (up_size, up_sent) and down_got == (down_size, down_sent)
+    stats = relay_stats(relay_pins.pin_path)
+    assert relay.pauses == 0
+    assert (stats["up_bytes"], stats["down_bytes"]) == (up_size, down_size)
+    assert stats["relayed_bytes"] == up_size + down_size
+    assert stats["redirect_failures"] == 0
+    assert 0 < stats["relayed_skbs"] <= up_size + down_size
     for s in (client, c, u, server):
         s.close()
 
@@ -257,7 +299,7 @@ def test_slow_reader_is_bounded_without_losing_bytes(relay_pins):
             while True:
                 raw = connections.lookup(key)
                 if raw:
-                    peak[0] = max(peak[0], struct.unpack("<QQQQ", raw)[1] - client_read[0])
+                    peak[0] = max(peak[0], CONNECTION.unpack(raw)[1] - client_read[0])
                 gevent.sleep(0.002)
 
     # A download: the client only reads (its FIN comes once the relay runs;
