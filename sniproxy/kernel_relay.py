@@ -93,6 +93,18 @@ class TcpCounters:
         self.acked, self.received = struct.unpack_from("<QQ", info, 120)  # tcpi_bytes_acked, _received
 
 
+def _recv_nowait(fd: int) -> bytes | None:
+    """Up to _DRAIN_CHUNK bytes waiting on fd, or None when none wait (never blocks,
+    even in a gevent worker)."""
+    raw = _PlainSocket(fileno=fd)
+    try:
+        return raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    finally:
+        raw.detach()
+
+
 def _ioctl_int(fd: int, request: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
 
@@ -190,20 +202,15 @@ class KernelRelay:
     def _drain_into(src: _Side, dst: _Side) -> None:
         """Step 1: empty src's receive queue into dst. Stops when a read came back
         short (the queue was empty then), so no skb is left partially read."""
-        raw = _PlainSocket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
-        try:
-            while True:
-                try:
-                    data = raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    return
-                if data:
-                    dst.sock.sendall(data)
-                    src.early += len(data)
-                if len(data) < _DRAIN_CHUNK:
-                    return
-        finally:
-            raw.detach()
+        while True:
+            data = _recv_nowait(src.fd)
+            if data is None:
+                return
+            if data:
+                dst.sock.sendall(data)
+                src.early += len(data)
+            if len(data) < _DRAIN_CHUNK:
+                return
 
     def _register(self, pair: _Pair) -> bool:
         """Hand the pair to the kernel; False when it cannot take it (a socket is
@@ -391,28 +398,21 @@ class KernelRelay:
         while dst.written(TcpCounters(dst.sock)) < redirected + src.forwarded:
             gevent.sleep(0.001)
         self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
-        raw = _PlainSocket(fileno=src.fd)  # a plain view: no gevent waiting on EAGAIN
-        try:
-            while True:
-                try:
-                    data = raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    data = b""
-                if data:
-                    dst.sock.sendall(data)
-                    src.forwarded += len(data)
-                    self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
-                elif self._counts(src)[1] != src.forwarded:
-                    gevent.sleep(0.001)  # kept skbs still on their way into src's queue
-                else:
-                    # A verdict that read the previous `forwarded` may still be
-                    # running and about to keep one more skb. Verdicts run under
-                    # RCU: once every reader in flight is done, equality holds for good.
-                    _wait_for_rcu_readers()
-                    if self._counts(src)[1] == src.forwarded:
-                        break
-        finally:
-            raw.detach()
+        while True:
+            data = _recv_nowait(src.fd) or b""
+            if data:
+                dst.sock.sendall(data)
+                src.forwarded += len(data)
+                self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
+            elif self._counts(src)[1] != src.forwarded:
+                gevent.sleep(0.001)  # kept skbs still on their way into src's queue
+            else:
+                # A verdict that read the previous `forwarded` may still be
+                # running and about to keep one more skb. Verdicts run under
+                # RCU: once every reader in flight is done, equality holds for good.
+                _wait_for_rcu_readers()
+                if self._counts(src)[1] == src.forwarded:
+                    break
         self.control.delete(src.key)
         src.paused = False
 
