@@ -179,7 +179,7 @@ class Concurrency(Scenario):
                 [Metric("sock_mem_kib_per_conn", "KiB", LOWER), Metric("gbps_while_held", "Gbit/s", HIGHER)])
 
     def estimate(self, settings):
-        return settings.seconds + 1.0 + settings.idle_connections / 2000
+        return settings.seconds + 1.0 + settings.idle_connections / 500
 
     def measure(self, system, ctx):
         wanted = ctx.settings.idle_connections
@@ -191,7 +191,7 @@ class Concurrency(Scenario):
         try:
             held = open_idle_connections(system.address("hold"), wanted, self.first_flight,
                                          deadline=time.monotonic() + 3 * ctx.settings.slack)
-            arrived = wait_for_count(ctx.hold_port, already + len(held), timeout=ctx.settings.slack) - already
+            arrived = wait_for_count(ctx.hold_port, already + len(held), stall=ctx.settings.slack) - already
             # /proc/net/tcp read while it changes can list a socket twice: never count more than we opened.
             arrived = min(arrived, len(held))
             if arrived < 0.99 * wanted:
@@ -209,7 +209,7 @@ class Concurrency(Scenario):
         finally:
             for sock in held:
                 sock.close()
-            wait_for_count(ctx.hold_port, already, timeout=ctx.settings.slack, falling=True)
+            wait_for_count(ctx.hold_port, already, stall=ctx.settings.slack, falling=True)
 
 
 def open_idle_connections(address: tuple[str, int], count: int, first_flight: bytes,
@@ -227,13 +227,21 @@ def open_idle_connections(address: tuple[str, int], count: int, first_flight: by
     return held
 
 
-def wait_for_count(port: int, target: int, timeout: float, falling: bool = False) -> int:
-    """Poll the established connections on port until they reach target (or timeout)."""
-    deadline = time.monotonic() + timeout
+def wait_for_count(port: int, target: int, stall: float, falling: bool = False) -> int:
+    """Poll the established connections on port until they reach target. A proxy that sets up
+    (or tears down) thousands of connections may take long but keeps moving: give up only when
+    the count has not moved toward target for stall seconds (or after 10 x stall in all)."""
+    start = time.monotonic()
+    best = procs.established_count(port)
+    best_at = start
     while True:
         count = procs.established_count(port)
-        reached = count <= target if falling else count >= target
-        if reached or time.monotonic() > deadline:
+        now = time.monotonic()
+        if count <= target if falling else count >= target:
+            return count
+        if (count < best) if falling else (count > best):
+            best, best_at = count, now
+        if now - best_at > stall or now - start > 10 * stall:
             return count
         time.sleep(0.1)
 

@@ -91,7 +91,11 @@ class Proxy(System):
                 raise RuntimeError(f"exited {self._proc.returncode}: {procs.log_tail(log)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not serving after {timeout:.0f} s: {procs.log_tail(log)}")
-            in_a_row = in_a_row + 1 if self._answers(self.address("hold")) else 0
+            if self._answers(self.address("hold")):
+                in_a_row += 1
+            else:
+                in_a_row = 0
+                time.sleep(0.1)
 
     @staticmethod
     def _answers(address: tuple[str, int]) -> bool:

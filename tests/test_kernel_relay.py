@@ -319,9 +319,10 @@ def test_slow_reader_is_bounded_without_losing_bytes(relay_pins):
     assert reader.join() == (size, sender.join())
     assert pauses >= 1
     client_rcvbuf = int(open("/proc/sys/net/ipv4/tcp_rmem").read().split()[2])
-    # Unbounded, this reaches tens of MiB. Bounded: the limit, the client's own
-    # receive buffer, and what one check interval lets through.
-    assert peak[0] <= max_queued + client_rcvbuf + 4 * MiB, peak[0]
+    # Unbounded, this reaches about 40 MiB. Bounded: the limit, the client's own
+    # receive and send buffers, and what one check interval lets through on a
+    # loaded machine.
+    assert peak[0] <= max_queued + client_rcvbuf + MiB + 8 * MiB, peak[0]
     for s in (client, server):
         s.close()
 
