@@ -58,7 +58,9 @@ class UserspaceRelay:
         down = gevent.spawn(self._pump, upstream, client, last, counts, 1)
         outcome = "done"
         while not (up.dead and down.dead):
-            gevent.joinall((up, down), timeout=max(0.05, last[0] + idle_timeout - time.monotonic()), count=None)
+            # Wake when either direction ends: a reset on one side ends both.
+            live = [g for g in (up, down) if not g.dead]
+            gevent.wait(live, timeout=max(0.05, last[0] + idle_timeout - time.monotonic()), count=1)
             if any(g.dead and g.value is False for g in (up, down)):
                 outcome = "reset"
                 break

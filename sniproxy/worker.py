@@ -107,7 +107,7 @@ class Worker:
 
     def _heartbeat(self) -> None:
         import gevent
-        while self.alive:
+        while True:              # until the process exits, draining included
             os.utime(self.heartbeat_fd)
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master %d is gone, stopping", self.index, self.master_pid)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -322,3 +323,17 @@ def test_access_log_file_is_reopened_on_usr1(proxy, backends, tmp_path):
     wait_until(lambda: log.exists(), what="the reopened log")
     assert https_get(port, "example.com") == "backend=a\n"
     wait_until(lambda: "name=example.com" in log.read_text(), what="a line in the new file")
+
+
+@pytest.mark.parametrize("mode", ["off", "require"])
+def test_client_reset_ends_the_backend_connection(proxy, plain, pin_path, mode):
+    """A client that resets must not leave the backend connection open until the idle timeout."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path), wait_ports=(port,))
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"\x00ping")
+    assert s.recv(10) == b"\x00ping"
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()                                          # RST
+    wait_until(lambda: "outcome=reset" in p.output(), timeout=5, what="the relay to end on the reset")
