@@ -285,8 +285,11 @@ class KernelRelay:
                 return result._replace(up=result.up + pair.client.early, down=result.down + pair.upstream.early)
             outcome = self._watch(pair, idle_timeout)
         except OSError as e:
-            log.warning("kernel relay failed: %s", e, exc_info=True)
-            outcome = "error"
+            if e.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+                outcome = "reset"            # a peer went away: an outcome, not a fault
+            else:
+                log.warning("kernel relay failed: %s", e, exc_info=True)
+                outcome = "error"
         finally:
             up, down = self._unregister(pair)
         if pair.client.pauses or pair.upstream.pauses:
