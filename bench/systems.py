@@ -161,12 +161,16 @@ class Sniproxy(Proxy):
             shutil.rmtree(self._pin_path, ignore_errors=True)
 
 
-class Haproxy(Proxy):
-    name = "haproxy"
+class ConnectionLimitedProxy(Proxy):
+    """A peer whose config states how many connections it may hold."""
 
     def __init__(self, origins: Origins, workdir: Path, max_connections: int):
         super().__init__(origins, workdir)
         self.max_connections = max_connections
+
+
+class Haproxy(ConnectionLimitedProxy):
+    name = "haproxy"
 
     def command(self, config_path: Path) -> list[str]:
         return ["haproxy", "-db", "-f", str(config_path)]
@@ -186,12 +190,8 @@ class Haproxy(Proxy):
         return text
 
 
-class Nginx(Proxy):
+class Nginx(ConnectionLimitedProxy):
     name = "nginx"
-
-    def __init__(self, origins: Origins, workdir: Path, max_connections: int):
-        super().__init__(origins, workdir)
-        self.max_connections = max_connections
 
     def command(self, config_path: Path) -> list[str]:
         return ["nginx", "-p", str(self.workdir), "-c", str(config_path), "-e", "stderr",
