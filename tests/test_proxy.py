@@ -274,6 +274,10 @@ def test_cli_check_errors_and_port_in_use(tmp_path, proxy, backends):
     assert "reload" in help_text and "graceful" in help_text
 
 
+def _process_titles() -> list[str]:
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+
+
 def test_daemon_start_status_stop(proxy, backends):
     a = backends("a")
     port = free_port()
@@ -285,8 +289,9 @@ def test_daemon_start_status_stop(proxy, backends):
         status = p.cli("status")
         assert status.returncode == 0 and "relay userspace" in status.stdout
         assert https_get(port, "example.com") == "backend=a\n"
-        titles = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-        assert f"sniproxy: master {p.path}" in titles and "sniproxy: worker 1" in titles
+        # Workers start one after another; the first may serve before the second exists.
+        wanted = (f"sniproxy: master {p.path}", "sniproxy: worker 0", "sniproxy: worker 1")
+        wait_until(lambda: all(t in _process_titles() for t in wanted), what="the process titles")
     finally:
         assert p.cli("stop").returncode == 0
     assert p.cli("status").returncode == 3
