@@ -184,6 +184,8 @@ class Concurrency(Scenario):
     def measure(self, system, ctx):
         wanted = ctx.settings.idle_connections
         already = procs.established_count(ctx.hold_port)
+        # Pairs of an earlier scenario may still be finishing; count only the ones held here.
+        relayed_before = wait_for_kernel_pairs_to_leave(system, ctx.settings.slack) if system.has_kernel_relay else 0
         pids = tuple(system.pids())
         rss_before = self._rss_unloaded.setdefault(pids, measure.rss_bytes(pids))
         mem_before = measure.socket_memory_bytes()
@@ -200,7 +202,8 @@ class Concurrency(Scenario):
             values = {"connections": float(arrived),
                       "sock_mem_kib_per_conn": (measure.socket_memory_bytes() - mem_before) / 1024 / arrived}
             if system.has_kernel_relay:
-                values["kernel_relayed_conns"] = float(system.kernel_relayed_connections())
+                values["kernel_relayed_conns"] = float(min(system.kernel_relayed_connections() - relayed_before,
+                                                           arrived))
             if system.has_processes:
                 values["rss_kib_per_conn"] = (measure.rss_bytes(pids) - rss_before) / 1024 / arrived
             values["gbps_while_held"] = tools.iperf3(system.address("iperf"), ctx.settings.seconds,
@@ -210,6 +213,14 @@ class Concurrency(Scenario):
             for sock in held:
                 sock.close()
             wait_for_count(ctx.hold_port, already, stall=ctx.settings.slack, falling=True)
+
+
+def wait_for_kernel_pairs_to_leave(system, timeout: float) -> int:
+    """How many pairs are still in the system's SOCK_MAP once none are left, or after timeout."""
+    deadline = time.monotonic() + timeout
+    while (pairs := system.kernel_relayed_connections()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pairs
 
 
 def open_idle_connections(address: tuple[str, int], count: int, first_flight: bytes,
