@@ -72,6 +72,14 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / _TICKS  # guest time is already in user
 
 
+def context_switches() -> int:
+    """Context switches on the whole machine since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    raise RuntimeError("no ctxt line in /proc/stat")
+
+
 def idle_busy_rate(seconds: float) -> float:
     """Busy CPU-seconds per second while nothing of ours runs: the machine's other load."""
     start_busy, start = busy_cpu_seconds(), time.monotonic()
@@ -99,7 +107,13 @@ class CpuMeter:
     def __init__(self, pids: list[int]):
         self._pids = pids
         self._proc0, self._all0 = cpu_seconds(pids), taking_part_cpu_seconds()
+        self._switches0 = context_switches()
 
     def read(self) -> tuple[float, float]:
         """(the system's own CPU-seconds, CPU-seconds of everything taking part) so far."""
         return cpu_seconds(self._pids) - self._proc0, taking_part_cpu_seconds() - self._all0
+
+    def switches(self) -> int:
+        """Context switches on the whole machine so far (a kernel relay that wakes a
+        kworker per skb shows here)."""
+        return context_switches() - self._switches0

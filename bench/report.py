@@ -95,7 +95,8 @@ def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
         "CPU per GB relayed: `cpu_proc` counts the proxy's own processes (master and workers); "
         "`cpu_total` counts everything taking part (proxy, load generator, origin servers, kernel threads "
         "such as sockmap's kworkers; softirq work lands on the task it interrupts), not the machine's "
-        "other load. `rss_kib_per_conn` is the growth of the proxy's RSS from before it first held idle "
+        "other load. `ctx_switches_per_gb` counts the whole machine's context switches (a kernel relay "
+        "that wakes its kworker for every skb shows there). `rss_kib_per_conn` is the growth of the proxy's RSS from before it first held idle "
         "connections, per connection held; `kernel_relayed_conns` counts the held connections whose "
         "sockets are in the pinned SOCK_MAP.", ""]
     lines += targets.markdown(targets.evaluate(rows, PEERS))

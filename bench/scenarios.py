@@ -77,14 +77,16 @@ class Scenario:
 
 def cpu_metrics(system: System) -> list[Metric]:
     own = [Metric("cpu_proc_s_per_gb", "CPU-s/GB", LOWER)] if system.has_processes else []
-    return own + [Metric("cpu_total_s_per_gb", "CPU-s/GB", LOWER)]
+    return own + [Metric("cpu_total_s_per_gb", "CPU-s/GB", LOWER),
+                  Metric("ctx_switches_per_gb", "switches/GB", LOWER)]
 
 
 def cpu_per_gb(meter: measure.CpuMeter, relayed_bytes: int, system: System) -> dict[str, float]:
-    """The system's own CPU, and that of everything taking part, per GB relayed."""
+    """The system's own CPU, that of everything taking part, and the machine's context
+    switches, per GB relayed."""
     own, total = meter.read()
     gigabytes = relayed_bytes / 1e9
-    values = {"cpu_total_s_per_gb": total / gigabytes}
+    values = {"cpu_total_s_per_gb": total / gigabytes, "ctx_switches_per_gb": meter.switches() / gigabytes}
     if system.has_processes:
         values["cpu_proc_s_per_gb"] = own / gigabytes
     return values
