@@ -43,6 +43,7 @@ def _lib() -> ct.CDLL:
         "bpf_lookup_elem": [ct.c_int, ct.c_void_p, ct.c_void_p],
         "bpf_update_elem": [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_ulonglong],
         "bpf_delete_elem": [ct.c_int, ct.c_void_p],
+        "bpf_lookup_and_delete": [ct.c_int, ct.c_void_p, ct.c_void_p],
         "bpf_get_next_key": [ct.c_int, ct.c_void_p, ct.c_void_p],
         "bpf_obj_get_info": [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)],
         "bcc_create_map": [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int, ct.c_int, ct.c_int],
@@ -156,20 +157,26 @@ class PinnedMap:
             raise ValueError(f"{self.label}: key is {len(key)} bytes, map wants {self.key_size}")
         return ct.create_string_buffer(bytes(key), self.key_size)
 
-    def _raw_lookup(self, key: bytes) -> bytes | None:
+    def _raw_lookup(self, key: bytes, delete: bool = False) -> bytes | None:
         value = ct.create_string_buffer(self._buffer_size)
         ct.set_errno(0)
-        ret = _lib().bpf_lookup_elem(self.fd, self._key(key), value)
+        call = _lib().bpf_lookup_and_delete if delete else _lib().bpf_lookup_elem
+        ret = call(self.fd, self._key(key), value)
         if ret < 0:
             err = _errno_of(ret)
             if err == errno.ENOENT:
                 return None
-            raise BpfError(err, f"lookup in {self.label}")
+            raise BpfError(err, f"{'pop' if delete else 'lookup'} in {self.label}")
         return value.raw
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value, or None when absent (for per-CPU maps: CPU 0's value)."""
         raw = self._raw_lookup(key)
+        return None if raw is None else raw[:self.value_size]
+
+    def pop(self, key: bytes) -> bytes | None:
+        """Remove the entry and return its value in one call (hash maps), or None when absent."""
+        raw = self._raw_lookup(key, delete=True)
         return None if raw is None else raw[:self.value_size]
 
     def lookup_percpu(self, key: bytes) -> list[bytes] | None:

@@ -93,10 +93,11 @@ class TcpCounters:
         self.acked, self.received = struct.unpack_from("<QQ", info, 120)  # tcpi_bytes_acked, _received
 
 
-def _recv_nowait(fd: int) -> bytes | None:
-    """Up to _DRAIN_CHUNK bytes waiting on fd, or None when none wait (never blocks,
+def _recv_nowait(sock: socket.socket) -> bytes | None:
+    """Up to _DRAIN_CHUNK bytes waiting on sock, or None when none wait (never blocks,
     even in a gevent worker)."""
-    raw = _PlainSocket(fileno=fd)
+    # Family, type and proto given, so wrapping the fd costs no getsockopt calls.
+    raw = _PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
     try:
         return raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -123,6 +124,8 @@ class _Side:
         self.key = sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8)
         self.early = 0       # bytes drained and forwarded to the peer at registration
         self.consumed0 = 0   # bytes read from it before the relay (step 2)
+        self.received0 = 0   # TCP_INFO bytes_received at step 2
+        self.state0 = 0      # TCP state at step 2
         self.written0 = 0    # bytes written to it before the relay (step 2)
         self.fin_sent = False
         self.paused = False
@@ -137,8 +140,14 @@ class _Side:
             now = TcpCounters(self.sock)
             if now.received == before:
                 break
-        self.consumed0 = now.received - inq
+        self.consumed0, self.received0, self.state0 = now.received - inq, now.received, now.state
         self.written0 = now.acked + _ioctl_int(self.fd, SIOCOUTQ)
+
+    def may_hold_stranded_bytes(self) -> bool:
+        """After its SOCK_MAP insertion: did bytes reach it that no verdict has seen?
+        Bytes that arrive after the insertion run the verdict themselves. (SIOCINQ
+        cannot tell: on a sockmap socket it counts only bytes kept for userspace.)"""
+        return self.consumed0 != self.received0 or TcpCounters(self.sock).received != self.received0
 
     def written(self, counters: TcpCounters) -> int:
         """Bytes the relay has put into this socket's write queue (acked first: a
@@ -203,7 +212,7 @@ class KernelRelay:
         """Step 1: empty src's receive queue into dst. Stops when a read came back
         short (the queue was empty then), so no skb is left partially read."""
         while True:
-            data = _recv_nowait(src.fd)
+            data = _recv_nowait(src.sock)
             if data is None:
                 return
             if data:
@@ -220,10 +229,10 @@ class KernelRelay:
             self._size_buffers(side.sock)
         self._drain_into(c, u)
         self._drain_into(u, c)
-        if any(TcpCounters(side.sock).state != _TCP_ESTABLISHED for side in (c, u)):
-            return False
         for side in (c, u):
             side.take_baselines()
+        if any(side.state0 != _TCP_ESTABLISHED for side in (c, u)):
+            return False
         for src, dst, direction in ((c, u, DIRECTION_UP), (u, c, DIRECTION_DOWN)):
             self.connections.update(src.key, _CONNECTION.pack(int.from_bytes(dst.key, "little"), 0, 0, 0, direction))
         # A FIN may still arrive before an insertion. Until the first SOCK_MAP
@@ -249,7 +258,7 @@ class KernelRelay:
             self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
             if side.in_userspace:
                 self._drain_into(side, c if side is u else u)
-            else:
+            elif side.may_hold_stranded_bytes():
                 _kick(side.sock)
         return True
 
@@ -258,9 +267,12 @@ class KernelRelay:
             for m in (self.sock_map, self.sock_targets, self.control):
                 m.delete(side.key)
 
-    def _unregister(self, pair: _Pair) -> tuple[int, int]:
-        """Remove the pair everywhere; return (up, down) as the kernel counted them."""
-        self._forget_sockets(pair)
+    def _unregister(self, pair: _Pair, finished: bool) -> tuple[int, int]:
+        """Remove the pair everywhere; return (up, down) as the kernel counted them.
+        A finished pair (both FINs carried) receives nothing more, and closing a
+        socket removes it from every sockmap, so only the hash entries go."""
+        if not finished:
+            self._forget_sockets(pair)
         counts = []
         for side in (pair.client, pair.upstream):
             if self._pairs_by_fd.pop(side.fd, None) is not None:
@@ -268,8 +280,9 @@ class KernelRelay:
                     self._epoll.unregister(side.fd)
                 except OSError:
                     pass
-            raw = self.connections.lookup(side.key)
-            self.connections.delete(side.key)
+            if finished and side.pauses:
+                self.control.delete(side.key)
+            raw = self.connections.pop(side.key)
             counts.append(side.early + side.forwarded + (_CONNECTION.unpack(raw)[1] if raw else 0))
         return counts[0], counts[1]
 
@@ -291,7 +304,7 @@ class KernelRelay:
                 log.warning("kernel relay failed: %s", e, exc_info=True)
                 outcome = "error"
         finally:
-            up, down = self._unregister(pair)
+            up, down = self._unregister(pair, finished=outcome == "done")
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
@@ -402,7 +415,7 @@ class KernelRelay:
             gevent.sleep(0.001)
         self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
         while True:
-            data = _recv_nowait(src.fd) or b""
+            data = _recv_nowait(src.sock) or b""
             if data:
                 dst.sock.sendall(data)
                 src.forwarded += len(data)

@@ -143,7 +143,9 @@ def test_pinned_map_operations(relay_pins):
         assert m.delete(keys[0]) is True
         assert m.delete(keys[0]) is False
         assert m.lookup(keys[0]) is None
-        assert len(m) == 4
+        assert m.pop(keys[1]) == struct.pack("<QQQQI4x", 1, 10, 100, 0, 1)
+        assert m.pop(keys[1]) is None and m.lookup(keys[1]) is None
+        assert len(m) == 3
     with relay_pins.open_map("RELAY_STATS") as stats:
         per_cpu = stats.lookup_percpu(b"\0" * 4)
         assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(40) for v in per_cpu)

@@ -159,9 +159,11 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
     assert client.recv(10) == b"pong"
     client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
     assert relayer.get(timeout=10) == (4, 4, "done")
-    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    assert map_sizes(relay_pins.pin_path)["CONNECTION_MAP"] == 0
     for s in (client, c, u, server):
         s.close()
+    # A finished pair leaves the sockmaps as its sockets close.
+    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
 
 
 def relay_stats(pins: str) -> dict[str, int]:
