@@ -90,14 +90,14 @@ def idle_busy_rate(seconds: float) -> float:
 _KTHREADD = 2  # the parent of every kernel thread
 
 
-def taking_part_cpu_seconds() -> float:
+def taking_part_cpu() -> tuple[dict[int, float], float]:
     """CPU of everything that moves the benchmark's bytes: the processes it started (proxies,
-    origins) and itself, the load generators it has waited for, and the kernel threads
-    (sockmap's kworkers, ksoftirqd). Softirq work is charged to the task it interrupts (tick
-    accounting), so it lands in these too. The machine's other, unrelated load stays out."""
+    origins) and itself, and the kernel threads (sockmap's kworkers, ksoftirqd), by pid; and
+    the load generators it has waited for. Softirq work is charged to the task it interrupts
+    (tick accounting), so it lands in these too. The machine's other, unrelated load stays out."""
     finished = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (cpu_seconds(process_tree(os.getpid())) + cpu_seconds(process_tree(_KTHREADD))
-            + finished.ru_utime + finished.ru_stime)
+    pids = process_tree(os.getpid()) + process_tree(_KTHREADD)
+    return {pid: cpu_seconds([pid]) for pid in pids}, finished.ru_utime + finished.ru_stime
 
 
 class CpuMeter:
@@ -106,12 +106,16 @@ class CpuMeter:
 
     def __init__(self, pids: list[int]):
         self._pids = pids
-        self._proc0, self._all0 = cpu_seconds(pids), taking_part_cpu_seconds()
+        self._proc0, self._all0 = cpu_seconds(pids), taking_part_cpu()
         self._switches0 = context_switches()
 
     def read(self) -> tuple[float, float]:
         """(the system's own CPU-seconds, CPU-seconds of everything taking part) so far."""
-        return cpu_seconds(self._pids) - self._proc0, taking_part_cpu_seconds() - self._all0
+        (start, waited0), (end, waited) = self._all0, taking_part_cpu()
+        # By pid, over the processes alive at the end: an idle kworker that exits meanwhile
+        # takes its whole CPU history with it, which a plain difference of sums would subtract.
+        total = sum(cpu - start.get(pid, 0.0) for pid, cpu in end.items()) + waited - waited0
+        return cpu_seconds(self._pids) - self._proc0, total
 
     def switches(self) -> int:
         """Context switches on the whole machine so far (a kernel relay that wakes a
