@@ -16,9 +16,11 @@ Registration (nothing lost, nothing reordered):
     programs), then into SOCK_MAP (the verdict). The verdict redirects through
     SOCK_TARGETS, so its target exists before any verdict runs; a redirect to a
     socket not in the map would drop bytes the sender already saw ACKed.
- 4. Kick both sockets (SO_RCVLOWAT): bytes that arrived between step 1 and
-    step 3 wait in the receive queue until something runs the verdict; this
-    runs it now, in order, ahead of later segments.
+ 4. Kick each socket that got bytes after step 1 (SO_RCVLOWAT): bytes that
+    arrived between step 1 and step 3 wait in the receive queue until something
+    runs the verdict; this runs it now, in order, ahead of later segments.
+    TCP_INFO's bytes_received tells whether any arrived; later ones run the
+    verdict themselves.
 
 A socket that already got its FIN cannot enter a sockmap; such a pair is
 relayed in userspace (UserspaceRelay), or, when only the last insertion
