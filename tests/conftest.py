@@ -40,6 +40,18 @@ def plain():
         b.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stale_pins_swept():
+    """Pin directories of test processes that were killed outright (no finally ran) go
+    before this run starts: their names carry the pid that made them."""
+    from sniproxy import bpfload
+    for path in Path("/sys/fs/bpf").glob("sniproxy-test-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            bpfload.unpin(str(path))
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def pin_path():
     """A bpffs directory of this test's own; removed even when the test fails."""
