@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 READ_SIZE = 16 * 1024
 TLS_ALERT_UNRECOGNIZED_NAME = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
+HTTP_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HTTP_MISDIRECTED = b"HTTP/1.1 421 Misdirected Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HTTP_UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _PARSERS = {"tls": parse_client_hello, "http": parse_http_request}
@@ -100,7 +101,7 @@ def read_first_flight(client: socket.socket, protocol: str, timeout: float) -> t
                 except NotThisProtocol:
                     return data, FirstFlight(None, (), f"not_{protocol}")
                 except Malformed as e:
-                    raise Refused("malformed", str(e)) from None
+                    raise Refused("malformed", str(e), HTTP_BAD_REQUEST if protocol == "http" else b"") from None
                 if result is not NEED_MORE:
                     return data, result
     except gevent.Timeout:

@@ -139,7 +139,12 @@ def test_http_listener_routes_by_host(proxy, plain):
     assert subprocess.run(["curl", "-s", "--max-time", "10", "-x", f"http://127.0.0.1:{port}", "http://a.test/"],
                           capture_output=True, text=True).stdout == "backend=a\n"
     assert get(f"http://127.0.0.1:{port}/", "nowhere.test") == "421"
-    assert stats(p)["refused_no_route"] == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:    # RFC 9112: HTTP/1.1 needs a Host
+        s.sendall(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    counters = stats(p)
+    assert counters["refused_no_route"] == 1 and counters["refused_malformed"] == 1
+    assert (a.accepted, b.accepted) == (2, 1)
 
 
 def test_star_backend_resolves_with_dnsmasq(proxy, backends, tmp_path):
