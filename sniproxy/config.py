@@ -55,6 +55,8 @@ class TimeoutsConfig(_Section):
     client_hello: float = 5.0
     connect: float = 5.0
     idle: float = 600.0
+    # Once one direction has finished, the other may idle this long; absent: `idle`.
+    half_closed: float | None = None
 
 
 class LogConfig(_Section):
@@ -202,8 +204,8 @@ def check(cfg: Config):
     for key in ("graceful_timeout", "worker_timeout"):
         if getattr(m, key) <= 0:
             yield bad(f"master.{key}", getattr(m, key), "must be positive")
-    for key in ("client_hello", "connect", "idle"):
-        if getattr(cfg.timeouts, key) <= 0:
+    for key in ("client_hello", "connect", "idle", "half_closed"):
+        if getattr(cfg.timeouts, key) is not None and getattr(cfg.timeouts, key) <= 0:
             yield bad(f"timeouts.{key}", getattr(cfg.timeouts, key), "must be positive")
     if not cfg.bpf.pin_path.startswith("/"):
         yield bad("bpf.pin_path", cfg.bpf.pin_path, "must be an absolute path")

@@ -56,7 +56,8 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket
         record["backend"] = address
         upstream.sendall(data)
         record["up"] = len(data)
-        result = worker.relay.relay(client, upstream, worker.cfg.timeouts.idle)
+        timeouts = worker.cfg.timeouts
+        result = worker.relay.relay(client, upstream, timeouts.idle, timeouts.half_closed)
         kind = worker.relay.kind
         worker.counters.add(f"relayed_{kind}")
         if kind == "userspace":

@@ -50,7 +50,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import RelayResult, UserspaceRelay
+from .relay import RelayResult, UserspaceRelay, idle_limit
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -290,15 +290,16 @@ class KernelRelay:
 
     # -- the life of a pair -------------------------------------------------
 
-    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float) -> RelayResult:
+    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+              half_closed_timeout: float | None = None) -> RelayResult:
         pair = _Pair(client, upstream)
         outcome = "error"
         try:
             if not self._register(pair):
                 # Too late for the kernel: a short exchange that already half-closed.
-                result = self._fallback.relay(client, upstream, idle_timeout)
+                result = self._fallback.relay(client, upstream, idle_timeout, half_closed_timeout)
                 return result._replace(up=result.up + pair.client.early, down=result.down + pair.upstream.early)
-            outcome = self._watch(pair, idle_timeout)
+            outcome = self._watch(pair, idle_timeout, half_closed_timeout)
         except OSError as e:
             if e.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
                 outcome = "reset"            # a peer went away: an outcome, not a fault
@@ -312,7 +313,7 @@ class KernelRelay:
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
         return RelayResult(up, down, outcome)
 
-    def _watch(self, pair: _Pair, idle_timeout: float) -> str:
+    def _watch(self, pair: _Pair, idle_timeout: float, half_closed_timeout: float | None) -> str:
         c, u = pair.client, pair.upstream
         now = time.monotonic()
         last_activity, last_check = now, now
@@ -322,6 +323,7 @@ class KernelRelay:
             pair.wake.wait(timeout=interval)
             pair.wake.clear()
             now = time.monotonic()
+            limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=c.fin_sent or u.fin_sent)
             # The verdict's counts first: read after TCP_INFO, bytes redirected in
             # between would look queued and could pause a direction for nothing.
             kernel = {side: self._counts(side) for side in (c, u)}  # (redirected, passed)
@@ -348,7 +350,7 @@ class KernelRelay:
                     self._pause(src)
                 elif src.paused and queued <= self.max_queued // 2:
                     try:
-                        with gevent.Timeout(idle_timeout):
+                        with gevent.Timeout(limit):
                             self._resume(src, dst)
                     except gevent.Timeout:
                         return "idle_timeout"  # the reader stopped reading altogether
@@ -377,14 +379,14 @@ class KernelRelay:
                 # Check again before the queue could grow past the bound at this rate.
                 headroom = max(self.max_queued - worst_queued, 0)
                 interval = headroom / (2 * rate) if rate > 0 else MIN_CHECK_INTERVAL
-            elif now - last_activity >= idle_timeout:
+            elif now - last_activity >= limit:
                 return "idle_timeout"
             else:
                 interval *= 2  # idle pairs cost less and less
             last_sample, last_check = sample, now
             ceiling = DRAIN_CHECK_INTERVAL if waiting else MAX_CHECK_INTERVAL
             interval = min(max(interval, MIN_CHECK_INTERVAL), ceiling,
-                           max(last_activity + idle_timeout - now, MIN_CHECK_INTERVAL))
+                           max(last_activity + limit - now, MIN_CHECK_INTERVAL))
 
     def _counts(self, side: _Side) -> tuple[int, int]:
         """(bytes redirected, bytes kept while paused) as the verdict counted them."""

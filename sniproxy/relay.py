@@ -24,11 +24,20 @@ class RelayResult(NamedTuple):
 class Relay(Protocol):
     kind: str
 
-    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float) -> RelayResult:
+    def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+              half_closed_timeout: float | None = None) -> RelayResult:
         """Block the calling greenlet until both directions are done. The caller
-        has sent the first flight and closes both sockets afterwards."""
+        has sent the first flight and closes both sockets afterwards. Once one
+        direction is done, half_closed_timeout (if shorter) replaces idle_timeout."""
 
     def close(self) -> None: ...
+
+
+def idle_limit(idle_timeout: float, half_closed_timeout: float | None, half_closed: bool) -> float:
+    """How long a pair may go without moving a byte."""
+    if half_closed and half_closed_timeout is not None:
+        return min(idle_timeout, half_closed_timeout)
+    return idle_timeout
 
 
 class BufferPool:
@@ -51,7 +60,7 @@ class UserspaceRelay:
     def __init__(self, buffer_size: int = 256 * 1024):
         self.pool = BufferPool(buffer_size)
 
-    def relay(self, client, upstream, idle_timeout: float) -> RelayResult:
+    def relay(self, client, upstream, idle_timeout: float, half_closed_timeout: float | None = None) -> RelayResult:
         last = [time.monotonic()]
         counts = [0, 0]
         up = gevent.spawn(self._pump, client, upstream, last, counts, 0)
@@ -60,11 +69,13 @@ class UserspaceRelay:
         while not (up.dead and down.dead):
             # Wake when either direction ends: a reset on one side ends both.
             live = [g for g in (up, down) if not g.dead]
-            gevent.wait(live, timeout=max(0.05, last[0] + idle_timeout - time.monotonic()), count=1)
+            limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=len(live) < 2)
+            gevent.wait(live, timeout=max(0.05, last[0] + limit - time.monotonic()), count=1)
             if any(g.dead and g.value is False for g in (up, down)):
                 outcome = "reset"
                 break
-            if time.monotonic() - last[0] >= idle_timeout and not (up.dead and down.dead):
+            limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=up.dead or down.dead)
+            if time.monotonic() - last[0] >= limit and not (up.dead and down.dead):
                 outcome = "idle_timeout"
                 break
         gevent.killall((up, down))

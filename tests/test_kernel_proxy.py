@@ -232,3 +232,29 @@ def test_xdp_filter_on_a_veth_drops_denied_hosts_and_detaches(proxy, backends, p
         assert p.stop() == 0
         assert ns.host_ifname not in subprocess.run(["bpftool", "net", "show"], capture_output=True,
                                                     text=True).stdout
+
+
+@pytest.mark.parametrize("mode", ["require", "off"])
+def test_half_closed_pair_ends_after_half_closed_timeout(proxy, pin_path, mode):
+    """The client has finished; the backend never answers and never closes. The pair
+    ends after timeouts.half_closed, long before timeouts.idle."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = free_port()
+        p = proxy(make_config(port, [], fallback=f"127.0.0.1:{silent.getsockname()[1]}", mode=mode,
+                              pin_path=pin_path, extra="[timeouts]\nidle = 60.0\nhalf_closed = 0.5\n"),
+                  wait_ports=(port,))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"not a ClientHello\r\n")
+            held, _ = silent.accept()
+            with held:
+                held.settimeout(10)
+                assert held.recv(100) == b"not a ClientHello\r\n"
+                client.shutdown(socket.SHUT_WR)
+                assert held.recv(100) == b""              # the half-close is carried at once
+                start = time.monotonic()
+                assert client.recv(100) == b""            # then the proxy gives up on the silent side
+                elapsed = time.monotonic() - start
+    assert 0.3 < elapsed < 5
+    wait_until(lambda: stats(p)["idle_timeout"] == 1, what="the idle_timeout count")
