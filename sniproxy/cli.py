@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot read config {args.config}: {e.strerror}", file=sys.stderr)
         return 1
     logging.getLogger().setLevel(cfg.log.level.upper())
-    return COMMANDS[args.command](cfg, args)
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except BrokenPipeError:
+        # The reader went away (`stats | head`): no traceback, and nothing more to write.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def cmd_check(cfg: Config, args) -> int:

@@ -297,6 +297,15 @@ def test_daemon_start_status_stop(proxy, backends):
         # Workers start one after another; the first may serve before the second exists.
         wanted = (f"sniproxy: master {p.path}", "sniproxy: worker 0", "sniproxy: worker 1")
         wait_until(lambda: all(t in _process_titles() for t in wanted), what="the process titles")
+        # `stats | head`: a reader that is gone gets no traceback.
+        gone, write_end = os.pipe()
+        os.close(gone)
+        try:
+            piped = subprocess.run([*__import__("harness").MASTER, "stats", "-c", str(p.path)],
+                                   stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=30)
+        finally:
+            os.close(write_end)
+        assert piped.returncode == 1 and piped.stderr == ""
     finally:
         assert p.cli("stop").returncode == 0
     assert p.cli("status").returncode == 3
