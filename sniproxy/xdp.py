@@ -29,8 +29,6 @@ MODE_FLAGS = {
 ALLOW_MAPS = {4: "ACCESS_ALLOW_V4", 6: "ACCESS_ALLOW_V6"}
 DENY_MAPS = {4: "ACCESS_DENY_V4", 6: "ACCESS_DENY_V6"}
 XDP_CONFIG = struct.Struct("=II")   # allow_list_active, ports_only
-XDP_STATS = struct.Struct("=QQQ")
-STAT_NAMES = ("passed", "dropped_deny", "dropped_not_allowed")
 ARRAY_KEY_0 = struct.pack("=I", 0)
 RULE_PRESENT = b"\x01"
 
@@ -86,12 +84,11 @@ def _apply_rules(maps: dict[str, PinnedMap], allow_nets: list[Network], deny_net
 
 def xdp_counters(pin_path: str) -> dict[str, int]:
     """XDP_STATS summed over CPUs."""
-    with PinnedMap.open(os.path.join(pin_path, "XDP_STATS")) as stats:
-        per_cpu = stats.lookup_percpu(ARRAY_KEY_0)
-    totals = dict.fromkeys(STAT_NAMES, 0)
-    for value in per_cpu:
-        for name, n in zip(STAT_NAMES, XDP_STATS.unpack(bytes(value))):
-            totals[name] += n
+    from .stats import PERCPU_COUNTERS, percpu_totals
+    path = os.path.join(pin_path, "XDP_STATS")
+    totals = percpu_totals(path, PERCPU_COUNTERS["XDP_STATS"])
+    if totals is None:
+        raise FileNotFoundError(path)
     return totals
 
 

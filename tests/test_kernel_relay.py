@@ -19,6 +19,7 @@ import pytest
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_relay import KernelRelay
+from sniproxy.stats import percpu_totals
 
 pytestmark = pytest.mark.bpf
 MiB = 1 << 20
@@ -167,10 +168,8 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
 
 
 def relay_stats(pins: str) -> dict[str, int]:
-    """RELAY_STATS summed over the CPUs."""
-    with PinnedMap.open(f"{pins}/RELAY_STATS") as m:
-        per_cpu = [struct.unpack(f"<{len(RELAY_STATS)}Q", v) for v in m.lookup_percpu(b"\0" * 4)]
-    return dict(zip(RELAY_STATS, map(sum, zip(*per_cpu))))
+    """RELAY_STATS summed over the CPUs, with this test's own field layout."""
+    return percpu_totals(f"{pins}/RELAY_STATS", RELAY_STATS)
 
 
 def wait_for_sock_map(pins: str, count: int) -> None:
