@@ -170,9 +170,9 @@ def forget_in_child() -> None:
     BCC registers `atexit(BPF.cleanup)` for every object. A worker forked from
     the master inherits those registrations; when it exits through sys.exit it
     would close the inherited fds and destroy its copy of the module (and any
-    attached probes). Workers reach the pinned objects by path instead, so they
-    unregister the cleanups right after fork. Registered with
-    os.register_at_fork, so it also runs for forks that forget to call it.
+    attached probes). Workers reach the pinned objects by path instead, so the
+    cleanups are unregistered in every child right after fork: this runs as an
+    os.register_at_fork hook, and nothing needs to call it.
     """
     for obj in list(_live_objects):
         atexit.unregister(obj.cleanup)
@@ -205,17 +205,11 @@ class LoadedBpf:
         for module in self._modules:
             atexit.unregister(module.cleanup)
             module.cleanup()
-        self._modules.clear()
-        self.map_fds.clear()
-        self.program_fds.clear()
+        self._forget()
 
     def unpin(self) -> None:
         self.close()
         unpin(self.pin_path)
-
-    def forget_in_child(self) -> None:
-        """In a forked worker: never run the master's BPF cleanup (see the module function)."""
-        forget_in_child()
 
     def _forget(self) -> None:
         self._modules.clear()

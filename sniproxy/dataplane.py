@@ -75,11 +75,6 @@ class DataPlane:
         if self.loaded is not None:
             self._load_access_rules(cfg)
 
-    def forget_in_child(self) -> None:
-        """In a forked worker: never run the master's BPF cleanup."""
-        if self.loaded is not None:
-            self.loaded.forget_in_child()
-
     def stop(self) -> None:
         if self.xdp_attached:
             from . import xdp

@@ -236,11 +236,11 @@ class Master:
         pid = os.fork()
         if pid == 0:
             # The child must never return into the master's loop or run its atexit
-            # handlers (BCC's would close the master's BPF objects).
+            # handlers (BCC's would close the master's BPF objects; bpfload's
+            # at-fork hook has already unregistered them in this child).
             try:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wake_r)
-                self.dataplane.forget_in_child()
                 worker.access_log = AccessLog(self.cfg.log.access)
                 worker.run()
             finally:
