@@ -272,7 +272,9 @@ class KernelRelay:
     def _unregister(self, pair: _Pair, finished: bool) -> tuple[int, int]:
         """Remove the pair everywhere; return (up, down) as the kernel counted them.
         A finished pair (both FINs carried) receives nothing more, and closing a
-        socket removes it from every sockmap, so only the hash entries go."""
+        socket removes it from every sockmap, so only its CONNECTION_MAP entries
+        go: no side is paused then (a FIN is carried only after a resume, which
+        removes the RELAY_CONTROL entry)."""
         if not finished:
             self._forget_sockets(pair)
         counts = []
@@ -282,8 +284,6 @@ class KernelRelay:
                     self._epoll.unregister(side.fd)
                 except OSError:
                     pass
-            if finished and side.pauses:
-                self.control.delete(side.key)
             raw = self.connections.pop(side.key)
             counts.append(side.early + side.forwarded + (_CONNECTION.unpack(raw)[1] if raw else 0))
         return counts[0], counts[1]
