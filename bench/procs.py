@@ -76,29 +76,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def listening_ports() -> set[int]:
-    ports = set()
+def _tcp_sockets():
+    """(local port, state in hex) of every TCP socket, IPv4 and IPv6."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
-                if fields[3] == "0A":  # TCP_LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+                yield int(fields[1].rsplit(":", 1)[1], 16), fields[3]
+
+
+def listening_ports() -> set[int]:
+    return {port for port, state in _tcp_sockets() if state == "0A"}  # TCP_LISTEN
 
 
 def established_count(local_port: int) -> int:
     """Established TCP sockets whose local port is local_port (one per accepted connection)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == local_port:
-                    count += 1
-    return count
+    return sum(1 for port, state in _tcp_sockets() if state == "01" and port == local_port)
 
 
 def wait_listening(proc: subprocess.Popen, ports: list[int], log_path: Path, timeout: float) -> None:

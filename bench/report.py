@@ -71,16 +71,6 @@ def _ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}"
 
 
-def _best_peer(rows: list[dict], row: dict) -> tuple[str, float] | None:
-    peers = [r for r in rows if r["system"] in PEERS and r["status"] == "ok"
-             and r["scenario"] == row["scenario"] and r["metric"] == row["metric"]]
-    if not peers:
-        return None
-    pick = min if row["better"] == LOWER else max
-    best = pick(peers, key=lambda r: r["median"])
-    return best["system"], best["median"]
-
-
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -100,7 +90,7 @@ def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
         "connections, per connection held; `kernel_relayed_conns` counts the held connections whose "
         "sockets are in the pinned SOCK_MAP.", ""]
     lines += targets.markdown(targets.evaluate(rows, PEERS))
-    direct = {(r["scenario"], r["metric"]): r["median"] for r in rows if r["system"] == "direct"}
+    medians = targets.Medians(rows, PEERS)
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
         lines += [f"## {scenario}", "",
                   "| metric | system | median | min | max | n | vs direct | vs best peer |",
@@ -110,11 +100,12 @@ def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
             if row["status"] != "ok":
                 lines.append(f"| {metric} | {row['system']} | failed: {row['error']} |  |  |  |  |  |")
                 continue
-            best = _best_peer(rows, row)
-            vs_peer = f"{_ratio(row['median'], best[1])} ({best[0]})" if best else "-"
+            peer, best = medians.best_peer(scenario, row["metric"], min if row["better"] == LOWER else max)
+            vs_peer = f"{_ratio(row['median'], best)} ({peer})" if best is not None else "-"
+            direct = medians.get(targets.DIRECT, scenario, row["metric"])
             lines.append(f"| {metric} | {row['system']} | {_fmt(row['median'])} | {_fmt(row['min'])} | "
                          f"{_fmt(row['max'])} | {row['repeats']} | "
-                         f"{_ratio(row['median'], direct.get((scenario, row['metric'])))} | {vs_peer} |")
+                         f"{_ratio(row['median'], direct)} | {vs_peer} |")
         lines.append("")
     path.write_text("\n".join(lines))
 

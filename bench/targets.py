@@ -15,7 +15,9 @@ class Verdict:
     met: bool | None   # None: a side of the comparison was not measured
 
 
-class _Medians:
+class Medians:
+    """The medians of one run's successful rows, by system, scenario and metric."""
+
     def __init__(self, rows: list[dict], peers: tuple[str, ...]):
         self.peers = peers
         self._by_key = {(r["system"], r["scenario"], r["metric"]): r for r in rows if r["status"] == "ok"}
@@ -36,7 +38,7 @@ class _Medians:
         return name, measured[name]
 
 
-def _relative(medians: _Medians, scenario: str, metric: str, comparison, factor: float,
+def _relative(medians: Medians, scenario: str, metric: str, comparison, factor: float,
               reference: tuple[str, float | None], target: str) -> Verdict:
     """eBPF's median against factor x a reference system's median."""
     value, (ref_name, ref) = medians.get(EBPF, scenario, metric), reference
@@ -48,7 +50,7 @@ def _relative(medians: _Medians, scenario: str, metric: str, comparison, factor:
     return Verdict(target, measured, comparison(value, factor * ref))
 
 
-def _absolute(medians: _Medians, scenario: str, metric: str, comparison, limit: float,
+def _absolute(medians: Medians, scenario: str, metric: str, comparison, limit: float,
               target: str, note: str = "") -> Verdict:
     value = medians.get(EBPF, scenario, metric)
     if value is None:
@@ -63,7 +65,7 @@ def _num(value: float | None) -> str:
 
 
 def evaluate(rows: list[dict], peers: tuple[str, ...]) -> list[Verdict]:
-    medians = _Medians(rows, peers)
+    medians = Medians(rows, peers)
     verdicts = []
     bulk = [r["metric"] for r in rows if r["system"] == EBPF and r["scenario"] == "bulk"
             and r["metric"].startswith("gbps_")]
