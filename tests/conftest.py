@@ -40,28 +40,30 @@ def plain():
         b.close()
 
 
+def _remove_pins(path: str) -> None:
+    from sniproxy import bpfload
+    bpfload.unpin(path)
+    shutil.rmtree(path, ignore_errors=True)   # and whatever a crashed master left unlisted
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stale_pins_swept():
     """Pin directories of test processes that were killed outright (no finally ran) go
     before this run starts: their names carry the pid that made them."""
-    from sniproxy import bpfload
     for path in Path("/sys/fs/bpf").glob("sniproxy-test-*"):
         pid = path.name.split("-")[2]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            bpfload.unpin(str(path))
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_pins(str(path))
 
 
 @pytest.fixture
 def pin_path():
     """A bpffs directory of this test's own; removed even when the test fails."""
-    from sniproxy import bpfload
     path = str(Path("/sys/fs/bpf") / unique("sniproxy-test"))
     try:
         yield path
     finally:
-        bpfload.unpin(path)
-        shutil.rmtree(path, ignore_errors=True)   # and whatever a crashed master left unlisted
+        _remove_pins(path)
 
 
 @pytest.fixture
