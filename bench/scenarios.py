@@ -150,15 +150,15 @@ class Latency(Scenario):
 
 
 class ConnRate(Scenario):
-    """New TLS connections per second (wrk, one request per connection) routed by SNI."""
+    """New TLS connections per second (h2load, one request per connection) routed by SNI."""
     name = "conn_rate"
 
     def metrics(self, system, settings):
         return [Metric("conn_per_s", "conn/s", HIGHER)]
 
     def measure(self, system, ctx):
-        return {"conn_per_s": tools.wrk_new_connections(system.address("tls"), ctx.settings.seconds,
-                                                        ctx.workdir, ctx.settings.slack)}
+        return {"conn_per_s": tools.h2load_new_connections(system.address("tls"), ctx.settings.seconds,
+                                                           ctx.settings.slack)}
 
 
 class Concurrency(Scenario):

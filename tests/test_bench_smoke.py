@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "haproxy", "nginx", "sniproxy-debian"}
 SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "worker_scaling"}
 WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "haproxy", "nginx"}
-TOOLS = ["iperf3", "wrk", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
+TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
 
 def test_bench_smoke(tmp_path):
