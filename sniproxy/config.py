@@ -37,6 +37,10 @@ class BpfConfig(_Section):
     xdp_ports_only: bool = True      # filter only TCP to the listeners' ports; pass other traffic
     sndbuf: int = 32 << 20           # send/receive buffers of kernel-relayed sockets
     max_queued: int = 64 << 20       # bytes the kernel may queue toward a slow reader
+    # A pair starts in the userspace relay and moves to the kernel once this many bytes
+    # moved or it lived this long: registering costs more than relaying a short exchange.
+    handoff_bytes: int = 64 << 10
+    handoff_after: float = 0.1
 
 
 class AccessConfig(_Section):
@@ -212,6 +216,9 @@ def check(cfg: Config):
     for key in ("sndbuf", "max_queued"):
         if getattr(cfg.bpf, key) <= 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be positive")
+    for key in ("handoff_bytes", "handoff_after"):
+        if getattr(cfg.bpf, key) < 0:
+            yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 (at once) or more")
     if cfg.resolver.cache_size <= 0:
         yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
     for kind in ("allow", "deny"):

@@ -58,7 +58,7 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket
         record["up"] = len(data)
         timeouts = worker.cfg.timeouts
         result = worker.relay.relay(client, upstream, timeouts.idle, timeouts.half_closed)
-        kind = worker.relay.kind
+        kind = result.kind
         worker.counters.add(f"relayed_{kind}")
         if kind == "userspace":
             worker.counters.add("bytes_up_userspace", len(data) + result.up)

@@ -2,6 +2,11 @@
 in bpf/relay.c and never reach userspace; userspace only registers the pair,
 carries half-closes, bounds the kernel's queue, and notices the end.
 
+With a Handoff, a pair starts in the userspace relay, which stops with no byte
+in hand once the handoff is due (bytes moved, or age); registration follows.
+Short exchanges end before that and never touch the maps: registering and
+removing a pair costs the worker more than relaying a few KiB.
+
 Registration (nothing lost, nothing reordered):
  1. Drain each socket's receive queue in userspace and forward it to the peer
     with sendall. These are early bytes sitting behind the first flight (or
@@ -50,7 +55,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import RelayResult, UserspaceRelay, idle_limit
+from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, plain
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -67,8 +72,6 @@ DIRECTION_UP, DIRECTION_DOWN = 1, 2       # enum relay_direction: client->upstre
 _CONTROL = struct.Struct("<IIQ")       # struct relay_control: mode, pad, forwarded
 MODE_PAUSED, MODE_RESUMING = 1, 2
 _SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL = 324, 1  # x86_64 syscall number
-# The unpatched socket class: in a monkey-patched worker socket.socket waits on EAGAIN.
-_PlainSocket = gevent.monkey.get_original("socket", "socket")
 _DRAIN_CHUNK = 1 << 20
 
 MIN_CHECK_INTERVAL = 0.002
@@ -98,8 +101,7 @@ class TcpCounters:
 def _recv_nowait(sock: socket.socket) -> bytes | None:
     """Up to _DRAIN_CHUNK bytes waiting on sock, or None when none wait (never blocks,
     even in a gevent worker)."""
-    # Family, type and proto given, so wrapping the fd costs no getsockopt calls.
-    raw = _PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+    raw = plain(sock)
     try:
         return raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -166,9 +168,10 @@ class _Pair:
 class KernelRelay:
     kind = "kernel"
 
-    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20):
-        self.max_queued, self.sndbuf = max_queued, sndbuf
-        self._fallback = UserspaceRelay()
+    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20,
+                 handoff: Handoff | None = None):
+        self.max_queued, self.sndbuf, self.handoff = max_queued, sndbuf, handoff
+        self._userspace = UserspaceRelay()
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections, self.control = (
@@ -292,12 +295,24 @@ class KernelRelay:
 
     def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
               half_closed_timeout: float | None = None) -> RelayResult:
+        """With a handoff, the pair starts in the userspace relay, which stops (with no
+        byte in hand) once the handoff is due; a short exchange ends there."""
+        before = RelayResult(0, 0, "handoff")
+        if self.handoff is not None:
+            before = self._userspace.relay(client, upstream, idle_timeout, half_closed_timeout, self.handoff)
+            if before.outcome != "handoff":
+                return before
+        result = self._relay_in_kernel(client, upstream, idle_timeout, half_closed_timeout)
+        return result._replace(up=result.up + before.up, down=result.down + before.down)
+
+    def _relay_in_kernel(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+                         half_closed_timeout: float | None) -> RelayResult:
         pair = _Pair(client, upstream)
         outcome = "error"
         try:
             if not self._register(pair):
                 # Too late for the kernel: a short exchange that already half-closed.
-                result = self._fallback.relay(client, upstream, idle_timeout, half_closed_timeout)
+                result = self._userspace.relay(client, upstream, idle_timeout, half_closed_timeout)
                 return result._replace(up=result.up + pair.client.early, down=result.down + pair.upstream.early)
             outcome = self._watch(pair, idle_timeout, half_closed_timeout)
         except OSError as e:
@@ -311,7 +326,7 @@ class KernelRelay:
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
-        return RelayResult(up, down, outcome)
+        return RelayResult(up, down, outcome, self.kind)
 
     def _watch(self, pair: _Pair, idle_timeout: float, half_closed_timeout: float | None) -> str:
         c, u = pair.client, pair.upstream

@@ -6,19 +6,27 @@ done, carrying half-close, and reports the byte counts. The kernel relay
 """
 from __future__ import annotations
 
+import _socket
 import socket
 import time
 from typing import NamedTuple, Protocol
 
 import gevent
-import gevent.socket
-from gevent.queue import SimpleQueue
+from gevent.hub import Waiter
 
 
 class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
-    outcome: str   # "done" | "idle_timeout" | "reset" | "slow_reader" | "error"
+    outcome: str   # "done" | "idle_timeout" | "reset" | "slow_reader" | "error" | "handoff"
+    kind: str = "userspace"  # which relay carried the connection's bulk
+
+
+class Handoff(NamedTuple):
+    """When a userspace relay stops for the kernel relay to take over: once this many
+    bytes moved, or the pair has lived this long, whichever comes first."""
+    bytes: int
+    after: float
 
 
 class Relay(Protocol):
@@ -40,68 +48,157 @@ def idle_limit(idle_timeout: float, half_closed_timeout: float | None, half_clos
     return idle_timeout
 
 
-class BufferPool:
-    """Large buffers lent only while bytes are in hand, so idle connections hold none."""
+# The C socket type: gevent never patches it, and it has no Python-level constructor.
+_PlainSocket = _socket.socket
+_READ, _WRITE = 1, 2  # libev event masks
+_NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
 
-    def __init__(self, size: int = 256 * 1024):
-        self.size = size
-        self._free: SimpleQueue = SimpleQueue()
 
-    def take(self) -> bytearray:
-        return self._free.get_nowait() if not self._free.empty() else bytearray(self.size)
+def plain(sock: socket.socket) -> socket.socket:
+    """A non-waiting socket object on sock's descriptor; detach() it after use. Family,
+    type and proto are given, so wrapping the descriptor costs no getsockopt calls."""
+    return _PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
 
-    def give(self, buf: bytearray) -> None:
-        self._free.put(buf)
+
+class _Direction:
+    """Bytes from src to dst: what was read and not yet sent waits in `pending`."""
+    __slots__ = ("src", "dst", "pending", "eof", "count")
+
+    def __init__(self, src: socket.socket, dst: socket.socket):
+        self.src, self.dst = src, dst
+        self.pending: memoryview | None = None
+        self.eof = False     # src sent its FIN (carried to dst once pending is empty)
+        self.count = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.eof and self.pending is None
+
+
+class _Readiness:
+    """Waits in the calling greenlet until one of several descriptors is ready, or a
+    timeout: one greenlet serves both directions, with no watchers left between waits."""
+
+    def __init__(self):
+        self.hub = gevent.get_hub()
+        self._watchers: dict[tuple[int, int], object] = {}
+
+    def wait(self, wanted: list[tuple[int, int]], timeout: float) -> tuple[int, int] | None:
+        """The (fd, event) that became ready first, or None at the timeout."""
+        waiter = Waiter(self.hub)
+        started = []
+        for key in wanted:
+            watcher = self._watchers.get(key)
+            if watcher is None:
+                watcher = self._watchers[key] = self.hub.loop.io(*key)
+            watcher.start(waiter.switch, key)
+            started.append(watcher)
+        timer = self.hub.loop.timer(max(timeout, 0.0))
+        timer.start(waiter.switch, None)
+        try:
+            return waiter.get()
+        finally:
+            timer.close()
+            for watcher in started:
+                watcher.stop()
+
+    def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.close()
+        self._watchers.clear()
 
 
 class UserspaceRelay:
     kind = "userspace"
+    READS_PER_TURN = 8   # so that one busy direction cannot starve the other
 
     def __init__(self, buffer_size: int = 256 * 1024):
-        self.pool = BufferPool(buffer_size)
+        # One buffer per worker: bytes are sent on at once, and what the peer cannot
+        # take yet is copied out, so idle connections hold no buffer.
+        self._buffer = memoryview(bytearray(buffer_size))
 
-    def relay(self, client, upstream, idle_timeout: float, half_closed_timeout: float | None = None) -> RelayResult:
-        last = [time.monotonic()]
-        counts = [0, 0]
-        up = gevent.spawn(self._pump, client, upstream, last, counts, 0)
-        down = gevent.spawn(self._pump, upstream, client, last, counts, 1)
+    def relay(self, client, upstream, idle_timeout: float, half_closed_timeout: float | None = None,
+              handoff: Handoff | None = None) -> RelayResult:
+        """With handoff, stop with outcome "handoff" once it is due, at a point where no
+        byte is in hand and neither side has sent its FIN."""
+        c, u = plain(client), plain(upstream)
+        up, down = _Direction(c, u), _Direction(u, c)
+        directions = (up, down)
+        readiness = _Readiness()
+        start = last = time.monotonic()
         outcome = "done"
-        while not (up.dead and down.dead):
-            # Wake when either direction ends: a reset on one side ends both.
-            live = [g for g in (up, down) if not g.dead]
-            limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=len(live) < 2)
-            gevent.wait(live, timeout=max(0.05, last[0] + limit - time.monotonic()), count=1)
-            if any(g.dead and g.value is False for g in (up, down)):
-                outcome = "reset"
-                break
-            limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=up.dead or down.dead)
-            if time.monotonic() - last[0] >= limit and not (up.dead and down.dead):
-                outcome = "idle_timeout"
-                break
-        gevent.killall((up, down))
-        return RelayResult(counts[0], counts[1], outcome)
-
-    def _pump(self, src, dst, last, counts, index) -> bool:
-        """Copy src to dst until EOF, then half-close dst. False if either side failed."""
-        fd = src.fileno()
+        ready = None     # the first pass tries both directions
         try:
             while True:
-                gevent.socket.wait_read(fd)
-                buf = self.pool.take()
-                try:
-                    n = src.recv_into(buf)
-                    if not n:
-                        break
-                    dst.sendall(memoryview(buf)[:n])
-                finally:
-                    self.pool.give(buf)
-                counts[index] += n
-                last[0] = time.monotonic()
-            dst.shutdown(socket.SHUT_WR)
+                moved = False
+                for d in directions:
+                    if ready is None or ready[0] == (d.dst if d.pending is not None else d.src).fileno():
+                        moved |= self._move(d)
+                now = time.monotonic()
+                if moved:
+                    last = now
+                if up.finished and down.finished:
+                    break
+                half_closed = up.eof or down.eof
+                if handoff is not None and not half_closed and up.pending is None and down.pending is None \
+                        and (up.count + down.count >= handoff.bytes or now - start >= handoff.after):
+                    outcome = "handoff"
+                    break
+                limit = idle_limit(idle_timeout, half_closed_timeout, half_closed)
+                if now - last >= limit:
+                    outcome = "idle_timeout"
+                    break
+                timeout = last + limit - now
+                if handoff is not None and not half_closed:
+                    timeout = min(timeout, start + handoff.after - now)
+                wanted = [(d.dst.fileno(), _WRITE) if d.pending is not None else (d.src.fileno(), _READ)
+                          for d in directions if not d.finished]
+                ready = readiness.wait(wanted, timeout)
+                if ready is None:
+                    ready = (-1, 0)   # a timeout: check the clocks, move nothing
         except OSError:          # a reset is an outcome, not a worker error
+            outcome = "reset"
+        finally:
+            readiness.close()
+            c.detach()
+            u.detach()
+        return RelayResult(up.count, down.count, outcome)
+
+    def _move(self, d: _Direction) -> bool:
+        """Move what can move now without waiting; True if anything did."""
+        if d.pending is not None:
+            try:
+                sent = d.dst.send(d.pending, _NOWAIT)
+            except BlockingIOError:
+                return False
+            d.pending = d.pending[sent:] if sent < len(d.pending) else None
+            if d.pending is None and d.eof:
+                d.dst.shutdown(socket.SHUT_WR)
+            return True
+        if d.eof:
             return False
-        return True
+        moved = False
+        for _ in range(self.READS_PER_TURN):
+            try:
+                n = d.src.recv_into(self._buffer, 0, _NOWAIT)
+            except BlockingIOError:
+                break
+            moved = True
+            if not n:
+                d.eof = True
+                d.dst.shutdown(socket.SHUT_WR)
+                break
+            d.count += n
+            try:
+                sent = d.dst.send(self._buffer[:n], _NOWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                d.pending = memoryview(bytes(self._buffer[sent:n]))
+                break
+            if n < len(self._buffer):
+                break        # the receive queue is empty now
+        return moved
 
     def close(self) -> None:
         pass
-

@@ -101,7 +101,10 @@ class Worker:
     def _open_relay(self):
         if self.relay_kind == "kernel":
             from .kernel_relay import KernelRelay
-            return KernelRelay(self.bpf_pins, max_queued=self.cfg.bpf.max_queued, sndbuf=self.cfg.bpf.sndbuf)
+            from .relay import Handoff
+            bpf = self.cfg.bpf
+            handoff = Handoff(bpf.handoff_bytes, bpf.handoff_after) if bpf.handoff_bytes or bpf.handoff_after else None
+            return KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, handoff=handoff)
         from .relay import UserspaceRelay
         return UserspaceRelay()
 

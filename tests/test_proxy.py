@@ -20,10 +20,10 @@ from harness import (Dnsmasq, Backend, curl, echo_through, free_port, https_get,
 
 
 def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tls", host="127.0.0.1",
-                workers=2, pin_path=None):
+                workers=2, pin_path=None, bpf=""):
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     lines = [f"[master]\nworkers = {workers}\ngraceful_timeout = 10.0\n",
-             f'[bpf]\nmode = "{mode}"\n' + (f'pin_path = "{pin_path}"\n' if pin_path else ""),
+             f'[bpf]\nmode = "{mode}"\n' + (f'pin_path = "{pin_path}"\n' if pin_path else "") + bpf,
              f'[[listener]]\naddress = "{listen}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n']
     for match, backend in routes:
         lines.append(f'[[table.default]]\nmatch = \'{match}\'\nbackend = "{backend}"\n')
