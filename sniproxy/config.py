@@ -6,6 +6,7 @@ line that names the key path and the bad value.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import tomllib
@@ -112,14 +113,19 @@ class HostPort:
 
     @property
     def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
+        return _is_ip_literal(self.host)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@functools.lru_cache(maxsize=1024)   # asked for every connection, of a few configured hosts
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> HostPort:

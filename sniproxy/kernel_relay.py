@@ -55,7 +55,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, plain
+from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -101,13 +101,10 @@ class TcpCounters:
 def _recv_nowait(sock: socket.socket) -> bytes | None:
     """Up to _DRAIN_CHUNK bytes waiting on sock, or None when none wait (never blocks,
     even in a gevent worker)."""
-    raw = plain(sock)
     try:
-        return raw.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+        return raw_socket(sock).recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
     except BlockingIOError:
         return None
-    finally:
-        raw.detach()
 
 
 def _ioctl_int(fd: int, request: int) -> int:

@@ -48,16 +48,14 @@ def idle_limit(idle_timeout: float, half_closed_timeout: float | None, half_clos
     return idle_timeout
 
 
-# The C socket type: gevent never patches it, and it has no Python-level constructor.
-_PlainSocket = _socket.socket
 _READ, _WRITE = 1, 2  # libev event masks
 _NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
 
 
-def plain(sock: socket.socket) -> socket.socket:
-    """A non-waiting socket object on sock's descriptor; detach() it after use. Family,
-    type and proto are given, so wrapping the descriptor costs no getsockopt calls."""
-    return _PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+def raw_socket(sock) -> _socket.socket:
+    """sock's C socket, on which calls with MSG_DONTWAIT return at once even in a gevent
+    worker: a gevent socket wraps one as `_sock` and waits on EAGAIN around it."""
+    return sock if isinstance(sock, _socket.socket) else sock._sock
 
 
 class _Direction:
@@ -77,35 +75,44 @@ class _Direction:
 
 class _Readiness:
     """Waits in the calling greenlet until one of several descriptors is ready, or a
-    timeout: one greenlet serves both directions, with no watchers left between waits."""
+    timeout: one greenlet serves both directions. A watcher stays started while it is
+    wanted, so that consecutive waits on the same descriptors change nothing in epoll."""
 
     def __init__(self):
         self.hub = gevent.get_hub()
         self._watchers: dict[tuple[int, int], object] = {}
+        self._started: set[tuple[int, int]] = set()
+        self._waiter: Waiter | None = None
 
-    def wait(self, wanted: list[tuple[int, int]], timeout: float) -> tuple[int, int] | None:
-        """The (fd, event) that became ready first, or None at the timeout."""
-        waiter = Waiter(self.hub)
-        started = []
-        for key in wanted:
+    def _on_ready(self, key) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.switch(key)
+
+    def wait(self, wanted: set[tuple[int, int]], timeout: float) -> tuple[int, int] | None:
+        """The (fd, event) found ready, or None at the timeout."""
+        for key in self._started - wanted:
+            self._watchers[key].stop()
+        for key in wanted - self._started:
             watcher = self._watchers.get(key)
             if watcher is None:
                 watcher = self._watchers[key] = self.hub.loop.io(*key)
-            watcher.start(waiter.switch, key)
-            started.append(watcher)
+            watcher.start(self._on_ready, key)
+        self._started = wanted
+        self._waiter = Waiter(self.hub)
         timer = self.hub.loop.timer(max(timeout, 0.0))
-        timer.start(waiter.switch, None)
+        timer.start(self._on_ready, None)
         try:
-            return waiter.get()
+            return self._waiter.get()
         finally:
+            self._waiter = None
             timer.close()
-            for watcher in started:
-                watcher.stop()
 
     def close(self) -> None:
         for watcher in self._watchers.values():
             watcher.close()
         self._watchers.clear()
+        self._started = set()
 
 
 class UserspaceRelay:
@@ -121,18 +128,18 @@ class UserspaceRelay:
               handoff: Handoff | None = None) -> RelayResult:
         """With handoff, stop with outcome "handoff" once it is due, at a point where no
         byte is in hand and neither side has sent its FIN."""
-        c, u = plain(client), plain(upstream)
+        c, u = raw_socket(client), raw_socket(upstream)
         up, down = _Direction(c, u), _Direction(u, c)
         directions = (up, down)
         readiness = _Readiness()
         start = last = time.monotonic()
         outcome = "done"
-        ready = None     # the first pass tries both directions
+        ready = (-1, 0)  # nothing known yet: the first turn only waits
         try:
             while True:
                 moved = False
                 for d in directions:
-                    if ready is None or ready[0] == (d.dst if d.pending is not None else d.src).fileno():
+                    if ready[0] == (d.dst if d.pending is not None else d.src).fileno():
                         moved |= self._move(d)
                 now = time.monotonic()
                 if moved:
@@ -151,8 +158,8 @@ class UserspaceRelay:
                 timeout = last + limit - now
                 if handoff is not None and not half_closed:
                     timeout = min(timeout, start + handoff.after - now)
-                wanted = [(d.dst.fileno(), _WRITE) if d.pending is not None else (d.src.fileno(), _READ)
-                          for d in directions if not d.finished]
+                wanted = {(d.dst.fileno(), _WRITE) if d.pending is not None else (d.src.fileno(), _READ)
+                          for d in directions if not d.finished}
                 ready = readiness.wait(wanted, timeout)
                 if ready is None:
                     ready = (-1, 0)   # a timeout: check the clocks, move nothing
@@ -160,8 +167,6 @@ class UserspaceRelay:
             outcome = "reset"
         finally:
             readiness.close()
-            c.detach()
-            u.detach()
         return RelayResult(up.count, down.count, outcome)
 
     def _move(self, d: _Direction) -> bool:
