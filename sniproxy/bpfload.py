@@ -296,6 +296,21 @@ def _replace_stale_pins(pin_path: str) -> None:
     unpin(pin_path)
 
 
+def _read_source(name: str) -> str:
+    path = BPF_SOURCE_DIR / f"{name}.c"
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise BpfLoadError(f"{path}: {e.strerror}; known programs: "
+                           f"{sorted(p.stem for p in BPF_SOURCE_DIR.glob('*.c'))}") from e
+
+
+def compile_tracer(name: str, cflags: Mapping[str, int] = {}):
+    """bpf/<name>.c compiled for a measuring tool (bench/): a BCC module whose
+    probes the tool attaches itself, with nothing pinned."""
+    return _compile(f"bpf/{name}.c", _read_source(name), _cflags(cflags))
+
+
 def load(pin_path: str, programs=("relay",), cflags: Mapping[str, int] = {}) -> LoadedBpf:
     """Compile, load and pin bpf/<name>.c for every name in programs.
 
@@ -309,15 +324,7 @@ def load(pin_path: str, programs=("relay",), cflags: Mapping[str, int] = {}) -> 
     os.makedirs(pin_path)
     loaded = LoadedBpf(pin_path)
     try:
-        sources = []
-        for name in programs:
-            path = BPF_SOURCE_DIR / f"{name}.c"
-            try:
-                text = path.read_text()
-            except OSError as e:
-                raise BpfLoadError(f"{path}: {e.strerror}; known programs: "
-                                   f"{sorted(p.stem for p in BPF_SOURCE_DIR.glob('*.c'))}") from e
-            sources.append((f"bpf/{name}.c", text))
+        sources = [(f"bpf/{name}.c", _read_source(name)) for name in programs]
         sources.append(("<layout>", _LAYOUT_SOURCE))
 
         for source_name, text in sources:

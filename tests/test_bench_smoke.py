@@ -67,3 +67,18 @@ def check_measurements_are_real(rows):
     # The eBPF system really relays in the kernel: both sockets of every idle connection are in SOCK_MAP.
     assert rows[("sniproxy-ebpf", "concurrency", "kernel_relayed_conns")]["median"] == 100
     assert ("sniproxy-userspace", "concurrency", "kernel_relayed_conns") not in rows
+
+
+@pytest.mark.bpf
+def test_kworker_hop_traces_the_relay_redirects():
+    """bench/kworker_hop: sockperf through the kernel relay, with every redirect's wait
+    for its kworker traced (bpf/kworker_hop.c on the workqueue tracepoints)."""
+    done = subprocess.run([str(REPO / "bench/kworker_hop"), "--seconds", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in done.stdout.splitlines()}
+    for label in ("wait for the kworker", "kworker run"):
+        runs = int(lines[label].split(":")[1].split()[0])
+        assert runs > 1000, lines[label]       # two redirects per round trip, thousands of round trips
+        assert " p50 " in lines[label] and " p99 " in lines[label]
+    assert "added by the relay" in done.stdout
