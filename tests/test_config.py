@@ -36,6 +36,8 @@ def test_empty_file_and_example_are_the_builtin_default():
     ("[resolver]\nnameservers = ['dns.example']", "resolver.nameservers[0] = 'dns.example': expected"),
     ("[timeouts]\nidle = 0", "timeouts.idle = 0.0: must be positive"),
     ("[timeouts]\nhalf_closed = -1", "timeouts.half_closed = -1.0: must be positive"),
+    ("[bpf]\nhandoff_bytes = -1", "bpf.handoff_bytes = -1: must be 0 (at once) or more"),
+    ("[bpf]\nhandoff_after = -0.5", "bpf.handoff_after = -0.5: must be 0 (at once) or more"),
     ("[[table.default]]\nmatch = '~a('\nbackend = '1.2.3.4:1'", "table.default[0].match = '~a(': bad regex"),
     ("[[table.default]]\nmatch = 'a b'\nbackend = '1.2.3.4:1'", "table.default[0].match = 'a b': expected a DNS"),
     ("[[table.default]]\nmatch = 'a.test'\nbackend = '*'", "table.default[0].backend = '*': expected host:port"),
