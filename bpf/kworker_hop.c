@@ -2,8 +2,9 @@
  * it on the peer's psock and scheduling psock->work; a kworker then runs
  * sk_psock_backlog, which sends it. This measures how long that work waits once
  * queued (the wakeup the design pays per message) and how long it then runs.
- * SK_PSOCK_BACKLOG is the function's address, from /proc/kallsyms, as a signed value. */
-#define BUCKETS 1001   /* microseconds 0..999, and one for 1 ms or more */
+ * SK_PSOCK_BACKLOG is the function's address, from /proc/kallsyms, as a signed value;
+ * BUCKETS the histogram's length per phase: whole microseconds, the last one for
+ * that many or more. Both come from the tool. */
 #define IS_BACKLOG(function) ((u64)(function) == (u64)SK_PSOCK_BACKLOG)
 
 enum phase { WAITING, RUNNING };
