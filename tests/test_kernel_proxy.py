@@ -111,7 +111,8 @@ def test_short_exchanges_stay_in_userspace_and_longer_pairs_move_to_the_kernel(p
     for _ in range(3):
         assert https_get(port, "example.com") == "backend=short\n"
     assert entries(pin_path, "SOCK_MAP") == 0
-    assert (stats(p)["relayed_userspace"], stats(p)["relayed_kernel"]) == (3, 0)
+    counters = stats(p)
+    assert (counters["relayed_userspace"], counters["relayed_kernel"]) == (3, 0)
     with socket.create_connection(("127.0.0.1", port)) as bulk, \
             socket.create_connection(("127.0.0.1", port)) as idle:
         payload = b"\x00not tls" + os.urandom(4 << 20)      # past handoff_bytes at once
