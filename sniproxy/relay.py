@@ -72,6 +72,10 @@ class _Direction:
     def finished(self) -> bool:
         return self.eof and self.pending is None
 
+    def wanted(self) -> tuple[int, int]:
+        """The (fd, event) it waits for: dst to take the pending bytes, else bytes to read."""
+        return (self.dst.fileno(), _WRITE) if self.pending is not None else (self.src.fileno(), _READ)
+
 
 class _Readiness:
     """Waits in the calling greenlet until one of several descriptors is ready, or a
@@ -139,7 +143,7 @@ class UserspaceRelay:
             while True:
                 moved = False
                 for d in directions:
-                    if ready[0] == (d.dst if d.pending is not None else d.src).fileno():
+                    if d.wanted() == ready:
                         moved |= self._move(d)
                 now = time.monotonic()
                 if moved:
@@ -158,9 +162,7 @@ class UserspaceRelay:
                 timeout = last + limit - now
                 if handoff is not None and not half_closed:
                     timeout = min(timeout, start + handoff.after - now)
-                wanted = {(d.dst.fileno(), _WRITE) if d.pending is not None else (d.src.fileno(), _READ)
-                          for d in directions if not d.finished}
-                ready = readiness.wait(wanted, timeout)
+                ready = readiness.wait({d.wanted() for d in directions if not d.finished}, timeout)
                 if ready is None:
                     ready = (-1, 0)   # a timeout: check the clocks, move nothing
         except OSError:          # a reset is an outcome, not a worker error
