@@ -5,9 +5,11 @@ is either "done"-like (from the relay) or a refusal reason.
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 import gevent
@@ -15,7 +17,7 @@ import gevent.socket
 
 from .config import HostPort, ListenerConfig
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
-from .relay import raw_socket
+from .relay import send_all
 from .resolver import ResolveError, is_public
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ class ClosedEarly(Exception):
     """The client closed without sending a byte."""
 
 
-def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket, peer) -> dict:
+def serve_connection(worker: "Worker", lc: ListenerConfig, client: _socket.socket, peer) -> dict:
     record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
               "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
     upstream = None
@@ -57,11 +59,8 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket
         backend, fallback = choose_backend(worker, lc, flight)
         if fallback:
             worker.counters.add("fallback")
-        upstream, address = connect_backend(worker, lc, backend, flight.name)
+        upstream, address = connect_backend(worker, lc, backend, flight.name, data)
         record["backend"] = address
-        sent = upstream.send(data)          # one call: the first flight fits the send buffer
-        if sent < len(data):
-            upstream.sendall(memoryview(data)[sent:])
         record["up"] = len(data)
         timeouts = worker.cfg.timeouts
         result = worker.relay.relay(client, upstream, timeouts.idle, timeouts.half_closed)
@@ -91,32 +90,39 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: socket.socket
     return record
 
 
-def read_first_flight(client: socket.socket, protocol: str, timeout: float) -> tuple[bytes, FirstFlight]:
-    """Read until the parser has a result; NotThisProtocol yields a nameless flight."""
+def read_first_flight(client: _socket.socket, protocol: str, timeout: float) -> tuple[bytes, FirstFlight]:
+    """Read until the parser has a result; NotThisProtocol yields a nameless flight.
+    The first read seldom waits: clients send their first flight with the handshake's
+    last ACK, so it has usually arrived by the time the connection is accepted."""
     parse = _PARSERS[protocol]
     data = b""
-    try:
-        with gevent.Timeout(timeout):
-            while True:
-                # Into a worker-wide buffer, copied out before any other greenlet runs:
-                # a fresh 16 KiB per read costs an allocation (and here an mmap) each time.
-                n = client.recv_into(_READ_BUFFER)
-                chunk = bytes(_READ_VIEW[:n])
-                if not chunk:
-                    if not data:              # a port probe or a client that gave up: not a refusal
-                        raise ClosedEarly()
-                    raise Refused("malformed", "client closed before the first flight was complete")
-                data += chunk
-                try:
-                    result = parse(data)
-                except NotThisProtocol:
-                    return data, FirstFlight(None, (), f"not_{protocol}")
-                except Malformed as e:
-                    raise Refused("malformed", str(e), HTTP_BAD_REQUEST if protocol == "http" else b"") from None
-                if result is not NEED_MORE:
-                    return data, result
-    except gevent.Timeout:
-        raise Refused("client_hello_timeout") from None
+    deadline = None
+    while True:
+        try:
+            # Into a worker-wide buffer, copied out before any other greenlet runs:
+            # a fresh 16 KiB per read costs an allocation (and here an mmap) each time.
+            n = client.recv_into(_READ_BUFFER, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            try:
+                gevent.socket.wait_read(client.fileno(), max(deadline - time.monotonic(), 0.0))
+            except socket.timeout:
+                raise Refused("client_hello_timeout") from None
+            continue
+        if not n:
+            if not data:              # a port probe or a client that gave up: not a refusal
+                raise ClosedEarly()
+            raise Refused("malformed", "client closed before the first flight was complete")
+        data += _READ_VIEW[:n]
+        try:
+            result = parse(data)
+        except NotThisProtocol:
+            return data, FirstFlight(None, (), f"not_{protocol}")
+        except Malformed as e:
+            raise Refused("malformed", str(e), HTTP_BAD_REQUEST if protocol == "http" else b"") from None
+        if result is not NEED_MORE:
+            return data, result
 
 
 def choose_backend(worker: "Worker", lc: ListenerConfig, flight: FirstFlight) -> tuple[HostPort, bool]:
@@ -137,8 +143,9 @@ def choose_backend(worker: "Worker", lc: ListenerConfig, flight: FirstFlight) ->
     raise Refused(reason, flight.name or flight.name_problem, answer)
 
 
-def connect_backend(worker: "Worker", lc: ListenerConfig, backend: HostPort, name: str | None):
-    """Resolve (if needed) and connect, trying each address in order."""
+def connect_backend(worker: "Worker", lc: ListenerConfig, backend: HostPort, name: str | None,
+                    first_flight: bytes):
+    """Resolve (if needed), connect and send the first flight, trying each address in order."""
     unavailable = HTTP_UNAVAILABLE if lc.protocol == "http" else b""
     host = name if backend.host == "*" else backend.host
     if backend.is_ip:
@@ -155,34 +162,37 @@ def connect_backend(worker: "Worker", lc: ListenerConfig, backend: HostPort, nam
     error = None
     for address in addresses:
         try:
-            upstream = _connect(address, backend.port, worker.cfg.timeouts.connect)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream = _connect(address, backend.port, first_flight, worker.cfg.timeouts.connect)
             return upstream, str(HostPort(address, backend.port))
         except OSError as e:
             error = e
     raise Refused("connect_failed", f"{host}:{backend.port}: {error}", unavailable)
 
 
-def _connect(address: str, port: int, timeout: float) -> socket.socket:
-    """Connect to an IP literal (no getaddrinfo round trip through a thread pool), with
-    one connect() and one SO_ERROR read (gevent's connect makes two of each)."""
-    sock = gevent.socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+def _connect(address: str, port: int, first_flight: bytes, timeout: float) -> _socket.socket:
+    """Connect to an IP literal (no getaddrinfo round trip through a thread pool) and
+    send the first flight, on a non-blocking C socket. The send is tried at once: when
+    the handshake completed within connect() (loopback, a near backend) it goes out
+    without a wait for writability; on a socket still connecting it meets EAGAIN and
+    waits, and a failed connect surfaces as the send's error."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        err = raw_socket(sock).connect_ex((address, port))   # the descriptor is non-blocking
-        if err == errno.EINPROGRESS:
-            gevent.socket.wait_write(sock.fileno(), timeout, timeout_exc=socket.timeout("timed out"))
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((address, port))
+        if err not in (0, errno.EINPROGRESS):
             raise OSError(err, os.strerror(err))
+        send_all(sock, first_flight, timeout)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
+def _send_quietly(sock: _socket.socket, data: bytes) -> None:
+    """A refusal's answer: a few bytes that fit any send buffer, so never a wait."""
     try:
-        sock.sendall(data)
+        sock.send(data, socket.MSG_DONTWAIT)
     except OSError:
         pass
 

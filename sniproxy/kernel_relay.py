@@ -9,7 +9,7 @@ removing a pair costs the worker more than relaying a few KiB.
 
 Registration (nothing lost, nothing reordered):
  1. Drain each socket's receive queue in userspace and forward it to the peer
-    with sendall. These are early bytes sitting behind the first flight (or
+    with send_all. These are early bytes sitting behind the first flight (or
     sent by the backend at accept). The verdict hands over whole skbs, so a
     partially read skb would be replayed from its start (measured: duplicated
     bytes, then a stall); an empty queue has no partial skb. Forwarding them
@@ -55,7 +55,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket
+from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket, send_all
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -218,7 +218,7 @@ class KernelRelay:
             if data is None:
                 return
             if data:
-                dst.sock.sendall(data)
+                send_all(dst.sock, data)
                 src.early += len(data)
             if len(data) < _DRAIN_CHUNK:
                 return
@@ -433,7 +433,7 @@ class KernelRelay:
         while True:
             data = _recv_nowait(src.sock) or b""
             if data:
-                dst.sock.sendall(data)
+                send_all(dst.sock, data)
                 src.forwarded += len(data)
                 self.control.update(src.key, _CONTROL.pack(MODE_RESUMING, 0, src.forwarded))
             elif self._counts(src)[1] != src.forwarded:

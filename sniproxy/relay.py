@@ -7,11 +7,13 @@ done, carrying half-close, and reports the byte counts. The kernel relay
 from __future__ import annotations
 
 import _socket
+import math
 import socket
 import time
 from typing import NamedTuple, Protocol
 
 import gevent
+import gevent.socket
 from gevent.hub import Waiter
 
 
@@ -58,15 +60,27 @@ def raw_socket(sock) -> _socket.socket:
     return sock if isinstance(sock, _socket.socket) else sock._sock
 
 
+def send_all(sock, data, timeout: float | None = None) -> None:
+    """Send all of data, waiting cooperatively while the send buffer is full (or the
+    socket still connecting); socket.timeout after timeout seconds of one such wait."""
+    raw, view = raw_socket(sock), memoryview(data)
+    while view:
+        try:
+            view = view[raw.send(view, _NOWAIT):]
+        except BlockingIOError:
+            gevent.socket.wait_write(raw.fileno(), timeout, timeout_exc=socket.timeout("timed out"))
+
+
 class _Direction:
     """Bytes from src to dst: what was read and not yet sent waits in `pending`."""
-    __slots__ = ("src", "dst", "pending", "eof", "count")
+    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key")
 
-    def __init__(self, src: socket.socket, dst: socket.socket):
+    def __init__(self, src: _socket.socket, dst: _socket.socket):
         self.src, self.dst = src, dst
         self.pending: memoryview | None = None
         self.eof = False     # src sent its FIN (carried to dst once pending is empty)
         self.count = 0
+        self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
 
     @property
     def finished(self) -> bool:
@@ -74,49 +88,70 @@ class _Direction:
 
     def wanted(self) -> tuple[int, int]:
         """The (fd, event) it waits for: dst to take the pending bytes, else bytes to read."""
-        return (self.dst.fileno(), _WRITE) if self.pending is not None else (self.src.fileno(), _READ)
+        return self.read_key if self.pending is None else self.write_key
 
 
-class _Readiness:
+class Readiness:
     """Waits in the calling greenlet until one of several descriptors is ready, or a
-    timeout: one greenlet serves both directions. A watcher stays started while it is
-    wanted, so that consecutive waits on the same descriptors change nothing in epoll."""
+    deadline: one greenlet serves both directions of a pair. Watchers stay started
+    while they are wanted, so that consecutive waits change nothing in epoll, and one
+    timer serves every wait: it is moved only when a wait needs it earlier, and a
+    wait woken early by it simply finds nothing ready."""
 
     def __init__(self):
         self.hub = gevent.get_hub()
         self._watchers: dict[tuple[int, int], object] = {}
-        self._started: set[tuple[int, int]] = set()
+        self._started: tuple[tuple[int, int], ...] = ()
         self._waiter: Waiter | None = None
+        self._timer = None
+        self._timer_due = math.inf
 
     def _on_ready(self, key) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             waiter.switch(key)
 
-    def wait(self, wanted: set[tuple[int, int]], timeout: float) -> tuple[int, int] | None:
-        """The (fd, event) found ready, or None at the timeout."""
-        for key in self._started - wanted:
-            self._watchers[key].stop()
-        for key in wanted - self._started:
-            watcher = self._watchers.get(key)
-            if watcher is None:
-                watcher = self._watchers[key] = self.hub.loop.io(*key)
-            watcher.start(self._on_ready, key)
-        self._started = wanted
+    def _on_timer(self) -> None:
+        self._timer_due = math.inf
+        self._on_ready(None)
+
+    def wait(self, wanted: tuple[tuple[int, int], ...], deadline: float) -> tuple[int, int] | None:
+        """The (fd, event) found ready, or None when woken by the timer (at the
+        deadline, or earlier: the caller checks its clocks)."""
+        if wanted != self._started:
+            self._start(wanted)
+        if deadline < self._timer_due:
+            if self._timer is not None:
+                self._timer.close()
+            self._timer = self.hub.loop.timer(max(deadline - time.monotonic(), 0.0))
+            self._timer.start(self._on_timer)
+            self._timer_due = deadline
         self._waiter = Waiter(self.hub)
-        timer = self.hub.loop.timer(max(timeout, 0.0))
-        timer.start(self._on_ready, None)
         try:
             return self._waiter.get()
         finally:
             self._waiter = None
-            timer.close()
+
+    def _start(self, wanted) -> None:
+        for key in self._started:
+            if key not in wanted:
+                self._watchers[key].stop()
+        for key in wanted:
+            if key not in self._started:
+                watcher = self._watchers.get(key)
+                if watcher is None:
+                    watcher = self._watchers[key] = self.hub.loop.io(*key)
+                watcher.start(self._on_ready, key)
+        self._started = wanted
 
     def close(self) -> None:
         for watcher in self._watchers.values():
             watcher.close()
         self._watchers.clear()
-        self._started = set()
+        self._started = ()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer, self._timer_due = None, math.inf
 
 
 class UserspaceRelay:
@@ -134,37 +169,35 @@ class UserspaceRelay:
         byte is in hand and neither side has sent its FIN."""
         c, u = raw_socket(client), raw_socket(upstream)
         up, down = _Direction(c, u), _Direction(u, c)
-        directions = (up, down)
-        readiness = _Readiness()
+        readiness = Readiness()
         start = last = time.monotonic()
+        handoff_due = start + handoff.after if handoff is not None else math.inf
         outcome = "done"
-        ready = (-1, 0)  # nothing known yet: the first turn only waits
+        ready = None  # nothing known yet: the first turn only waits
         try:
             while True:
                 moved = False
-                for d in directions:
-                    if d.wanted() == ready:
-                        moved |= self._move(d)
+                if ready is not None:
+                    for d in (up, down):
+                        if d.wanted() == ready:
+                            moved |= self._move(d)
                 now = time.monotonic()
                 if moved:
                     last = now
-                if up.finished and down.finished:
-                    break
                 half_closed = up.eof or down.eof
+                if half_closed and up.finished and down.finished:
+                    break
                 if handoff is not None and not half_closed and up.pending is None and down.pending is None \
-                        and (up.count + down.count >= handoff.bytes or now - start >= handoff.after):
+                        and (up.count + down.count >= handoff.bytes or now >= handoff_due):
                     outcome = "handoff"
                     break
-                limit = idle_limit(idle_timeout, half_closed_timeout, half_closed)
-                if now - last >= limit:
+                idle_due = last + idle_limit(idle_timeout, half_closed_timeout, half_closed)
+                if now >= idle_due:
                     outcome = "idle_timeout"
                     break
-                timeout = last + limit - now
-                if handoff is not None and not half_closed:
-                    timeout = min(timeout, start + handoff.after - now)
-                ready = readiness.wait({d.wanted() for d in directions if not d.finished}, timeout)
-                if ready is None:
-                    ready = (-1, 0)   # a timeout: check the clocks, move nothing
+                wanted = (up.wanted(), down.wanted()) if not half_closed else \
+                    tuple(d.wanted() for d in (up, down) if not d.finished)
+                ready = readiness.wait(wanted, idle_due if half_closed else min(idle_due, handoff_due))
         except OSError:          # a reset is an outcome, not a worker error
             outcome = "reset"
         finally:

@@ -6,6 +6,7 @@ resolve, connect, replay the first flight, then hand both sockets to the relay.
 """
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import os
@@ -132,11 +133,12 @@ class Worker:
         for lc, listening in self.slot.listeners:
             while True:
                 try:
-                    conn, peer = listening.accept()
-                except OSError:          # BlockingIOError: the queue is empty
+                    accepted = _accept(listening)
+                except OSError:
                     break
-                import gevent.socket
-                self.connections.spawn(self._handle, lc, gevent.socket.socket(fileno=conn.detach()), peer)
+                if accepted is None:      # the queue is empty
+                    break
+                self.connections.spawn(self._handle, lc, *accepted)
 
     def _stop_gracefully(self) -> None:
         """Serve what is in flight until graceful_timeout, then leave."""
@@ -149,20 +151,24 @@ class Worker:
         os._exit(0)
 
     def _serve(self, lc: ListenerConfig, listening: socket.socket) -> None:
-        import gevent.socket
-        lsock = gevent.socket.socket(fileno=os.dup(listening.fileno()))
+        import gevent
+        hub = gevent.get_hub()
+        readable = hub.loop.io(listening.fileno(), 1)
         try:
             while self.alive:
                 try:
-                    conn, peer = lsock.accept()
+                    accepted = _accept(listening)
                 except OSError as e:
                     if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         log.error("accept on %s: %s", lc.address, e)
                         gevent.sleep(0.1)
                     continue
-                self.connections.spawn(self._handle, lc, conn, peer)
+                if accepted is None:
+                    hub.wait(readable)
+                else:
+                    self.connections.spawn(self._handle, lc, *accepted)
         finally:
-            lsock.close()
+            readable.close()
 
     # --- one connection -------------------------------------------------------
 
@@ -172,3 +178,16 @@ class Worker:
         record = self.serve_connection(self, lc, client, peer)
         record["duration"] = time.monotonic() - start
         self.access_log.write(record)
+
+
+def _accept(listening: socket.socket) -> tuple[_socket.socket, tuple] | None:
+    """One connection from a non-blocking listening socket, or None when none waits.
+    The connection is a non-blocking C socket: the connection code waits on its
+    descriptor itself, without gevent's socket wrapper."""
+    try:
+        fd, peer = listening._accept()
+    except BlockingIOError:
+        return None
+    conn = _socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
+    conn.setblocking(False)
+    return conn, peer
