@@ -66,9 +66,9 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: _socket.socke
         result = worker.relay.relay(client, upstream, timeouts.idle, timeouts.half_closed)
         kind = result.kind
         worker.counters.add(f"relayed_{kind}")
-        if kind == "userspace":
-            worker.counters.add("bytes_up_userspace", len(data) + result.up)
-            worker.counters.add("bytes_down_userspace", result.down)
+        # The kernel counts what it redirected (RELAY_STATS); these count the rest.
+        worker.counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
+        worker.counters.add("bytes_down_userspace", result.down - result.kernel_down)
         if result.outcome in ("slow_reader", "idle_timeout"):
             worker.counters.add(result.outcome)
         record.update(up=len(data) + result.up, down=result.down, relay=kind, outcome=result.outcome)

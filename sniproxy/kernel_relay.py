@@ -269,15 +269,16 @@ class KernelRelay:
             for m in (self.sock_map, self.sock_targets, self.control):
                 m.delete(side.key)
 
-    def _unregister(self, pair: _Pair, finished: bool) -> tuple[int, int]:
-        """Remove the pair everywhere; return (up, down) as the kernel counted them.
+    def _unregister(self, pair: _Pair, finished: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Remove the pair everywhere; return (up, down) since registration, and of
+        those, (up, down) as the verdict counted them.
         A finished pair (both FINs carried) receives nothing more, and closing a
         socket removes it from every sockmap, so only its CONNECTION_MAP entries
         go: no side is paused then (a FIN is carried only after a resume, which
         removes the RELAY_CONTROL entry)."""
         if not finished:
             self._forget_sockets(pair)
-        counts = []
+        totals, redirected = [], []
         for side in (pair.client, pair.upstream):
             if self._pairs_by_fd.pop(side.fd, None) is not None:
                 try:
@@ -285,8 +286,9 @@ class KernelRelay:
                 except OSError:
                     pass
             raw = self.connections.pop(side.key)
-            counts.append(side.early + side.forwarded + (_CONNECTION.unpack(raw)[1] if raw else 0))
-        return counts[0], counts[1]
+            redirected.append(_CONNECTION.unpack(raw)[1] if raw else 0)
+            totals.append(side.early + side.forwarded + redirected[-1])
+        return (totals[0], totals[1]), (redirected[0], redirected[1])
 
     # -- the life of a pair -------------------------------------------------
 
@@ -319,11 +321,11 @@ class KernelRelay:
                 log.warning("kernel relay failed: %s", e, exc_info=True)
                 outcome = "error"
         finally:
-            up, down = self._unregister(pair, finished=outcome == "done")
+            (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
-        return RelayResult(up, down, outcome, self.kind)
+        return RelayResult(up, down, outcome, self.kind, kernel_up, kernel_down)
 
     def _watch(self, pair: _Pair, idle_timeout: float, half_closed_timeout: float | None) -> str:
         c, u = pair.client, pair.upstream

@@ -22,6 +22,8 @@ class RelayResult(NamedTuple):
     down: int      # upstream -> client
     outcome: str   # "done" | "idle_timeout" | "reset" | "slow_reader" | "error" | "handoff"
     kind: str = "userspace"  # which relay carried the connection's bulk
+    kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
+    kernel_down: int = 0     # the rest went through userspace
 
 
 class Handoff(NamedTuple):

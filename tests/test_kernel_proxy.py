@@ -113,6 +113,7 @@ def test_short_exchanges_stay_in_userspace_and_longer_pairs_move_to_the_kernel(p
     assert entries(pin_path, "SOCK_MAP") == 0
     counters = stats(p)
     assert (counters["relayed_userspace"], counters["relayed_kernel"]) == (3, 0)
+    carried_before = _bytes_carried(p)
     with socket.create_connection(("127.0.0.1", port)) as bulk, \
             socket.create_connection(("127.0.0.1", port)) as idle:
         payload = b"\x00not tls" + os.urandom(4 << 20)      # past handoff_bytes at once
@@ -131,6 +132,17 @@ def test_short_exchanges_stay_in_userspace_and_longer_pairs_move_to_the_kernel(p
         assert idle.recv(64) == b"after the handoff"
     wait_until(lambda: stats(p)["relayed_kernel"] == 2, what="both longer pairs to be counted as kernel-relayed")
     assert stats(p)["relayed_userspace"] == 3
+    # Every byte of the two pairs is counted once: by userspace before and around the
+    # handoff, by the verdict after it.
+    expected = 2 * len(payload) + 2 * len(b"\x00idle" + b"after the handoff")
+    assert _bytes_carried(p) - carried_before == expected
+
+
+def _bytes_carried(p) -> int:
+    """Bytes relayed both ways, by the workers in userspace and by the verdict."""
+    out = json.loads(p.cli("stats", "--json").stdout)
+    workers = out["workers"]
+    return workers["bytes_up_userspace"] + workers["bytes_down_userspace"] + out["relay_stats"]["relayed_bytes"]
 
 
 @pytest.mark.parametrize("handoff", ["at once", "default"])
@@ -226,7 +238,7 @@ def test_worker_cpu_kernel_relay_is_a_tenth_of_userspace(proxy, pin_path):
             wait_until(lambda: stats(p)["closed_early"] >= 1, what="the worker's first connection")
             pids = p.worker_pids()
             before = worker_cpu(pids)
-            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "2G", "-b", "6G", "-J"],
+            out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "2G", "-b", "4G", "-J"],
                                  capture_output=True, text=True, timeout=120)
             assert json.loads(out.stdout)["end"]["sum_sent"]["bytes"] >= 2 << 30
             cpu[mode] = worker_cpu(pids) - before

@@ -131,7 +131,8 @@ def test_bulk_both_directions_at_once(relay_pins, relay):
     up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
     watcher.kill()
 
-    assert result == (size, size, "done", "kernel")
+    assert result[:4] == (size, size, "done", "kernel")
+    assert 0 < result.kernel_up <= size and 0 < result.kernel_down <= size  # some went early, in userspace
     assert up_got == (size, up_sent) and down_got == (size, down_sent)
     assert seen_in_sock_map == [pair_cookies]
     assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
@@ -159,7 +160,7 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
     server.sendall(b"pong")
     assert client.recv(10) == b"pong"
     client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
-    assert relayer.get(timeout=10) == (4, 4, "done", "kernel")
+    assert relayer.get(timeout=10) == (4, 4, "done", "kernel", 4, 4)
     assert map_sizes(relay_pins.pin_path)["CONNECTION_MAP"] == 0
     for s in (client, c, u, server):
         s.close()
@@ -191,7 +192,7 @@ def test_relay_stats_count_each_direction_exactly(relay_pins, relay):
             Background(send_stream, server, down_size, 12), Background(recv_stream, client)]
     result = relayer.get(timeout=60)
     up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
-    assert result == (up_size, down_size, "done", "kernel")
+    assert result == (up_size, down_size, "done", "kernel", up_size, down_size)
     assert up_got == (up_size, up_sent) and down_got == (down_size, down_sent)
     stats = relay_stats(relay_pins.pin_path)
     assert relay.pauses == 0
@@ -335,7 +336,7 @@ def test_idle_timeout(relay):
     client.sendall(b"hello")
     started = time.monotonic()
     result = relay.relay(c, u, idle_timeout=0.3)
-    assert result == (5, 0, "idle_timeout", "kernel")
+    assert result == (5, 0, "idle_timeout", "kernel", 0, 0)  # the 5 bytes went early, in userspace
     assert 0.3 <= time.monotonic() - started < 2.5
     assert server.recv(10) == b"hello"
     for s in (client, c, u, server):
@@ -368,7 +369,7 @@ def test_pair_that_half_closed_before_registration(relay):
     answer = Background(lambda: (recv_all(server), server.sendall(b"reply" * 1000), server.close()))
     result = relay.relay(c, u, idle_timeout=10)
     assert answer.join()[0] == b"request" * 1000
-    assert result == (7000, 8 + 5000, "done", "userspace")  # the FIN came first: no kernel
+    assert result == (7000, 8 + 5000, "done", "userspace", 0, 0)  # the FIN came first: no kernel
     c.close(), u.close()
     assert recv_all(client) == b"greeting" + b"reply" * 1000
 
