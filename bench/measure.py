@@ -80,6 +80,16 @@ def context_switches() -> int:
     raise RuntimeError("no ctxt line in /proc/stat")
 
 
+def tcp_ext_counters(*names: str) -> dict[str, int]:
+    """TcpExt counters of the whole machine since boot (/proc/net/netstat), by name."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for header, values in zip(lines[::2], lines[1::2]):
+        if header.startswith("TcpExt:"):
+            found = dict(zip(header.split()[1:], map(int, values.split()[1:])))
+            return {name: found[name] for name in names}
+    raise RuntimeError("no TcpExt in /proc/net/netstat")
+
+
 def idle_busy_rate(seconds: float) -> float:
     """Busy CPU-seconds per second while nothing of ours runs: the machine's other load."""
     start_busy, start = busy_cpu_seconds(), time.monotonic()

@@ -18,10 +18,13 @@ class Transfer:
     bytes: int
 
 
-def iperf3(address: tuple[str, int], seconds: int, streams: int, reverse: bool, slack: float) -> Transfer:
+def iperf3(address: tuple[str, int], seconds: int, streams: int, reverse: bool, slack: float,
+           affinity: str | None = None) -> Transfer:
+    """affinity: iperf3's -A "client_cpu,server_cpu" (the server is told over the control
+    connection), or None to leave both to the scheduler."""
     host, port = address
     argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams),
-            "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])
+            "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else []) + (["-A", affinity] if affinity else [])
     # iperf3 -J reports its errors in the JSON, with a non-zero exit status.
     out = procs.run(argv, seconds + slack, check=False)
     try:

@@ -82,3 +82,24 @@ def test_kworker_hop_traces_the_relay_redirects():
         assert runs > 1000, lines[label]       # two redirects per round trip, thousands of round trips
         assert " p50 " in lines[label] and " p99 " in lines[label]
     assert "added by the relay" in done.stdout
+
+
+@pytest.mark.bpf
+def test_placement_runs_every_system_in_every_placement():
+    """bench/placement: one iperf3 stream per system and CPU placement, with the
+    machine's busy CPUs and TCP's reordering counters beside each throughput; loopback's
+    receive steering is as it was afterwards."""
+    rps_cpus = Path("/sys/class/net/lo/queues/rx-0/rps_cpus")
+    before = rps_cpus.read_text()
+    done = subprocess.run([str(REPO / "bench/placement"), "--seconds", "1", "--repeats", "1", "--rps", "1"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert {(row[0], row[1]) for row in rows} == {
+        (system, placement) for system in ("direct", "sniproxy-ebpf", "sniproxy-userspace")
+        for placement in ("scheduler", "split", "shared")}
+    for system, placement, gbps, ratio, busy, ofo, spurious in rows:
+        assert float(gbps) > 0 and float(busy) > 0 and float(ofo) >= 0 and float(spurious) >= 0
+        assert ratio == "1.00x" if system == "direct" else ratio.endswith("x")
+    assert "loopback rps_cpus 1" in done.stdout
+    assert rps_cpus.read_text() == before
