@@ -93,7 +93,7 @@ class _Direction:
         return self.read_key if self.pending is None else self.write_key
 
 
-class Readiness:
+class _Readiness:
     """Waits in the calling greenlet until one of several descriptors is ready, or a
     deadline: one greenlet serves both directions of a pair. Watchers stay started
     while they are wanted, so that consecutive waits change nothing in epoll, and one
@@ -171,7 +171,7 @@ class UserspaceRelay:
         byte is in hand and neither side has sent its FIN."""
         c, u = raw_socket(client), raw_socket(upstream)
         up, down = _Direction(c, u), _Direction(u, c)
-        readiness = Readiness()
+        readiness = _Readiness()
         start = last = time.monotonic()
         handoff_due = start + handoff.after if handoff is not None else math.inf
         outcome = "done"
