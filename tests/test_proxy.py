@@ -356,3 +356,43 @@ def test_client_reset_ends_the_backend_connection(proxy, plain, pin_path, mode):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()                                          # RST
     wait_until(lambda: "outcome=reset" in p.output(), timeout=5, what="the relay to end on the reset")
+
+
+def test_first_flight_waits_for_a_backend_still_connecting(proxy):
+    """The backend's accept queue is full when the proxy connects, so the proxy's SYN is
+    dropped and retried about a second later. The first flight, sent right after
+    connect(), meets a socket still connecting, waits, and arrives whole afterwards."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        listener.settimeout(10)
+        backend_port = listener.getsockname()[1]
+        filler = socket.create_connection(("127.0.0.1", backend_port))   # the queue holds one
+        port = free_port()
+        p = proxy(make_config(port, [], fallback=f"127.0.0.1:{backend_port}"), wait_ports=(port,))
+        payload = b"\x00not tls" + os.urandom(200_000)
+        got = []
+
+        def backend():
+            time.sleep(0.3)                     # the proxy's SYN has been dropped by now
+            listener.accept()[0].close()        # the filler: room for the retried SYN
+            conn, _ = listener.accept()
+            with conn:
+                data = bytearray()
+                while chunk := conn.recv(65536):
+                    data += chunk
+                got.append(bytes(data))
+                conn.sendall(b"received %d bytes" % len(data))
+
+        server = threading.Thread(target=backend)
+        server.start()
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            answer = client.recv(64)
+        server.join(timeout=10)
+        filler.close()
+    assert time.monotonic() - started > 0.8     # the connect took a SYN retry
+    assert got == [payload]
+    assert answer == b"received %d bytes" % len(payload)
+    counters = stats(p)
+    assert (counters["refused_connect_failed"], counters["errors"]) == (0, 0)
