@@ -201,6 +201,18 @@ def test_detach_lets_traffic_through(pins, ns):
         assert connect_from(ns, denied, listener)
 
 
+def test_auto_mode_attaches_generic_on_a_veth_and_native_when_asked(pins, ns):
+    """Native XDP on a veth would take software GSO from its peer; "auto" avoids it."""
+    for mode, expected in (("auto", "generic"), ("native", "driver")):
+        flags = xdp.attach(pins, ns.host_ifname, mode)
+        try:
+            assert xdp_attachments(ns.host_ifname) == [(expected, pinned_program_id(pins))]
+        finally:
+            xdp.detach(ns.host_ifname, flags)
+        assert xdp_attachments(ns.host_ifname) == []
+    assert xdp.mode_flags("lo", "auto") == (xdp.XDP_FLAGS_DRV_MODE, xdp.XDP_FLAGS_SKB_MODE)
+
+
 def test_attach_to_missing_interface_fails_clearly(pins):
     with pytest.raises(xdp.XdpError, match="no interface"):
         xdp.attach(pins, "sniproxy-none", "generic")
