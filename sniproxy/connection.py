@@ -92,8 +92,8 @@ def serve_connection(worker: "Worker", lc: ListenerConfig, client: _socket.socke
 
 def read_first_flight(client: _socket.socket, protocol: str, timeout: float) -> tuple[bytes, FirstFlight]:
     """Read until the parser has a result; NotThisProtocol yields a nameless flight.
-    The first read seldom waits: clients send their first flight with the handshake's
-    last ACK, so it has usually arrived by the time the connection is accepted."""
+    The first read seldom waits: clients send their first flight right after the
+    handshake, so it has usually arrived by the time the connection is accepted."""
     parse = _PARSERS[protocol]
     data = b""
     deadline = None
