@@ -1,9 +1,13 @@
 """The backends every system routes to: an nginx TLS origin (self-signed, made at run
 time) that also holds idle plain connections, an iperf3 server and a sockperf server."""
 
+import contextlib
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from bench import procs
 
@@ -86,3 +90,17 @@ def start(workdir: Path, download_bytes: int, nofile: int) -> Origins:
         except RuntimeError as exc:
             raise RuntimeError(f"origin {argv[0]} failed to start: {exc}") from exc
     return origins
+
+
+@contextlib.contextmanager
+def running(prefix: str, download_bytes: int = 1 << 20, nofile: int = 4096) -> Iterator[tuple[Path, Origins]]:
+    """For a measuring tool: a scratch directory (readable by nginx's workers, which run as
+    nobody) with the origins started in it. Afterwards every child the bench started is
+    stopped and the directory removed."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    try:
+        yield workdir, start(workdir, download_bytes, nofile)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
