@@ -12,7 +12,7 @@ import pytest
 
 from harness import MASTER, Dnsmasq, Backend, echo_through, free_port, https_get, sha, tls_client, wait_until
 from netns import veth_netns
-from test_proxy import make_config, stats
+from test_proxy import make_config, stats, stats_json
 
 from sniproxy.bpfsys import PinnedMap, attached_programs
 
@@ -95,7 +95,7 @@ def test_large_tls_transfer_is_relayed_by_the_kernel_and_entries_leave(proxy, ba
                what="the pair's entries to leave the maps")
     counters = stats(p)
     assert counters["relayed_kernel"] == 1
-    relay = json.loads(p.cli("stats", "--json").stdout)["relay_stats"]
+    relay = stats_json(p)["relay_stats"]
     # All but the first MiBs went through the verdict, both ways. (The userspace relay
     # checks the handoff between turns of at most 8 reads of 256 KiB per direction.)
     assert relay["relayed_bytes"] >= 2 * len(payload) - (handoff + 2 * 8 * 256 * 1024)
@@ -140,7 +140,7 @@ def test_short_exchanges_stay_in_userspace_and_longer_pairs_move_to_the_kernel(p
 
 def _bytes_carried(p) -> int:
     """Bytes relayed both ways, by the workers in userspace and by the verdict."""
-    out = json.loads(p.cli("stats", "--json").stdout)
+    out = stats_json(p)
     workers = out["workers"]
     return workers["bytes_up_userspace"] + workers["bytes_down_userspace"] + out["relay_stats"]["relayed_bytes"]
 
@@ -273,7 +273,7 @@ def test_xdp_filter_on_a_veth_drops_denied_hosts_and_detaches(proxy, backends, p
                  "except OSError as e:\n print('failed', e)\n")
         assert ns.python(probe, allowed, ns.host_v4, str(port)).stdout.startswith("connected")
         assert ns.python(probe, denied, ns.host_v4, str(port)).stdout.startswith("failed timed out")
-        xdp = json.loads(p.cli("stats", "--json").stdout)["xdp_stats"]
+        xdp = stats_json(p)["xdp_stats"]
         assert xdp["dropped_deny"] >= 1
         assert ns.host_ifname in subprocess.run(["bpftool", "net", "show"], capture_output=True, text=True).stdout
         p.write(cfg.replace(f'deny = ["{denied}/32"]', f'deny = ["{allowed}/32"]'))   # HUP swaps the rules

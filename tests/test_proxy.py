@@ -30,10 +30,15 @@ def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tl
     return "\n".join(lines) + extra
 
 
-def stats(p):
+def stats_json(p) -> dict:
+    """All of `sniproxy-master stats --json`: the workers' counters and the BPF maps'."""
     out = p.cli("stats", "--json")
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["workers"]
+    return json.loads(out.stdout)
+
+
+def stats(p):
+    return stats_json(p)["workers"]
 
 
 
