@@ -46,7 +46,8 @@ class Malformed(Exception):
 
 MAX_NAME = 253
 MAX_LABEL = 63
-_LDH = b"abcdefghijklmnopqrstuvwxyz0123456789-."
+# Letters, digits and hyphens, in dot-separated labels of 1 to MAX_LABEL bytes.
+_HOST_NAME = re.compile(rb"(?:[a-z0-9-]{1,%d}\.)*[a-z0-9-]{1,%d}" % (MAX_LABEL, MAX_LABEL))
 # A last label that is a number makes the name an IPv4 address to resolvers and
 # browsers ("127.1", "0x7f.1"), never a DNS name.
 _NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
@@ -63,9 +64,7 @@ def normalize_name(raw: bytes | str) -> tuple[str | None, str]:
         name = name[:-1]
     if _is_ip_literal(name):
         return None, "ip_literal"
-    if not name or len(name) > MAX_NAME or name.translate(None, _LDH):
-        return None, "bad_name"
-    if any(not 0 < len(label) <= MAX_LABEL for label in name.split(b".")):
+    if len(name) > MAX_NAME or not _HOST_NAME.fullmatch(name):
         return None, "bad_name"
     return name.decode("ascii"), ""
 
@@ -138,113 +137,97 @@ def _check_record_header(header: bytes, first: bool) -> None:
         raise Malformed(f"handshake record of {int.from_bytes(header[3:5])} bytes")
 
 
-class _Reader:
-    """Bounds-checked reads of TLS presentation-language fields."""
+def _vector_end(data: bytes, pos: int, length_size: int, end: int, what: str) -> int:
+    """Where the variable-length vector at pos (its length field, then that many
+    bytes) ends; it must end by `end`."""
+    if pos + length_size > end:
+        raise Malformed(f"{what} truncated")
+    stop = pos + length_size + (data[pos] if length_size == 1 else data[pos] << 8 | data[pos + 1])
+    if stop > end:
+        raise Malformed(f"{what} truncated")
+    return stop
 
-    __slots__ = ("_data", "_pos", "_what")
 
-    def __init__(self, data: bytes, what: str) -> None:
-        self._data, self._pos, self._what = data, 0, what
-
-    def take(self, size: int) -> bytes:
-        if self._pos + size > len(self._data):
-            raise Malformed(f"{self._what} truncated")
-        self._pos += size
-        return self._data[self._pos - size:self._pos]
-
-    def number(self, size: int) -> int:
-        return int.from_bytes(self.take(size))
-
-    def opaque(self, length_size: int) -> bytes:
-        """A variable-length field: its length, then that many bytes."""
-        return self.take(self.number(length_size))
-
-    def vector(self, length_size: int, what: str) -> _Reader:
-        return _Reader(self.opaque(length_size), what)
-
-    def done(self) -> bool:
-        return self._pos == len(self._data)
-
-    def expect_done(self) -> None:
-        if not self.done():
-            raise Malformed(f"{self._what} has trailing bytes")
-
+# The body is read by index arithmetic, not through a reader object: this runs
+# for every connection, and a call per field cost more than the reading itself.
 
 def _parse_client_hello_body(body: bytes) -> FirstFlight:
-    hello = _Reader(body, "ClientHello")
-    if hello.take(2)[0] != 3:
+    end = len(body)
+    if end < 35:                                  # legacy_version, random, session_id length
+        raise Malformed("ClientHello truncated")
+    if body[0] != 3:
         raise Malformed("ClientHello version is not 3.x")
-    hello.take(32)  # random
-    if len(hello.opaque(1)) > 32:
+    if body[34] > 32:
         raise Malformed("session_id longer than 32 bytes")
-    cipher_suites = hello.opaque(2)
-    if not cipher_suites or len(cipher_suites) % 2:
+    session_end = 35 + body[34]
+    if session_end > end:
+        raise Malformed("ClientHello truncated")
+    suites_end = _vector_end(body, session_end, 2, end, "ClientHello")
+    if suites_end == session_end + 2 or (suites_end - session_end) % 2:
         raise Malformed("cipher_suites length")
-    if not hello.opaque(1):
+    compression_end = _vector_end(body, suites_end, 1, end, "ClientHello")
+    if compression_end == suites_end + 1:
         raise Malformed("no compression method")
-    extensions = {} if hello.done() else _extensions(hello.opaque(2))
-    hello.expect_done()
-    if _EXT_SERVER_NAME in extensions:
-        name, problem = _server_name(extensions[_EXT_SERVER_NAME])
-    else:
-        name, problem = None, "no_sni"
-    alpn = _alpn(extensions[_EXT_ALPN]) if _EXT_ALPN in extensions else ()
-    return FirstFlight(name, alpn, problem)
+    extensions = {}
+    if compression_end < end:
+        if _vector_end(body, compression_end, 2, end, "ClientHello") != end:
+            raise Malformed("ClientHello has trailing bytes")
+        extensions = _extensions(body, compression_end + 2, end)
+    sni = extensions.get(_EXT_SERVER_NAME)
+    name, problem = _server_name(body, *sni) if sni else (None, "no_sni")
+    alpn = extensions.get(_EXT_ALPN)
+    return FirstFlight(name, _alpn(body, *alpn) if alpn else (), problem)
 
 
-def _extensions(block: bytes) -> dict[int, bytes]:
-    """The extension blocks by type. Index arithmetic rather than _Reader calls: a
-    browser's ClientHello has a dozen or more extensions, and this runs for every
-    connection."""
-    extensions: dict[int, bytes] = {}
-    pos, end = 0, len(block)
+def _extensions(body: bytes, pos: int, end: int) -> dict[int, tuple[int, int]]:
+    """Where each extension's data starts and ends, by type."""
+    extensions: dict[int, tuple[int, int]] = {}
     while pos < end:
-        if pos + 2 > end:
-            raise Malformed("extensions truncated")
-        ext_type = int.from_bytes(block[pos:pos + 2])
-        if ext_type in extensions:
-            raise Malformed(f"duplicate extension {ext_type}")  # RFC 8446 4.2
         if pos + 4 > end:
             raise Malformed("extensions truncated")
+        ext_type = body[pos] << 8 | body[pos + 1]
+        if ext_type in extensions:
+            raise Malformed(f"duplicate extension {ext_type}")  # RFC 8446 4.2
         start = pos + 4
-        pos = start + int.from_bytes(block[pos + 2:start])
+        pos = start + (body[pos + 2] << 8 | body[pos + 3])
         if pos > end:
             raise Malformed("extensions truncated")
-        extensions[ext_type] = block[start:pos]
+        extensions[ext_type] = (start, pos)
     return extensions
 
 
-def _server_name(ext: bytes) -> tuple[str | None, str]:
-    outer = _Reader(ext, "server_name")
-    names = outer.vector(2, "server_name_list")
-    outer.expect_done()
-    if names.done():
+def _server_name(body: bytes, start: int, end: int) -> tuple[str | None, str]:
+    if _vector_end(body, start, 2, end, "server_name") != end:
+        raise Malformed("server_name has trailing bytes")
+    pos = start + 2
+    if pos == end:
         raise Malformed("empty server_name_list")
     host_name = None
-    while not names.done():
-        name_type = names.number(1)
-        value = names.opaque(2)
-        if name_type == _NAME_TYPE_HOST_NAME:
+    while pos < end:
+        value_end = _vector_end(body, pos + 1, 2, end, "server_name_list")
+        if body[pos] == _NAME_TYPE_HOST_NAME:
             if host_name is not None:
                 raise Malformed("two host_name entries")  # RFC 6066 3
-            host_name = value
+            host_name = body[pos + 3:value_end]
+        pos = value_end
     if host_name is None:
         return None, "no_sni"
     return normalize_name(host_name)
 
 
-def _alpn(ext: bytes) -> tuple[str, ...]:
-    outer = _Reader(ext, "ALPN")
-    protocols = outer.vector(2, "protocol_name_list")
-    outer.expect_done()
-    if protocols.done():
+def _alpn(body: bytes, start: int, end: int) -> tuple[str, ...]:
+    if _vector_end(body, start, 2, end, "ALPN") != end:
+        raise Malformed("ALPN has trailing bytes")
+    pos = start + 2
+    if pos == end:
         raise Malformed("empty ALPN list")
     names = []
-    while not protocols.done():
-        protocol = protocols.opaque(1)
-        if not protocol:
+    while pos < end:
+        name_end = _vector_end(body, pos, 1, end, "protocol_name_list")
+        if name_end == pos + 1:
             raise Malformed("empty ALPN protocol name")
-        names.append(protocol.decode("ascii", "backslashreplace"))
+        names.append(body[pos + 1:name_end].decode("ascii", "backslashreplace"))
+        pos = name_end
     return tuple(names)
 
 
