@@ -1,4 +1,12 @@
-"""One client connection, from accept to close.
+"""One client connection, from accept to close, driven by event-loop callbacks.
+
+A connection has no greenlet of its own. Each step runs in the hub as a
+callback (readable, writable, a timer), does what it can without waiting, and
+arms a watcher for the rest: read the first flight, route, connect and send it,
+then hand both sockets to the relay. A short connection mostly never waits at
+all, and creating, switching to and ending a greenlet per connection cost more
+than everything else it does. Steps that must block run in a greenlet: a DNS
+query, and the kernel relay's watch over a registered pair.
 
 Every connection ends in exactly one access-log record, with an outcome that
 is either "done"-like (from the relay) or a refusal reason.
@@ -7,25 +15,30 @@ from __future__ import annotations
 
 import _socket
 import errno
+import logging
 import os
 import socket
 import time
 from typing import TYPE_CHECKING
 
 import gevent
-import gevent.socket
 
 from .config import HostPort, ListenerConfig
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
-from .relay import send_all
+from .relay import RelayResult
 from .resolver import ResolveError, is_public
 
 if TYPE_CHECKING:
     from .worker import Worker
 
+log = logging.getLogger("sniproxy.worker")
+
 READ_SIZE = 16 * 1024
+# Callbacks run one at a time, so one buffer serves the worker: a fresh 16 KiB
+# per read costs an allocation (and here an mmap) each time.
 _READ_BUFFER = bytearray(READ_SIZE)
 _READ_VIEW = memoryview(_READ_BUFFER)
+_READ, _WRITE = 1, 2  # libev event masks
 TLS_ALERT_UNRECOGNIZED_NAME = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70])
 HTTP_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HTTP_MISDIRECTED = b"HTTP/1.1 421 Misdirected Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -45,84 +58,210 @@ class ClosedEarly(Exception):
     """The client closed without sending a byte."""
 
 
-def serve_connection(worker: "Worker", lc: ListenerConfig, client: _socket.socket, peer) -> dict:
-    record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
-              "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
-    upstream = None
-    try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not worker.access.allows(peer[0]):
+class Connection:
+    __slots__ = ("worker", "lc", "client", "peer_host", "upstream", "record", "started", "data", "backend", "host",
+                 "addresses", "unsent", "watcher", "timer", "ended")
+
+    def __init__(self, worker: "Worker", lc: ListenerConfig, client: _socket.socket, peer):
+        self.worker, self.lc, self.client, self.peer_host = worker, lc, client, peer[0]
+        self.upstream: _socket.socket | None = None
+        self.record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
+                       "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
+        self.started = time.monotonic()
+        self.data = b""
+        self.watcher = self.timer = None   # what a step before the relay waits on, and its deadline
+        self.ended = False
+
+    def start(self) -> None:
+        self.worker.counters.add("accepted")
+        self._step(self._begin)
+
+    # --- steps ----------------------------------------------------------------
+
+    def _step(self, step, *args) -> None:
+        """Run one step; a refusal or an error ends the connection there."""
+        counters = self.worker.counters
+        try:
+            step(*args)
+            return
+        except Refused as r:
+            counters.add(f"refused_{r.reason}")
+            self.record["outcome"] = f"refused:{r}"
+            if r.answer:
+                _send_quietly(self.client, r.answer)
+        except ClosedEarly:
+            counters.add("closed_early")
+            self.record["outcome"] = "closed_early"
+        except OSError as e:
+            counters.add("errors")
+            self.record["outcome"] = f"error:{e.__class__.__name__}:{e}"
+        except Exception as e:  # noqa: BLE001 - a bug must not leave a watcher firing forever
+            log.exception("connection from %s failed", self.record["client"])
+            counters.add("errors")
+            self.record["outcome"] = f"error:{e.__class__.__name__}:{e}"
+        self._end()
+
+    def _wait(self, fd: int, event: int, timeout: float, on_ready, on_timeout) -> None:
+        """Run on_ready when fd is ready, or on_timeout after timeout seconds."""
+        self._stop_waiting()
+        loop = self.worker.loop
+        self.watcher, self.timer = loop.io(fd, event), loop.timer(timeout)
+        self.watcher.start(self._step, on_ready)
+        self.timer.start(self._step, on_timeout)
+
+    def _stop_waiting(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+            self.timer.close()
+            self.watcher = self.timer = None
+
+    def _begin(self) -> None:
+        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.worker.access.allows(self.peer_host):
             raise Refused("access_denied")
-        data, flight = read_first_flight(client, lc.protocol, worker.cfg.timeouts.client_hello)
+        self._read_first_flight()
+
+    def _read_first_flight(self) -> None:
+        """Read what has arrived and parse all of it; wait while the parser needs more.
+        Clients send their first flight right after the handshake, so it has usually
+        arrived by the time the connection is accepted."""
+        parse = _PARSERS[self.lc.protocol]
+        while True:
+            try:
+                n = self.client.recv_into(_READ_BUFFER, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if self.watcher is None:
+                    self._wait(self.client.fileno(), _READ, self.worker.cfg.timeouts.client_hello,
+                               self._read_first_flight, self._client_hello_timeout)
+                return
+            if not n:
+                if not self.data:         # a port probe or a client that gave up: not a refusal
+                    raise ClosedEarly()
+                raise Refused("malformed", "client closed before the first flight was complete")
+            self.data += _READ_VIEW[:n]
+            try:
+                flight = parse(self.data)
+            except NotThisProtocol:
+                flight = FirstFlight(None, (), f"not_{self.lc.protocol}")
+            except Malformed as e:
+                raise Refused("malformed", str(e), HTTP_BAD_REQUEST if self.lc.protocol == "http" else b"") from None
+            if flight is not NEED_MORE:
+                self._stop_waiting()
+                return self._route(flight)
+
+    @staticmethod
+    def _client_hello_timeout() -> None:
+        raise Refused("client_hello_timeout")
+
+    def _route(self, flight: FirstFlight) -> None:
+        worker, record = self.worker, self.record
         record["name"] = flight.name or f"({flight.name_problem})"
         record["alpn"] = ",".join(flight.alpn) or "-"
-        backend, fallback = choose_backend(worker, lc, flight)
+        backend, fallback = choose_backend(worker, self.lc, flight)
         if fallback:
             worker.counters.add("fallback")
-        upstream, address = connect_backend(worker, lc, backend, flight.name, data)
-        record["backend"] = address
-        record["up"] = len(data)
-        timeouts = worker.cfg.timeouts
-        result = worker.relay.relay(client, upstream, timeouts.idle, timeouts.half_closed)
-        kind = result.kind
-        worker.counters.add(f"relayed_{kind}")
-        # The kernel counts what it redirected (RELAY_STATS); these count the rest.
-        worker.counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
-        worker.counters.add("bytes_down_userspace", result.down - result.kernel_down)
-        if result.outcome in ("slow_reader", "idle_timeout"):
-            worker.counters.add(result.outcome)
-        record.update(up=len(data) + result.up, down=result.down, relay=kind, outcome=result.outcome)
-    except Refused as r:
-        worker.counters.add(f"refused_{r.reason}")
-        record["outcome"] = f"refused:{r}"
-        if r.answer:
-            _send_quietly(client, r.answer)
-    except ClosedEarly:
-        worker.counters.add("closed_early")
-        record["outcome"] = "closed_early"
-    except (OSError, gevent.Timeout) as e:
-        worker.counters.add("errors")
-        record["outcome"] = f"error:{e.__class__.__name__}:{e}"
-    finally:
-        client.close()
-        if upstream is not None:
-            upstream.close()
-    return record
+        self.backend = backend
+        self.host = flight.name if backend.host == "*" else backend.host
+        if backend.is_ip:
+            return self._connect([backend.host])
+        addresses = worker.resolver.cached(self.host)
+        if addresses is None:   # a DNS query: the one step that blocks
+            gevent.spawn(self._step, self._resolve)
+        else:
+            self._connect(self._permitted(addresses))
 
-
-def read_first_flight(client: _socket.socket, protocol: str, timeout: float) -> tuple[bytes, FirstFlight]:
-    """Read until the parser has a result; NotThisProtocol yields a nameless flight.
-    The first read seldom waits: clients send their first flight right after the
-    handshake, so it has usually arrived by the time the connection is accepted."""
-    parse = _PARSERS[protocol]
-    data = b""
-    deadline = None
-    while True:
+    def _resolve(self) -> None:
         try:
-            # Into a worker-wide buffer, copied out before any other greenlet runs:
-            # a fresh 16 KiB per read costs an allocation (and here an mmap) each time.
-            n = client.recv_into(_READ_BUFFER, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if deadline is None:
-                deadline = time.monotonic() + timeout
+            addresses = self.worker.resolver.resolve(self.host)
+        except ResolveError as e:
+            raise Refused("resolve_failed", str(e), self._unavailable()) from None
+        self._connect(self._permitted(addresses))
+
+    def _permitted(self, addresses: list[str]) -> list[str]:
+        if self.backend.host == "*" and not self.worker.cfg.resolver.allow_private:
+            addresses = [a for a in addresses if is_public(a)]
+            if not addresses:
+                raise Refused("private_address", self.host, self._unavailable())
+        return addresses
+
+    def _unavailable(self) -> bytes:
+        return HTTP_UNAVAILABLE if self.lc.protocol == "http" else b""
+
+    def _connect(self, addresses: list[str], error: OSError | None = None) -> None:
+        """Connect to each address in turn (IP literals: no getaddrinfo round trip) and
+        send the first flight at once. When the handshake completed within connect()
+        (loopback, a near backend) it goes out without a wait for writability; a socket
+        still connecting answers EAGAIN, and a failed connect surfaces as the send's error."""
+        self.addresses = addresses
+        while self.addresses:
+            address = self.addresses.pop(0)
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             try:
-                gevent.socket.wait_read(client.fileno(), max(deadline - time.monotonic(), 0.0))
-            except socket.timeout:
-                raise Refused("client_hello_timeout") from None
-            continue
-        if not n:
-            if not data:              # a port probe or a client that gave up: not a refusal
-                raise ClosedEarly()
-            raise Refused("malformed", "client closed before the first flight was complete")
-        data += _READ_VIEW[:n]
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = sock.connect_ex((address, self.backend.port))
+                if err not in (0, errno.EINPROGRESS):
+                    raise OSError(err, os.strerror(err))
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.upstream = sock
+            self.record["backend"] = str(HostPort(address, self.backend.port))
+            self.unsent = memoryview(self.data)
+            return self._send_first_flight()
+        raise Refused("connect_failed", f"{self.host}:{self.backend.port}: {error}", self._unavailable())
+
+    def _send_first_flight(self) -> None:
         try:
-            result = parse(data)
-        except NotThisProtocol:
-            return data, FirstFlight(None, (), f"not_{protocol}")
-        except Malformed as e:
-            raise Refused("malformed", str(e), HTTP_BAD_REQUEST if protocol == "http" else b"") from None
-        if result is not NEED_MORE:
-            return data, result
+            while self.unsent:
+                self.unsent = self.unsent[self.upstream.send(self.unsent, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            if self.watcher is None:
+                self._wait(self.upstream.fileno(), _WRITE, self.worker.cfg.timeouts.connect,
+                           self._send_first_flight, self._connect_timeout)
+            return
+        except OSError as e:
+            return self._next_address(e)
+        self._stop_waiting()
+        self._relay()
+
+    def _connect_timeout(self) -> None:
+        self._next_address(socket.timeout("timed out"))
+
+    def _next_address(self, error: OSError) -> None:
+        self._stop_waiting()
+        self.upstream.close()
+        self.upstream = None
+        self._connect(self.addresses, error)
+
+    def _relay(self) -> None:
+        self.record["up"] = len(self.data)
+        timeouts = self.worker.cfg.timeouts
+        self.worker.relay.start(self.client, self.upstream, timeouts.idle, timeouts.half_closed, self._relayed)
+
+    def _relayed(self, result: RelayResult) -> None:
+        counters, data = self.worker.counters, self.data
+        counters.add(f"relayed_{result.kind}")
+        # The kernel counts what it redirected (RELAY_STATS); these count the rest.
+        counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
+        counters.add("bytes_down_userspace", result.down - result.kernel_down)
+        if result.outcome in ("slow_reader", "idle_timeout"):
+            counters.add(result.outcome)
+        self.record.update(up=len(data) + result.up, down=result.down, relay=result.kind, outcome=result.outcome)
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._stop_waiting()
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.record["duration"] = time.monotonic() - self.started
+        self.worker.access_log.write(self.record)
+        self.worker.connection_ended(self)
 
 
 def choose_backend(worker: "Worker", lc: ListenerConfig, flight: FirstFlight) -> tuple[HostPort, bool]:
@@ -141,52 +280,6 @@ def choose_backend(worker: "Worker", lc: ListenerConfig, flight: FirstFlight) ->
     if reason == "not_protocol":
         answer = b""
     raise Refused(reason, flight.name or flight.name_problem, answer)
-
-
-def connect_backend(worker: "Worker", lc: ListenerConfig, backend: HostPort, name: str | None,
-                    first_flight: bytes):
-    """Resolve (if needed), connect and send the first flight, trying each address in order."""
-    unavailable = HTTP_UNAVAILABLE if lc.protocol == "http" else b""
-    host = name if backend.host == "*" else backend.host
-    if backend.is_ip:
-        addresses = [backend.host]
-    else:
-        try:
-            addresses = worker.resolver.resolve(host)
-        except ResolveError as e:
-            raise Refused("resolve_failed", str(e), unavailable) from None
-        if backend.host == "*" and not worker.cfg.resolver.allow_private:
-            addresses = [a for a in addresses if is_public(a)]
-            if not addresses:
-                raise Refused("private_address", host, unavailable)
-    error = None
-    for address in addresses:
-        try:
-            upstream = _connect(address, backend.port, first_flight, worker.cfg.timeouts.connect)
-            return upstream, str(HostPort(address, backend.port))
-        except OSError as e:
-            error = e
-    raise Refused("connect_failed", f"{host}:{backend.port}: {error}", unavailable)
-
-
-def _connect(address: str, port: int, first_flight: bytes, timeout: float) -> _socket.socket:
-    """Connect to an IP literal (no getaddrinfo round trip through a thread pool) and
-    send the first flight, on a non-blocking C socket. The send is tried at once: when
-    the handshake completed within connect() (loopback, a near backend) it goes out
-    without a wait for writability; on a socket still connecting it meets EAGAIN and
-    waits, and a failed connect surfaces as the send's error."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex((address, port))
-        if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, os.strerror(err))
-        send_all(sock, first_flight, timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _send_quietly(sock: _socket.socket, data: bytes) -> None:

@@ -55,7 +55,7 @@ import gevent.monkey
 from gevent.event import Event
 
 from .bpfsys import PinnedMap
-from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket, send_all
+from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket, send_all, wait_for
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -292,17 +292,32 @@ class KernelRelay:
 
     # -- the life of a pair -------------------------------------------------
 
+    def start(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
+              half_closed_timeout: float | None, on_done):
+        """With a handoff, the pair starts in the userspace relay, which stops (with no
+        byte in hand) once the handoff is due; a short exchange ends there. The kernel
+        phase runs in a greenlet of its own: it waits on its pair's counters."""
+        def in_kernel(before: RelayResult) -> None:
+            try:
+                result = self._relay_in_kernel(client, upstream, idle_timeout, half_closed_timeout)
+            except Exception:  # noqa: BLE001 - the connection must still end
+                log.exception("kernel relay failed")
+                result = RelayResult(0, 0, "error", self.kind)
+            on_done(result._replace(up=result.up + before.up, down=result.down + before.down))
+
+        def handed_off(before: RelayResult) -> None:
+            if before.outcome == "handoff":
+                gevent.spawn(in_kernel, before)
+            else:
+                on_done(before)
+
+        if self.handoff is None:
+            return handed_off(RelayResult(0, 0, "handoff"))
+        return self._userspace.start(client, upstream, idle_timeout, half_closed_timeout, handed_off, self.handoff)
+
     def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
               half_closed_timeout: float | None = None) -> RelayResult:
-        """With a handoff, the pair starts in the userspace relay, which stops (with no
-        byte in hand) once the handoff is due; a short exchange ends there."""
-        before = RelayResult(0, 0, "handoff")
-        if self.handoff is not None:
-            before = self._userspace.relay(client, upstream, idle_timeout, half_closed_timeout, self.handoff)
-            if before.outcome != "handoff":
-                return before
-        result = self._relay_in_kernel(client, upstream, idle_timeout, half_closed_timeout)
-        return result._replace(up=result.up + before.up, down=result.down + before.down)
+        return wait_for(self.start, client, upstream, idle_timeout, half_closed_timeout)
 
     def _relay_in_kernel(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
                          half_closed_timeout: float | None) -> RelayResult:

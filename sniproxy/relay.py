@@ -7,6 +7,7 @@ done, carrying half-close, and reports the byte counts. The kernel relay
 from __future__ import annotations
 
 import _socket
+import logging
 import math
 import socket
 import time
@@ -14,7 +15,9 @@ from typing import NamedTuple, Protocol
 
 import gevent
 import gevent.socket
-from gevent.hub import Waiter
+from gevent.event import AsyncResult
+
+log = logging.getLogger("sniproxy.relay")
 
 
 class RelayResult(NamedTuple):
@@ -75,7 +78,7 @@ def send_all(sock, data, timeout: float | None = None) -> None:
 
 class _Direction:
     """Bytes from src to dst: what was read and not yet sent waits in `pending`."""
-    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key")
+    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key", "watcher", "watched")
 
     def __init__(self, src: _socket.socket, dst: _socket.socket):
         self.src, self.dst = src, dst
@@ -83,6 +86,7 @@ class _Direction:
         self.eof = False     # src sent its FIN (carried to dst once pending is empty)
         self.count = 0
         self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
+        self.watcher = self.watched = None   # the started watcher, and its (fd, event)
 
     @property
     def finished(self) -> bool:
@@ -93,67 +97,117 @@ class _Direction:
         return self.read_key if self.pending is None else self.write_key
 
 
-class _Readiness:
-    """Waits in the calling greenlet until one of several descriptors is ready, or a
-    deadline: one greenlet serves both directions of a pair. Watchers stay started
-    while they are wanted, so that consecutive waits change nothing in epoll, and one
-    timer serves every wait: it is moved only when a wait needs it earlier, and a
-    wait woken early by it simply finds nothing ready."""
+class _Pair:
+    """Both directions of a pair, moved by event-loop callbacks in the hub: no
+    greenlet waits for a pair, and a wakeup moves only the direction it is for.
+    A direction reads while it holds nothing; holding bytes its reader cannot
+    take yet, it waits for the reader's socket to become writable instead. One
+    timer serves the idle limit and the handoff: it fires at the earlier of the
+    two, and activity in between only moves a timestamp."""
 
-    def __init__(self):
-        self.hub = gevent.get_hub()
-        self._watchers: dict[tuple[int, int], object] = {}
-        self._started: tuple[tuple[int, int], ...] = ()
-        self._waiter: Waiter | None = None
-        self._timer = None
-        self._timer_due = math.inf
+    __slots__ = ("relay", "up", "down", "loop", "idle_timeout", "half_closed_timeout", "handoff",
+                 "handoff_due", "last", "on_done", "timer")
 
-    def _on_ready(self, key) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.switch(key)
+    def __init__(self, relay: "UserspaceRelay", c: _socket.socket, u: _socket.socket, idle_timeout: float,
+                 half_closed_timeout: float | None, handoff: Handoff | None, on_done):
+        self.relay, self.on_done = relay, on_done
+        self.up, self.down = _Direction(c, u), _Direction(u, c)
+        self.loop = gevent.get_hub().loop
+        self.idle_timeout, self.half_closed_timeout, self.handoff = idle_timeout, half_closed_timeout, handoff
+        self.last = time.monotonic()
+        self.handoff_due = self.last + handoff.after if handoff is not None else math.inf
+        self.timer = None
+        for d in (self.up, self.down):
+            self._watch(d)
+        self._set_timer(self.last)
+
+    def _watch(self, d: _Direction) -> None:
+        """Watch what d now waits for, if that changed."""
+        wanted = None if d.finished else d.wanted()
+        if wanted == d.watched:
+            return
+        if d.watcher is not None:
+            d.watcher.close()
+            d.watcher = None
+        if wanted is not None:
+            d.watcher = self.loop.io(*wanted)
+            d.watcher.start(self._on_ready, d)
+        d.watched = wanted
+
+    def _half_closed(self) -> bool:
+        return self.up.eof or self.down.eof
+
+    def _idle_due(self) -> float:
+        return self.last + idle_limit(self.idle_timeout, self.half_closed_timeout, self._half_closed())
+
+    def _handoff_ready(self, now: float) -> bool:
+        """Due, and at a point where no byte is in hand and neither side has sent its FIN."""
+        up, down, handoff = self.up, self.down, self.handoff
+        return handoff is not None and not (up.eof or down.eof) and up.pending is None \
+            and down.pending is None and (up.count + down.count >= handoff.bytes or now >= self.handoff_due)
+
+    def _set_timer(self, now: float) -> None:
+        due = self._idle_due()
+        if not self._half_closed() and self.handoff_due > now:
+            due = min(due, self.handoff_due)   # once past, _on_ready hands off when nothing is in hand
+        if self.timer is not None:
+            self.timer.close()
+        self.timer = self.loop.timer(max(due - now, 0.0))
+        self.timer.start(self._on_timer)
+
+    def _on_ready(self, d: _Direction) -> None:
+        up, down = self.up, self.down
+        was_half_closed = up.eof or down.eof
+        try:
+            moved = self.relay._move(d)
+        except OSError:          # a reset is an outcome, not a worker error
+            return self._end("reset")
+        except Exception:        # noqa: BLE001 - a bug must not leave a watcher firing forever
+            log.exception("userspace relay failed")
+            return self._end("error")
+        if moved:
+            self.last = time.monotonic()
+        if up.finished and down.finished:
+            return self._end("done")
+        if self.handoff is not None and self._handoff_ready(time.monotonic()):
+            return self._end("handoff")
+        self._watch(d)
+        if not was_half_closed and (up.eof or down.eof):
+            self._set_timer(time.monotonic())   # half_closed_timeout may be the shorter limit
 
     def _on_timer(self) -> None:
-        self._timer_due = math.inf
-        self._on_ready(None)
+        now = time.monotonic()
+        if now >= self._idle_due():
+            return self._end("idle_timeout")
+        if self._handoff_ready(now):
+            return self._end("handoff")
+        self._set_timer(now)   # woken early: there was activity, or a byte in hand at the handoff
 
-    def wait(self, wanted: tuple[tuple[int, int], ...], deadline: float) -> tuple[int, int] | None:
-        """The (fd, event) found ready, or None when woken by the timer (at the
-        deadline, or earlier: the caller checks its clocks)."""
-        if wanted != self._started:
-            self._start(wanted)
-        if deadline < self._timer_due:
-            if self._timer is not None:
-                self._timer.close()
-            self._timer = self.hub.loop.timer(max(deadline - time.monotonic(), 0.0))
-            self._timer.start(self._on_timer)
-            self._timer_due = deadline
-        self._waiter = Waiter(self.hub)
-        try:
-            return self._waiter.get()
-        finally:
-            self._waiter = None
+    def _end(self, outcome: str) -> None:
+        self.cancel()
+        self.on_done(RelayResult(self.up.count, self.down.count, outcome))
 
-    def _start(self, wanted) -> None:
-        for key in self._started:
-            if key not in wanted:
-                self._watchers[key].stop()
-        for key in wanted:
-            if key not in self._started:
-                watcher = self._watchers.get(key)
-                if watcher is None:
-                    watcher = self._watchers[key] = self.hub.loop.io(*key)
-                watcher.start(self._on_ready, key)
-        self._started = wanted
+    def cancel(self) -> None:
+        for d in (self.up, self.down):
+            if d.watcher is not None:
+                d.watcher.close()
+                d.watcher = d.watched = None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
 
-    def close(self) -> None:
-        for watcher in self._watchers.values():
-            watcher.close()
-        self._watchers.clear()
-        self._started = ()
-        if self._timer is not None:
-            self._timer.close()
-            self._timer, self._timer_due = None, math.inf
+
+def wait_for(start, *args) -> RelayResult:
+    """The blocking form of a relay's start(): run it and wait in this greenlet for
+    its result. A greenlet killed while it waits takes the relay down with it."""
+    done = AsyncResult()
+    pair = start(*args, done.set)
+    try:
+        return done.get()
+    except BaseException:
+        if pair is not None:
+            pair.cancel()
+        raise
 
 
 class UserspaceRelay:
@@ -165,46 +219,18 @@ class UserspaceRelay:
         # take yet is copied out, so idle connections hold no buffer.
         self._buffer = memoryview(bytearray(buffer_size))
 
+    def start(self, client, upstream, idle_timeout: float, half_closed_timeout: float | None,
+              on_done, handoff: Handoff | None = None) -> _Pair:
+        """Relay from the event loop; on_done(RelayResult) once both directions are
+        done. With handoff, stop with outcome "handoff" once it is due, at a point
+        where no byte is in hand and neither side has sent its FIN."""
+        return _Pair(self, raw_socket(client), raw_socket(upstream), idle_timeout, half_closed_timeout,
+                     handoff, on_done)
+
     def relay(self, client, upstream, idle_timeout: float, half_closed_timeout: float | None = None,
               handoff: Handoff | None = None) -> RelayResult:
-        """With handoff, stop with outcome "handoff" once it is due, at a point where no
-        byte is in hand and neither side has sent its FIN."""
-        c, u = raw_socket(client), raw_socket(upstream)
-        up, down = _Direction(c, u), _Direction(u, c)
-        readiness = _Readiness()
-        start = last = time.monotonic()
-        handoff_due = start + handoff.after if handoff is not None else math.inf
-        outcome = "done"
-        ready = None  # nothing known yet: the first turn only waits
-        try:
-            while True:
-                moved = False
-                if ready is not None:
-                    for d in (up, down):
-                        if d.wanted() == ready:
-                            moved |= self._move(d)
-                now = time.monotonic()
-                if moved:
-                    last = now
-                half_closed = up.eof or down.eof
-                if half_closed and up.finished and down.finished:
-                    break
-                if handoff is not None and not half_closed and up.pending is None and down.pending is None \
-                        and (up.count + down.count >= handoff.bytes or now >= handoff_due):
-                    outcome = "handoff"
-                    break
-                idle_due = last + idle_limit(idle_timeout, half_closed_timeout, half_closed)
-                if now >= idle_due:
-                    outcome = "idle_timeout"
-                    break
-                wanted = (up.wanted(), down.wanted()) if not half_closed else \
-                    tuple(d.wanted() for d in (up, down) if not d.finished)
-                ready = readiness.wait(wanted, idle_due if half_closed else min(idle_due, handoff_due))
-        except OSError:          # a reset is an outcome, not a worker error
-            outcome = "reset"
-        finally:
-            readiness.close()
-        return RelayResult(up.count, down.count, outcome)
+        return wait_for(lambda *a: self.start(*a, handoff=handoff), client, upstream, idle_timeout,
+                        half_closed_timeout)
 
     def _move(self, d: _Direction) -> bool:
         """Move what can move now without waiting; True if anything did."""

@@ -55,11 +55,15 @@ class Resolver:
             ]
         self._dns.lifetime = timeout
 
-    def resolve(self, name: str) -> list[str]:
-        """Addresses for name, in the configured family order; raise ResolveError."""
+    def cached(self, name: str) -> list[str] | None:
+        """Addresses for name known without a query, else None."""
         if name in _LOCALHOST:
             return [a for fam in self.order for a in _LOCALHOST[name] if (":" in a) == (fam == "AAAA")]
-        cached = self.cache.get(name)
+        return self.cache.get(name)
+
+    def resolve(self, name: str) -> list[str]:
+        """Addresses for name, in the configured family order; raise ResolveError."""
+        cached = self.cached(name)
         if cached is not None:
             return cached
         pending = self._inflight.get(name)

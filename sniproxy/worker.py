@@ -1,8 +1,9 @@
 """A worker: a gevent process serving its slot's listening sockets.
 
 `Worker.__init__` runs in the master and has no side effects; `run()` runs in
-the forked child. One greenlet per connection: read the first flight, route,
-resolve, connect, replay the first flight, then hand both sockets to the relay.
+the forked child. Accepting and each connection's steps are event-loop
+callbacks (connection.py): read the first flight, route, resolve, connect,
+replay the first flight, then hand both sockets to the relay.
 """
 from __future__ import annotations
 
@@ -55,22 +56,23 @@ class Worker:
             log.error("worker %d cannot boot: %s", self.index, e)
             os._exit(BOOT_ERROR)
         import gevent
-        self.servers = [gevent.spawn(self._serve, lc, s) for lc, s in self.slot.listeners]
+        for lc, listening in self.slot.listeners:
+            acceptor = self.loop.io(listening.fileno(), 1)
+            acceptor.start(self._accept_all, lc, listening, acceptor)
+            self.acceptors.append(acceptor)
         gevent.spawn(self._heartbeat)
-        try:
-            gevent.joinall(self.servers, raise_error=True)
-        finally:
-            self._stop_gracefully()
+        self.stopping.wait()
+        self._stop_gracefully()
 
     def _init_process(self) -> None:
         from gevent import monkey
         monkey.patch_all(thread=False, signal=False, subprocess=False)
         import gevent
-        import gevent.pool
+        import gevent.event
         import setproctitle
 
         from .access import AccessList
-        from .connection import serve_connection
+        from .connection import Connection
         from .resolver import Resolver
         from .routing import Router
 
@@ -82,13 +84,17 @@ class Worker:
         gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
         gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
 
-        self.serve_connection = serve_connection     # imported here, not on the first connection
+        self.Connection = Connection     # imported here, not on the first connection
+        self.loop = gevent.get_hub().loop
         self.counters = CounterTable(self.counters_path).row(self.number)
         self.router = Router(self.cfg)
         self.access = AccessList(self.cfg.access.allow, self.cfg.access.deny)
         self.resolver = Resolver(self.cfg.resolver, self._dns_cache(), timeout=self.cfg.timeouts.connect)
         self.relay = self._open_relay()
-        self.connections = gevent.pool.Group()
+        self.connections: set = set()   # live Connections
+        self.acceptors: list = []
+        self.stopping = gevent.event.Event()
+        self.all_ended = gevent.event.Event()
         self.fallbacks = {id(lc): parse_hostport(lc.fallback) if lc.fallback else None
                           for lc, _ in self.slot.listeners}
 
@@ -122,72 +128,60 @@ class Worker:
     def _on_term(self) -> None:
         # Stop accepting, but never shutdown() the listening socket: that would
         # reset its accept queue, which the master keeps for the next worker.
-        import gevent
         self.alive = False
-        gevent.killall(self.servers, block=False)
-        gevent.spawn(self._accept_what_waits)
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.acceptors.clear()
+        self._accept_what_waits()
+        self.stopping.set()
 
     def _accept_what_waits(self) -> None:
         """Serve the connections already in the accept queue: when the master
         closes the last copy of a listening socket, whatever waits there is reset."""
         for lc, listening in self.slot.listeners:
-            while True:
-                try:
-                    accepted = _accept(listening)
-                except OSError:
-                    break
-                if accepted is None:      # the queue is empty
-                    break
-                self.connections.spawn(self._handle, lc, *accepted)
+            self._accept_all(lc, listening)
 
     def _stop_gracefully(self) -> None:
         """Serve what is in flight until graceful_timeout, then leave."""
         self.alive = False
         timeout = self.cfg.master.graceful_timeout
-        if not self.connections.join(timeout=timeout):
+        if self.connections and not self.all_ended.wait(timeout):
             log.warning("worker %d: %d connections still open after %.0fs, closing them",
                         self.index, len(self.connections), timeout)
         self.relay.close()
         os._exit(0)
 
-    def _serve(self, lc: ListenerConfig, listening: socket.socket) -> None:
-        import gevent
-        hub = gevent.get_hub()
-        readable = hub.loop.io(listening.fileno(), 1)
-        try:
-            while self.alive:
-                try:
-                    accepted = _accept(listening)
-                except OSError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        log.error("accept on %s: %s", lc.address, e)
-                        gevent.sleep(0.1)
-                    continue
-                if accepted is None:
-                    hub.wait(readable)
-                else:
-                    self.connections.spawn(self._handle, lc, *accepted)
-        finally:
-            readable.close()
+    def _accept_all(self, lc: ListenerConfig, listening: socket.socket, acceptor=None) -> None:
+        """Start a Connection for everything waiting in the accept queue."""
+        while True:
+            try:
+                fd, peer = listening._accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and acceptor is not None:
+                    log.error("accept on %s: %s", lc.address, e)
+                    self._pause(acceptor, lc, listening)
+                return
+            # A C socket, not gevent's wrapper: connection.py waits on its descriptor itself.
+            client = _socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
+            client.setblocking(False)
+            connection = self.Connection(self, lc, client, peer)
+            self.connections.add(connection)
+            connection.start()
 
-    # --- one connection -------------------------------------------------------
+    def _pause(self, acceptor, lc: ListenerConfig, listening: socket.socket) -> None:
+        """Out of descriptors or memory: stop accepting for a moment instead of spinning."""
+        acceptor.stop()
+        timer = self.loop.timer(0.1)
 
-    def _handle(self, lc: ListenerConfig, client: socket.socket, peer) -> None:
-        start = time.monotonic()
-        self.counters.add("accepted")
-        record = self.serve_connection(self, lc, client, peer)
-        record["duration"] = time.monotonic() - start
-        self.access_log.write(record)
+        def resume() -> None:
+            timer.close()
+            if self.alive:
+                acceptor.start(self._accept_all, lc, listening, acceptor)
+        timer.start(resume)
 
-
-def _accept(listening: socket.socket) -> tuple[_socket.socket, tuple] | None:
-    """One connection from a non-blocking listening socket, or None when none waits.
-    The connection is a non-blocking C socket: the connection code waits on its
-    descriptor itself, without gevent's socket wrapper."""
-    try:
-        fd, peer = listening._accept()
-    except BlockingIOError:
-        return None
-    conn = _socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
-    conn.setblocking(False)
-    return conn, peer
+    def connection_ended(self, connection) -> None:
+        self.connections.discard(connection)
+        if not self.connections and not self.alive:
+            self.all_ended.set()
