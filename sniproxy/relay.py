@@ -172,8 +172,8 @@ class _Pair:
         if self.handoff is not None and self._handoff_ready(time.monotonic()):
             return self._end("handoff")
         self._watch(d)
-        if not was_half_closed and (up.eof or down.eof):
-            self._set_timer(time.monotonic())   # half_closed_timeout may be the shorter limit
+        if not was_half_closed and (up.eof or down.eof) and self.half_closed_timeout is not None:
+            self._set_timer(time.monotonic())   # the half-closed limit may be the shorter one
 
     def _on_timer(self) -> None:
         now = time.monotonic()
