@@ -49,6 +49,7 @@ import select
 import socket
 import struct
 import time
+from functools import partial
 
 import gevent
 import gevent.monkey
@@ -182,6 +183,7 @@ class KernelRelay:
         self._pairs_by_fd: dict[int, _Pair] = {}
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self.pauses = 0   # times a direction was paused for a slow reader
+        self.checks = 0   # times a pair's counters were read (see _watch)
         self._watcher = gevent.get_hub().loop.io(self._epoll.fileno(), 1)
         self._watcher.start(self._on_epoll)
 
@@ -297,30 +299,40 @@ class KernelRelay:
         """With a handoff, the pair starts in the userspace relay, which stops (with no
         byte in hand) once the handoff is due; a short exchange ends there. The kernel
         phase runs in a greenlet of its own: it waits on its pair's counters."""
-        def in_kernel(before: RelayResult) -> None:
-            try:
-                result = self._relay_in_kernel(client, upstream, idle_timeout, half_closed_timeout)
-            except Exception:  # noqa: BLE001 - the connection must still end
-                log.exception("kernel relay failed")
-                result = RelayResult(0, 0, "error", self.kind)
-            on_done(result._replace(up=result.up + before.up, down=result.down + before.down))
-
-        def handed_off(before: RelayResult) -> None:
-            if before.outcome == "handoff":
-                gevent.spawn(in_kernel, before)
-            else:
-                on_done(before)
-
+        job = (client, upstream, idle_timeout, half_closed_timeout, on_done, time.monotonic())
         if self.handoff is None:
-            return handed_off(RelayResult(0, 0, "handoff"))
-        return self._userspace.start(client, upstream, idle_timeout, half_closed_timeout, handed_off, self.handoff)
+            return self._handed_off(job, RelayResult(0, 0, "handoff"))
+        return self._userspace.start(client, upstream, idle_timeout, half_closed_timeout,
+                                     partial(self._handed_off, job), self.handoff)
+
+    def _handed_off(self, job: tuple, before: RelayResult) -> None:
+        if before.outcome == "handoff":
+            gevent.spawn(self._in_kernel, before, *job)
+        else:
+            job[4](before)   # on_done
+
+    def _in_kernel(self, before: RelayResult, client: socket.socket, upstream: socket.socket,
+                   idle_timeout: float, half_closed_timeout: float | None, on_done, started: float) -> None:
+        first_check = MIN_CHECK_INTERVAL
+        moved = before.up + before.down
+        if self.handoff is not None and moved < self.handoff.bytes:
+            # Handed off by age: a quiet pair, checked first at the pace its rate so far
+            # allows, as _watch paces any pair. Checking thousands of idle pairs from
+            # MIN_CHECK_INTERVAL on kept the worker busy and registrations behind.
+            first_check = self._check_interval(moved / max(time.monotonic() - started, 1e-3), 0)
+        try:
+            result = self._relay_in_kernel(client, upstream, idle_timeout, half_closed_timeout, first_check)
+        except Exception:  # noqa: BLE001 - the connection must still end
+            log.exception("kernel relay failed")
+            result = RelayResult(0, 0, "error", self.kind)
+        on_done(result._replace(up=result.up + before.up, down=result.down + before.down))
 
     def relay(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
               half_closed_timeout: float | None = None) -> RelayResult:
         return wait_for(self.start, client, upstream, idle_timeout, half_closed_timeout)
 
     def _relay_in_kernel(self, client: socket.socket, upstream: socket.socket, idle_timeout: float,
-                         half_closed_timeout: float | None) -> RelayResult:
+                         half_closed_timeout: float | None, first_check: float = MIN_CHECK_INTERVAL) -> RelayResult:
         pair = _Pair(client, upstream)
         outcome = "error"
         try:
@@ -328,7 +340,7 @@ class KernelRelay:
                 # Too late for the kernel: a short exchange that already half-closed.
                 result = self._userspace.relay(client, upstream, idle_timeout, half_closed_timeout)
                 return result._replace(up=result.up + pair.client.early, down=result.down + pair.upstream.early)
-            outcome = self._watch(pair, idle_timeout, half_closed_timeout)
+            outcome = self._watch(pair, idle_timeout, half_closed_timeout, first_check)
         except OSError as e:
             if e.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
                 outcome = "reset"            # a peer went away: an outcome, not a fault
@@ -342,15 +354,24 @@ class KernelRelay:
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
         return RelayResult(up, down, outcome, self.kind, kernel_up, kernel_down)
 
-    def _watch(self, pair: _Pair, idle_timeout: float, half_closed_timeout: float | None) -> str:
+    def _check_interval(self, rate: float, queued: int) -> float:
+        """How soon to check again so that, at this rate (bytes/s), the kernel's queue
+        cannot grow past max_queued before the check; at most MAX_CHECK_INTERVAL."""
+        headroom = max(self.max_queued - queued, 0)
+        return min(max(headroom / (2 * rate), MIN_CHECK_INTERVAL), MAX_CHECK_INTERVAL) if rate > 0 \
+            else MAX_CHECK_INTERVAL
+
+    def _watch(self, pair: _Pair, idle_timeout: float, half_closed_timeout: float | None,
+               first_check: float) -> str:
         c, u = pair.client, pair.upstream
         now = time.monotonic()
         last_activity, last_check = now, now
         last_sample = None
-        interval = MIN_CHECK_INTERVAL
+        interval = first_check
         while True:
             pair.wake.wait(timeout=interval)
             pair.wake.clear()
+            self.checks += 1
             now = time.monotonic()
             limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=c.fin_sent or u.fin_sent)
             # The verdict's counts first: read after TCP_INFO, bytes redirected in
@@ -399,15 +420,13 @@ class KernelRelay:
                 return "done"
 
             sample = (kernel[c], kernel[u], counters[c].acked, counters[u].acked)
-            if sample != last_sample:
-                if last_sample is not None:
-                    last_activity = now
-                moved = sum(kernel[c]) + sum(kernel[u]) - (sum(last_sample[0]) + sum(last_sample[1])
-                                                           if last_sample else 0)
-                rate = moved / max(now - last_check, 1e-6) if last_sample is not None else 0
-                # Check again before the queue could grow past the bound at this rate.
-                headroom = max(self.max_queued - worst_queued, 0)
-                interval = headroom / (2 * rate) if rate > 0 else MIN_CHECK_INTERVAL
+            if last_sample is None:
+                pass  # the first check keeps the pace it was given
+            elif sample != last_sample:
+                last_activity = now
+                moved = sum(kernel[c]) + sum(kernel[u]) - sum(last_sample[0]) - sum(last_sample[1])
+                rate = moved / max(now - last_check, 1e-6)
+                interval = self._check_interval(rate, worst_queued) if rate > 0 else MIN_CHECK_INTERVAL
             elif now - last_activity >= limit:
                 return "idle_timeout"
             else:

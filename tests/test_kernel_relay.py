@@ -19,6 +19,7 @@ import pytest
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_relay import KernelRelay
+from sniproxy.relay import Handoff
 from sniproxy.stats import percpu_totals
 
 pytestmark = pytest.mark.bpf
@@ -341,6 +342,26 @@ def test_idle_timeout(relay):
     assert server.recv(10) == b"hello"
     for s in (client, c, u, server):
         s.close()
+
+
+def test_quiet_pair_handed_off_by_age_is_checked_at_an_idle_pace(relay_pins):
+    """A pair that moved nothing before its handoff is checked like an idle pair from the
+    start (about once a second), not from the 2 ms of a busy one: thousands of them at
+    once would otherwise keep a worker busy and its registrations behind."""
+    relay = KernelRelay(relay_pins.pin_path, handoff=Handoff(64 << 10, 0.05))
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    try:
+        started = time.monotonic()
+        result = relay.relay(c, u, idle_timeout=1.5)
+        assert (result.outcome, result.kind) == ("idle_timeout", "kernel")
+        assert 1.5 <= time.monotonic() - started < 3.5
+        # 1 s, then the idle limit. A busy pair's pacing (2, 4, 8, ... ms) takes 10 checks.
+        assert relay.checks <= 3, relay.checks
+    finally:
+        relay.close()
+        for s in (client, c, u, server):
+            s.close()
 
 
 def test_reset_ends_the_relay_and_reaches_the_other_side(relay):
