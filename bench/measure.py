@@ -36,12 +36,17 @@ def _read_stat(pid: int) -> list[str] | None:
 
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of the processes (all their threads)."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes (all their threads): user and kernel CPU seconds."""
+    user = system = 0
     for pid in pids:
         stat = _read_stat(pid)
         if stat:
-            total += int(stat[11]) + int(stat[12])
-    return total / _TICKS
+            user, system = user + int(stat[11]), system + int(stat[12])
+    return user / _TICKS, system / _TICKS
 
 
 def rss_bytes(pids: list[int]) -> int:

@@ -84,11 +84,18 @@ def h2load_new_connections(address: tuple[str, int], seconds: int, slack: float,
     proxy then lacks on a small machine. h2load waits for readability. Its -D mode hangs
     when servers close connections, so a short run first sizes the request count to last
     about `seconds`."""
-    rate = _h2load(address, CALIBRATION_CONNECTIONS, connections, slack)
-    return _h2load(address, max(CALIBRATION_CONNECTIONS, int(rate * seconds)), connections, seconds * 4 + slack)
+    requests = h2load_requests_for(address, seconds, slack, connections)
+    return h2load_connections(address, requests, seconds * 4 + slack, connections)
 
 
-def _h2load(address: tuple[str, int], requests: int, connections: int, timeout: float) -> float:
+def h2load_requests_for(address: tuple[str, int], seconds: int, slack: float, connections: int = 16) -> int:
+    """How many connections a run of about `seconds` makes, from a short run."""
+    rate = h2load_connections(address, CALIBRATION_CONNECTIONS, slack, connections)
+    return max(CALIBRATION_CONNECTIONS, int(rate * seconds))
+
+
+def h2load_connections(address: tuple[str, int], requests: int, timeout: float, connections: int = 16) -> float:
+    """Connections per second of `requests` connections, one request each."""
     host, port = address
     out = procs.run(["h2load", "--h1", "-n", str(requests), "-c", str(min(connections, requests)),
                      "-H", "Connection: close", f"--connect-to={host}:{port}",

@@ -103,3 +103,22 @@ def test_placement_runs_every_system_in_every_placement():
         assert ratio == "1.00x" if system == "direct" else ratio.endswith("x")
     assert "loopback rps_cpus 1" in done.stdout
     assert rps_cpus.read_text() == before
+
+
+@pytest.mark.bpf
+def test_connrate_measures_every_system_side_by_side():
+    """bench/connrate: every system up at once, h2load visiting each in turn; a rate and a
+    ratio to HAProxy for each, and the proxies' user and system CPU per connection."""
+    done = subprocess.run([str(REPO / "bench/connrate"), "--seconds", "1", "--rounds", "2", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"direct", "sniproxy-ebpf", "sniproxy-userspace", "haproxy"}
+    assert rows["haproxy"][3] == "1.00x"
+    for name, row in rows.items():
+        assert float(row[1].replace(",", "")) > 100, row   # conn/s median
+        if name == "direct":
+            assert row[4:] == ["-", "-"]
+        else:
+            assert float(row[4]) > 0 and float(row[6]) > 0, row   # user, system ms per connection
+    assert done.stderr.count("[round ") == 2 * len(rows)
