@@ -53,7 +53,7 @@ from functools import partial
 
 import gevent
 import gevent.monkey
-from gevent.event import Event
+from gevent.hub import Waiter
 
 from .bpfsys import PinnedMap
 from .relay import Handoff, RelayResult, UserspaceRelay, idle_limit, raw_socket, send_all, wait_for
@@ -160,7 +160,31 @@ class _Side:
 class _Pair:
     def __init__(self, client: socket.socket, upstream: socket.socket):
         self.client, self.upstream = _Side(client), _Side(upstream)
-        self.wake = Event()
+        self.woken = False   # epoll saw a FIN, a hang-up or an error on a side
+        self._waiter: Waiter | None = None
+
+    def wake(self) -> None:
+        """From the hub (epoll): end the pair's current or next sleep."""
+        self.woken = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.switch(None)
+
+    def sleep(self, loop, seconds: float) -> bool:
+        """Wait until woken or for seconds; True when woken. A timer and a Waiter are
+        the least a greenlet can wait on: an Event with a timeout doubled the cost of an
+        idle pair's check."""
+        if not self.woken:
+            timer = loop.timer(seconds)
+            self._waiter = waiter = Waiter()
+            timer.start(waiter.switch, None)
+            try:
+                waiter.get()
+            finally:
+                timer.close()
+                self._waiter = None
+        woken, self.woken = self.woken, False
+        return woken
 
 
 class KernelRelay:
@@ -184,7 +208,8 @@ class KernelRelay:
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self.pauses = 0   # times a direction was paused for a slow reader
         self.checks = 0   # times a pair's counters were read (see _watch)
-        self._watcher = gevent.get_hub().loop.io(self._epoll.fileno(), 1)
+        self._loop = gevent.get_hub().loop
+        self._watcher = self._loop.io(self._epoll.fileno(), 1)
         self._watcher.start(self._on_epoll)
 
     def _open(self, path: str) -> PinnedMap:
@@ -197,7 +222,7 @@ class KernelRelay:
             self.wakeups += 1
             pair = self._pairs_by_fd.get(fd)
             if pair is not None:
-                pair.wake.set()
+                pair.wake()
 
     # -- registration -------------------------------------------------------
 
@@ -368,15 +393,23 @@ class KernelRelay:
         last_activity, last_check = now, now
         last_sample = None
         interval = first_check
+        quiet = False  # the last full check found nothing queued, paused or waiting for a FIN
         while True:
-            pair.wake.wait(timeout=interval)
-            pair.wake.clear()
+            woken = pair.sleep(self._loop, interval)
             self.checks += 1
             now = time.monotonic()
             limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=c.fin_sent or u.fin_sent)
             # The verdict's counts first: read after TCP_INFO, bytes redirected in
             # between would look queued and could pause a direction for nothing.
             kernel = {side: self._counts(side) for side in (c, u)}  # (redirected, passed)
+            if quiet and not woken and (kernel[c], kernel[u]) == last_sample[:2]:
+                # Nothing redirected since then: no queue can have grown, and a FIN or a
+                # reset would have woken the pair through epoll. Idle pairs end here.
+                if now - last_activity >= limit:
+                    return "idle_timeout"
+                last_check = now
+                interval = min(interval * 2, MAX_CHECK_INTERVAL, max(last_activity + limit - now, MIN_CHECK_INTERVAL))
+                continue
             counters = {side: TcpCounters(side.sock) for side in (c, u)}
 
             for side in (c, u):
@@ -432,6 +465,7 @@ class KernelRelay:
             else:
                 interval *= 2  # idle pairs cost less and less
             last_sample, last_check = sample, now
+            quiet = not waiting and worst_queued <= 0
             ceiling = DRAIN_CHECK_INTERVAL if waiting else MAX_CHECK_INTERVAL
             interval = min(max(interval, MIN_CHECK_INTERVAL), ceiling,
                            max(last_activity + limit - now, MIN_CHECK_INTERVAL))
