@@ -225,7 +225,7 @@ class Master:
 
     def spawn_worker(self, index: int) -> None:
         from .accesslog import AccessLog
-        from .worker import Slot, Worker
+        from .worker import WORKER_SIGNALS, Slot, Worker
         self.spawned += 1
         fd, path = tempfile.mkstemp(prefix="sniproxy-heartbeat-")
         os.unlink(path)
@@ -233,6 +233,10 @@ class Master:
         worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.dataplane.relay_kind,
                         bpf_pins=self.dataplane.pins_for_workers, heartbeat_fd=fd,
                         counters_path=self.counters_path, access_log=None)
+        # Until the child has its own handlers, a signal would run the master's, which
+        # only queue it in the child's copy of the master: a worker stopped while
+        # booting would never stop. Blocked, it waits for the worker's handlers.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         pid = os.fork()
         if pid == 0:
             # The child must never return into the master's loop or run its atexit
@@ -245,6 +249,7 @@ class Master:
                 worker.run()
             finally:
                 os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, fd)
 
     def signal_workers(self, sig: int) -> None:

@@ -21,6 +21,10 @@ from .counters import CounterTable
 
 log = logging.getLogger("sniproxy.worker")
 
+# Signals a worker handles itself: the master blocks them from fork until the
+# worker's handlers are in place.
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
 # A worker that cannot boot exits with this, so the master halts instead of
 # respawning it forever.
 BOOT_ERROR = 3
@@ -83,6 +87,7 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self._on_term)
         gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
         gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)   # blocked by the master since fork
 
         self.Connection = Connection     # imported here, not on the first connection
         self.loop = gevent.get_hub().loop

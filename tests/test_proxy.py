@@ -261,7 +261,30 @@ def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
         while len(got) < len(payload) and (chunk := s.recv(262144)):
             got += chunk
     assert sha(got) == sha(payload)
+    stopping = time.monotonic()
     assert p.proc.wait(20) == 0
+    # Every worker stopped once its connections ended, none at graceful_timeout (10 s).
+    assert time.monotonic() - stopping < 5
+
+
+def test_workers_take_their_signals_once_booted(proxy, backends):
+    """The master blocks the workers' signals from fork until their own handlers are in
+    place (a SIGTERM before then would run the master's handler in the child, and the
+    worker would never stop); a booted worker has them unblocked again."""
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    def blocked(pid: int) -> int:
+        """The pid's blocked signals that a worker handles itself."""
+        with open(f"/proc/{pid}/status") as status:
+            mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+        return mask & sum(1 << (sig - 1) for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP))
+
+    pids = p.worker_pids()
+    assert len(pids) == 2
+    for pid in pids:   # a worker still booting has them blocked; a booted one must not
+        wait_until(lambda: not blocked(pid), what=f"worker {pid} to unblock its signals")
+    assert p.stop() == 0
 
 
 def test_cli_check_errors_and_port_in_use(tmp_path, proxy, backends):
