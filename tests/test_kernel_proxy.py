@@ -224,16 +224,19 @@ def test_worker_cpu_kernel_relay_is_a_tenth_of_userspace(proxy, pin_path):
     """The same iperf3 transfer (2 GiB through the fallback route) costs the
     worker at most a tenth of the CPU time in kernel mode. The sender is paced
     (-b) so the kernel keeps up: a sender that outruns the redirect makes the
-    relay pause that direction and forward in userspace (see kernel_relay.py)."""
+    relay pause that direction and forward in userspace (see kernel_relay.py). On a
+    loaded machine the kworker can still fall behind the paced sender, so the bound on
+    the kernel's queue is raised above the transfer's size: the test measures the
+    relay, not the pause."""
     server_port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-p", str(server_port)], stdout=subprocess.DEVNULL)
     try:
         wait_until(lambda: _accepting(server_port), what="iperf3 -s")
-        cpu = {}
+        cpu, carried = {}, {}   # worker CPU seconds, bytes carried in userspace
         for mode in ("off", "require"):
             port = free_port()
             p = proxy(make_config(port, [], fallback=f"127.0.0.1:{server_port}", mode=mode, pin_path=pin_path,
-                                  workers=1), wait_ports=(port,))
+                                  workers=1, bpf=f"max_queued = {4 << 30}\n"), wait_ports=(port,))
             # Count from a booted worker: it has served the harness's port probe.
             wait_until(lambda: stats(p)["closed_early"] >= 1, what="the worker's first connection")
             pids = p.worker_pids()
@@ -242,12 +245,14 @@ def test_worker_cpu_kernel_relay_is_a_tenth_of_userspace(proxy, pin_path):
                                  capture_output=True, text=True, timeout=120)
             assert json.loads(out.stdout)["end"]["sum_sent"]["bytes"] >= 2 << 30
             cpu[mode] = worker_cpu(pids) - before
+            counters = stats(p)
+            carried[mode] = counters["bytes_up_userspace"] + counters["bytes_down_userspace"]
             assert p.stop() == 0
     finally:
         server.terminate()
         server.wait()
     print(f"worker CPU for 2 GiB: userspace {cpu['off']:.2f}s, kernel {cpu['require']:.2f}s")
-    assert cpu["require"] <= 0.1 * cpu["off"], cpu
+    assert cpu["require"] <= 0.1 * cpu["off"], (cpu, carried)
 
 
 def _accepting(port):

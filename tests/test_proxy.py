@@ -386,6 +386,13 @@ def test_client_reset_ends_the_backend_connection(proxy, plain, pin_path, mode):
     wait_until(lambda: "outcome=reset" in p.output(), timeout=5, what="the relay to end on the reset")
 
 
+def connecting_to(port: int) -> bool:
+    """Some socket on this host is in SYN_SENT towards 127.0.0.1:port (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        return any(fields[3] == "02" and fields[2] == f"0100007F:{port:04X}"
+                   for fields in (line.split() for line in list(table)[1:]))
+
+
 def test_first_flight_waits_for_a_backend_still_connecting(proxy):
     """The backend's accept queue is full when the proxy connects, so the proxy's SYN is
     dropped and retried about a second later. The first flight, sent right after
@@ -400,7 +407,8 @@ def test_first_flight_waits_for_a_backend_still_connecting(proxy):
         got = []
 
         def backend():
-            time.sleep(0.3)                     # the proxy's SYN has been dropped by now
+            # The proxy's SYN found the queue full and was dropped; its retry comes later.
+            wait_until(lambda: connecting_to(backend_port), what="the proxy's SYN to the full backend")
             listener.accept()[0].close()        # the filler: room for the retried SYN
             conn, _ = listener.accept()
             with conn:
