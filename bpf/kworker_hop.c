@@ -11,6 +11,7 @@ enum phase { WAITING, RUNNING };
 struct since_key {
     u64 work;
     u32 phase;
+    u32 zero;   /* named, so the key has no padding for the stack to fill with garbage */
 };
 
 BPF_HASH(SINCE, struct since_key, u64, 65536);   /* when the work entered the phase */
