@@ -116,7 +116,6 @@ class Connection:
             self.watcher = self.timer = None
 
     def _begin(self) -> None:
-        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.worker.access.allows(self.peer_host):
             raise Refused("access_denied")
         self._read_first_flight()

@@ -158,6 +158,7 @@ class Worker:
 
     def _accept_all(self, lc: ListenerConfig, listening: socket.socket, acceptor=None) -> None:
         """Start a Connection for everything waiting in the accept queue."""
+        family = listening.family   # read once: it converts to an enum on every read
         while True:
             try:
                 fd, peer = listening._accept()
@@ -169,8 +170,9 @@ class Worker:
                     self._pause(acceptor, lc, listening)
                 return
             # A C socket, not gevent's wrapper: connection.py waits on its descriptor itself.
-            client = _socket.socket(listening.family, socket.SOCK_STREAM, 0, fd)
-            client.setblocking(False)
+            # It stays in blocking mode: every call on it passes MSG_DONTWAIT. It inherits
+            # TCP_NODELAY from the listening socket.
+            client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             connection = self.Connection(self, lc, client, peer)
             self.connections.add(connection)
             connection.start()

@@ -3,6 +3,7 @@
 These run with the userspace relay (bpf.mode = "off"); test_kernel_proxy.py runs
 the same paths with the kernel relay.
 """
+import ctypes
 import json
 import os
 import signal
@@ -192,6 +193,48 @@ def test_half_close_is_carried(proxy, plain):
         while chunk := s.recv(4096):
             got += chunk
     assert got == b"not tls, half-closed after this"
+
+
+def _borrowed_tcp_sockets(pid: int) -> list[socket.socket]:
+    """Copies of every TCP socket the process holds (pidfd_getfd), to read their options."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd, found = os.pidfd_open(pid), []
+    try:
+        for entry in os.listdir(f"/proc/{pid}/fd"):
+            if not os.readlink(f"/proc/{pid}/fd/{entry}").startswith("socket:"):
+                continue
+            fd = libc.syscall(438, pidfd, int(entry), 0)   # SYS_pidfd_getfd on x86_64
+            assert fd >= 0, os.strerror(ctypes.get_errno())
+            sock = socket.socket(fileno=fd)
+            if sock.type == socket.SOCK_STREAM and sock.family == socket.AF_INET:
+                found.append(sock)
+            else:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def test_both_sockets_of_a_connection_have_nodelay(proxy, plain):
+    """The client's socket takes TCP_NODELAY from the listening socket, the upstream's
+    is set at connect: small writes are never held back by Nagle's algorithm."""
+    fb = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=fb.address, workers=1), wait_ports=(port,))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"not tls")
+        assert s.recv(64) == b"not tls"      # relayed: both of the proxy's sockets exist
+        sockets = _borrowed_tcp_sockets(p.worker_pids()[0])
+        try:
+            by_peer = {sock.getpeername(): sock for sock in sockets
+                       if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)}
+            client_side = by_peer[s.getsockname()]
+            upstream_side = by_peer[("127.0.0.1", int(fb.address.rsplit(":", 1)[1]))]
+            assert client_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert upstream_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 def test_ipv6_listener_and_backend(proxy, backends):
