@@ -245,6 +245,12 @@ class Master:
             try:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wake_r)
+                # Only the master may keep another slot's socket alive: a copy here would
+                # keep a slot that a reload removes in SO_REUSEPORT's group, taking new
+                # connections that no one accepts, for as long as this worker drains.
+                for (slot, _), sock in self.sockets.items():
+                    if slot != index:
+                        sock.close()
                 worker.access_log = AccessLog(self.cfg.log.access)
                 worker.run()
             finally:

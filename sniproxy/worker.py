@@ -138,6 +138,10 @@ class Worker:
             acceptor.close()
         self.acceptors.clear()
         self._accept_what_waits()
+        # Our copies only: the master keeps a slot that goes on for the next worker, and
+        # one that a reload removed leaves SO_REUSEPORT's group now instead of when we exit.
+        for _, listening in self.slot.listeners:
+            listening.close()
         self.stopping.set()
 
     def _accept_what_waits(self) -> None:

@@ -112,9 +112,9 @@ def tls_client(port: int, name: str | None, host: str = "127.0.0.1", timeout: fl
     return ctx.wrap_socket(raw, server_hostname=name)
 
 
-def https_get(port: int, name: str | None, host: str = "127.0.0.1") -> str:
+def https_get(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     """GET / through the proxy with Python's ssl; the backend's answer body."""
-    with tls_client(port, name, host) as s:
+    with tls_client(port, name, host, timeout) as s:
         s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(4096):

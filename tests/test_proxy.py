@@ -6,6 +6,7 @@ the same paths with the kernel relay.
 import ctypes
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -288,6 +289,42 @@ def test_reload_under_traffic(proxy, backends):
     p.signal(signal.SIGHUP)
     wait_until(lambda: "reload rejected" in p.output(), what="the rejection")
     assert all(https_get(port, "example.com") == "backend=b\n" for _ in range(4))
+
+
+def test_reload_to_fewer_workers_strands_no_connection(proxy, backends):
+    """A slot the reload removes leaves SO_REUSEPORT's group at once, although an old
+    worker still drains a connection: a listening socket that lingered there, held by
+    no one who accepts, would take its share of new connections and never answer."""
+    a = backends("a")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", a.address)], workers=2), wait_ports=(port,))
+    old, live = p.worker_pids(), []
+    try:
+        # Both old workers keep draining: one holds the removed slot's socket as its own,
+        # the other as a copy inherited from the master.
+        while _serving_pids(port) != set(old) and len(live) < 32:
+            live.append(tls_client(port, "example.com"))
+            live[-1].sendall(b"before")
+            assert live[-1].recv(100) == b"before"
+        assert _serving_pids(port) == set(old)
+        p.write(make_config(port, [("example.com", a.address)], workers=1))
+        assert p.cli("reload").returncode == 0
+        wait_until(lambda: len(set(p.worker_pids()) - set(old)) == 1, what="the new worker")
+        # Connections spread over the group by their ports: 16 reach every member.
+        assert [https_get(port, "example.com", timeout=3) for _ in range(16)] == ["backend=a\n"] * 16
+        for s in live:
+            s.sendall(b"after")
+            assert s.recv(100) == b"after"
+    finally:
+        for s in live:
+            s.close()
+
+
+def _serving_pids(port: int) -> set[int]:
+    """The processes holding connections accepted on port."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
 
 
 def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
