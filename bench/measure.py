@@ -49,6 +49,21 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / _TICKS, system / _TICKS
 
 
+def sleeps(pids: list[int]) -> int:
+    """Voluntary context switches of every thread of the processes: how often they went
+    to sleep waiting for something (each one a wakeup later)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:

@@ -108,7 +108,7 @@ def test_placement_runs_every_system_in_every_placement():
 @pytest.mark.bpf
 def test_connrate_measures_every_system_side_by_side():
     """bench/connrate: every system up at once, h2load visiting each in turn; a rate and a
-    ratio to HAProxy for each, and the proxies' user and system CPU per connection."""
+    ratio to HAProxy for each, and the proxies' user and system CPU and sleeps per connection."""
     done = subprocess.run([str(REPO / "bench/connrate"), "--seconds", "1", "--rounds", "2", "--workers", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -118,7 +118,8 @@ def test_connrate_measures_every_system_side_by_side():
     for name, row in rows.items():
         assert float(row[1].replace(",", "")) > 100, row   # conn/s median
         if name == "direct":
-            assert row[4:] == ["-", "-"]
+            assert row[4:] == ["-", "-", "-"]
         else:
             assert float(row[4]) > 0 and float(row[6]) > 0, row   # user, system ms per connection
+            assert float(row[8]) > 0, row   # a proxy sleeps between events: at least some per connection
     assert done.stderr.count("[round ") == 2 * len(rows)
