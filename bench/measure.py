@@ -49,31 +49,26 @@ def cpu_split(pids: list[int]) -> tuple[float, float]:
     return user / _TICKS, system / _TICKS
 
 
+def _status_field(status: Path, field: str) -> int:
+    """A number from a /proc .../status file; 0 once the process or thread is gone."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def sleeps(pids: list[int]) -> int:
     """Voluntary context switches of every thread of the processes: how often they went
     to sleep waiting for something (each one a wakeup later)."""
-    total = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                for line in (task / "status").read_text().splitlines():
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-            except OSError:
-                pass
-    return total
+    return sum(_status_field(task / "status", "voluntary_ctxt_switches")
+               for pid in pids for task in Path(f"/proc/{pid}/task").glob("*"))
 
 
 def rss_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return sum(_status_field(Path(f"/proc/{pid}/status"), "VmRSS") * 1024 for pid in pids)
 
 
 def socket_memory_bytes() -> int:
