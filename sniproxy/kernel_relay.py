@@ -37,6 +37,11 @@ match, and each pair checks its counters on an adaptive timer: half-closes are
 carried once TCP_INFO shows the peer's write queue holds everything, and a
 direction whose reader lags by more than max_queued is paused through
 RELAY_CONTROL (bpf/relay.c) until the reader catches up.
+
+A pair quiet for MAX_CHECK_INTERVAL stops checking itself and joins the idle
+sweep: once a second, one batch read of CONNECTION_MAP for all of them wakes
+those whose entries changed. Thousands of idle pairs then cost one pass a
+second, where a check each cost two lookups and a wakeup each.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ import ctypes as ct
 import errno
 import fcntl
 import logging
+import math
 import os
 import select
 import socket
@@ -78,6 +84,7 @@ _DRAIN_CHUNK = 1 << 20
 MIN_CHECK_INTERVAL = 0.002
 MAX_CHECK_INTERVAL = 1.0   # idle pairs: the bound on reaction to a burst after idleness
 DRAIN_CHECK_INTERVAL = 0.02  # while waiting for a queue to drain (FIN or pause)
+SWEEP_BATCH_FROM = 256     # idle pairs from which one batch read beats two lookups each
 
 
 def _membarrier_global() -> None:
@@ -187,6 +194,14 @@ class _Pair:
         return woken
 
 
+def _counts_of(raw: bytes | None) -> tuple[int, int]:
+    """(bytes redirected, bytes kept while paused) from a CONNECTION_MAP entry."""
+    if not raw:
+        return 0, 0
+    _, redirected, _, passed, _ = _CONNECTION.unpack(raw)
+    return redirected, passed
+
+
 class KernelRelay:
     kind = "kernel"
 
@@ -208,14 +223,43 @@ class KernelRelay:
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self.pauses = 0   # times a direction was paused for a slow reader
         self.checks = 0   # times a pair's counters were read (see _watch)
+        self.sweeps = 0   # batch reads of CONNECTION_MAP for the idle pairs
+        self._idle: dict[_Pair, tuple[bytes | None, bytes | None]] = {}  # CONNECTION_MAP entries when it went idle
         self._loop = gevent.get_hub().loop
         self._watcher = self._loop.io(self._epoll.fileno(), 1)
         self._watcher.start(self._on_epoll)
+        self._sweeper = self._loop.timer(MAX_CHECK_INTERVAL, MAX_CHECK_INTERVAL)
 
     def _open(self, path: str) -> PinnedMap:
         m = PinnedMap.open(path)
         self._maps.append(m)
         return m
+
+    def _sweep(self) -> None:
+        """Wake the idle pairs whose CONNECTION_MAP entries changed: the verdict relayed
+        or kept bytes for them. A FIN or a reset wakes a pair through epoll instead."""
+        self.sweeps += 1
+        try:
+            # The batch reads every worker's entries: worth it only for many idle pairs.
+            lookup = self.connections.lookup_all().get if len(self._idle) >= SWEEP_BATCH_FROM \
+                else self.connections.lookup
+            changed = [pair for pair, before in self._idle.items()
+                       if (lookup(pair.client.key), lookup(pair.upstream.key)) != before]
+        except OSError as e:   # then every idle pair checks itself once
+            log.warning("idle sweep failed: %s", e)
+            changed = list(self._idle)
+        for pair in changed:
+            self._leave_idle(pair)
+            pair.wake()
+
+    def _enter_idle(self, pair: _Pair, entries: tuple[bytes | None, bytes | None]) -> None:
+        self._idle[pair] = entries
+        if not self._sweeper.active:
+            self._sweeper.start(self._sweep)
+
+    def _leave_idle(self, pair: _Pair) -> None:
+        if self._idle.pop(pair, None) is not None and not self._idle:
+            self._sweeper.stop()
 
     def _on_epoll(self) -> None:
         for fd, _ in self._epoll.poll(0):
@@ -303,6 +347,7 @@ class KernelRelay:
         socket removes it from every sockmap, so only its CONNECTION_MAP entries
         go: no side is paused then (a FIN is carried only after a resume, which
         removes the RELAY_CONTROL entry)."""
+        self._leave_idle(pair)
         if not finished:
             self._forget_sockets(pair)
         totals, redirected = [], []
@@ -396,19 +441,28 @@ class KernelRelay:
         quiet = False  # the last full check found nothing queued, paused or waiting for a FIN
         while True:
             woken = pair.sleep(self._loop, interval)
+            self._leave_idle(pair)
             self.checks += 1
             now = time.monotonic()
             limit = idle_limit(idle_timeout, half_closed_timeout, half_closed=c.fin_sent or u.fin_sent)
             # The verdict's counts first: read after TCP_INFO, bytes redirected in
             # between would look queued and could pause a direction for nothing.
-            kernel = {side: self._counts(side) for side in (c, u)}  # (redirected, passed)
+            entries = (self.connections.lookup(c.key), self.connections.lookup(u.key))
+            kernel = {c: _counts_of(entries[0]), u: _counts_of(entries[1])}  # (redirected, passed)
             if quiet and not woken and (kernel[c], kernel[u]) == last_sample[:2]:
                 # Nothing redirected since then: no queue can have grown, and a FIN or a
                 # reset would have woken the pair through epoll. Idle pairs end here.
                 if now - last_activity >= limit:
                     return "idle_timeout"
                 last_check = now
-                interval = min(interval * 2, MAX_CHECK_INTERVAL, max(last_activity + limit - now, MIN_CHECK_INTERVAL))
+                interval = min(interval * 2, MAX_CHECK_INTERVAL)
+                if interval == MAX_CHECK_INTERVAL:
+                    # Quiet a while: the idle sweep watches its entries from now on (bytes
+                    # redirected since they were read show there), and its own timer waits
+                    # only for the idle limit.
+                    self._enter_idle(pair, entries)
+                    interval = math.inf
+                interval = max(min(interval, last_activity + limit - now), MIN_CHECK_INTERVAL)
                 continue
             counters = {side: TcpCounters(side.sock) for side in (c, u)}
 
@@ -472,11 +526,7 @@ class KernelRelay:
 
     def _counts(self, side: _Side) -> tuple[int, int]:
         """(bytes redirected, bytes kept while paused) as the verdict counted them."""
-        raw = self.connections.lookup(side.key)
-        if not raw:
-            return 0, 0
-        _, redirected, _, passed, _ = _CONNECTION.unpack(raw)
-        return redirected, passed
+        return _counts_of(self.connections.lookup(side.key))
 
     # -- backpressure: see RELAY_CONTROL in bpf/relay.c -------------------------
 
@@ -528,6 +578,11 @@ class KernelRelay:
                 raise
 
     def close(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.stop()
+            sweeper.close()
+            self._sweeper = None
         watcher = getattr(self, "_watcher", None)
         if watcher is not None:
             watcher.stop()

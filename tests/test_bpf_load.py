@@ -151,6 +151,18 @@ def test_pinned_map_operations(relay_pins):
         assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(40) for v in per_cpu)
 
 
+def test_batch_lookup_reads_every_entry(relay_pins):
+    """lookup_all: BPF_MAP_LOOKUP_BATCH in chunks smaller than the map, so the walk
+    resumes from the kernel's token; it must return exactly what the map holds."""
+    with relay_pins.open_map("CONNECTION_MAP") as m:
+        assert m.lookup_all() == {}
+        entries = {struct.pack("<Q", i): struct.pack("<QQQQI4x", i, i * 3, i * 5, i * 7, 2) for i in range(1, 1001)}
+        for key, value in entries.items():
+            m.update(key, value)
+        assert m.lookup_all(chunk=64) == entries
+        assert m.lookup_all() == entries
+
+
 def test_errors_name_the_path(pin_path):
     with pytest.raises(BpfError, match=f"{pin_path}/SOCK_MAP.*No such file"):
         PinnedMap.open(f"{pin_path}/SOCK_MAP")

@@ -17,6 +17,7 @@ import gevent
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
+from sniproxy import kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_relay import KernelRelay
 from sniproxy.relay import Handoff
@@ -362,6 +363,40 @@ def test_quiet_pair_handed_off_by_age_is_checked_at_an_idle_pace(relay_pins):
         relay.close()
         for s in (client, c, u, server):
             s.close()
+
+
+@pytest.mark.parametrize("batch_from", [1, kernel_relay.SWEEP_BATCH_FROM], ids=["batch read", "lookups"])
+def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
+    """A pair quiet for a second or two stops checking itself: one sweep a second (a batch
+    read of CONNECTION_MAP once idle pairs are many) watches every idle pair, and wakes one
+    whose entries changed. Each round: a message both ways, then idleness, then a burst the
+    sweep must notice."""
+    monkeypatch.setattr(kernel_relay, "SWEEP_BATCH_FROM", batch_from)
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    relayer = gevent.spawn(relay.relay, c, u, 30)
+    gevent.sleep(0.05)
+    for round_number in range(2):
+        message = b"round %d" % round_number
+        client.sendall(message)
+        assert server.recv(64) == message
+        server.sendall(message)
+        assert client.recv(64) == message
+        gevent.sleep(2.5)                  # quiet long enough to join the sweep (1-2 s)
+        checks, sweeps = relay.checks, relay.sweeps
+        gevent.sleep(2.1)
+        assert relay.checks == checks, f"round {round_number}: the idle pair checked itself"
+        assert relay.sweeps - sweeps >= 2
+        client.sendall(b"burst")
+        assert server.recv(64) == b"burst"
+        with gevent.Timeout(1.5):          # the next sweep sees the changed entry
+            while relay.checks == checks:
+                gevent.sleep(0.01)
+    client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
+    assert relayer.get(timeout=10) == (24, 14, "done", "kernel", 24, 14)
+    assert relay._idle == {} and not relay._sweeper.active   # the sweep stops with its last pair
+    for s in (client, c, u, server):
+        s.close()
 
 
 def test_reset_ends_the_relay_and_reaches_the_other_side(relay):
