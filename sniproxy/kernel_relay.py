@@ -39,9 +39,10 @@ direction whose reader lags by more than max_queued is paused through
 RELAY_CONTROL (bpf/relay.c) until the reader catches up.
 
 A pair quiet for MAX_CHECK_INTERVAL stops checking itself and joins the idle
-sweep: once a second, one batch read of CONNECTION_MAP for all of them wakes
-those whose entries changed. Thousands of idle pairs then cost one pass a
-second, where a check each cost two lookups and a wakeup each.
+sweep: once a second, one read of their CONNECTION_MAP entries (a batch read of
+the whole map once they are many) wakes those whose entries changed. Thousands
+of idle pairs then cost one pass a second, where each cost a timer, a greenlet
+switch and a check.
 """
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ class KernelRelay:
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self.pauses = 0   # times a direction was paused for a slow reader
         self.checks = 0   # times a pair's counters were read (see _watch)
-        self.sweeps = 0   # batch reads of CONNECTION_MAP for the idle pairs
+        self.sweeps = 0   # passes of the idle sweep (see _sweep)
         self._idle: dict[_Pair, tuple[bytes | None, bytes | None]] = {}  # CONNECTION_MAP entries when it went idle
         self._loop = gevent.get_hub().loop
         self._watcher = self._loop.io(self._epoll.fileno(), 1)
