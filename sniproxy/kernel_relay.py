@@ -581,6 +581,7 @@ class KernelRelay:
     def close(self) -> None:
         sweeper = getattr(self, "_sweeper", None)
         if sweeper is not None:
+            self._idle.clear()   # a pair still watched leaves nothing to stop afterwards
             sweeper.stop()
             sweeper.close()
             self._sweeper = None
