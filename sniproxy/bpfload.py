@@ -14,13 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import bpfsys
+from .kernel_abi import LAYOUT, LAYOUT_VALUE, LAYOUT_VERSION, PROGRAMS
 
 log = logging.getLogger("sniproxy.bpf")
 
-# Bump whenever a map's key/value layout or a pinned name changes.
-LAYOUT_VERSION = 3
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
-LAYOUT_MAP = "LAYOUT"
 _LAYOUT_SOURCE = """
 struct layout { u32 version; u32 owner_pid; };
 BPF_ARRAY(LAYOUT, struct layout, 1);
@@ -30,24 +28,6 @@ int btf_anchor_layout(void *ctx) { return 0; }
 # a file that only defines maps adds a function whose name contains
 # "btf_anchor", never loaded.
 BTF_ANCHOR = "btf_anchor"
-
-_PROG_SK_SKB, _PROG_XDP = 14, 6
-_ATTACH_SK_SKB_STREAM_VERDICT = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class ProgramSpec:
-    prog_type: int
-    attach_map: str | None = None  # map the program is attached to, if any
-    attach_type: int | None = None
-
-
-# Every function a bpf/*.c file exports, with its type. XDP programs are
-# attached to interfaces by their owner, from the pinned program.
-PROGRAMS = {
-    "relay_verdict": ProgramSpec(_PROG_SK_SKB, "SOCK_MAP", _ATTACH_SK_SKB_STREAM_VERDICT),
-    "xdp_ip_filter": ProgramSpec(_PROG_XDP),
-}
 
 
 class BpfLoadError(RuntimeError):
@@ -140,11 +120,11 @@ def _ensure_bpffs(pin_path: str) -> None:
 def read_layout(pin_path: str) -> int | None:
     """The layout version pinned at pin_path, or None when there is none readable."""
     try:
-        with bpfsys.PinnedMap.open(os.path.join(pin_path, LAYOUT_MAP)) as layout:
+        with bpfsys.PinnedMap.open(os.path.join(pin_path, LAYOUT)) as layout:
             value = layout.lookup(b"\0\0\0\0")
     except OSError:
         return None
-    return int.from_bytes(value[:4], "little") if value else None
+    return LAYOUT_VALUE.unpack(value)[0] if value else None
 
 
 def unpin(pin_path: str) -> None:
@@ -269,7 +249,7 @@ def _load_program(module, source_name: str, function: str, loaded: LoadedBpf) ->
     from bcc import BPF
     spec = PROGRAMS.get(function)
     if spec is None:
-        raise BpfLoadError(f"{source_name}: unknown program {function}(): add it to bpfload.PROGRAMS")
+        raise BpfLoadError(f"{source_name}: unknown program {function}(): add it to kernel_abi.PROGRAMS")
     try:
         fn = module.load_func(function.encode(), spec.prog_type)
         if spec.attach_map:
@@ -340,11 +320,11 @@ def load(pin_path: str, programs=("relay",), cflags: Mapping[str, int] = {}) -> 
                 _load_program(module, source_name, function, loaded)
 
         for name, fd in {**loaded.program_fds, **loaded.map_fds}.items():
-            if name != LAYOUT_MAP:
+            if name != LAYOUT:
                 bpfsys.obj_pin(fd, loaded.map_path(name))
-        with bpfsys.PinnedMap(os.dup(loaded.map_fds[LAYOUT_MAP]), LAYOUT_MAP) as layout:
-            layout.update(b"\0\0\0\0", LAYOUT_VERSION.to_bytes(4, "little") + os.getpid().to_bytes(4, "little"))
-        bpfsys.obj_pin(loaded.map_fds[LAYOUT_MAP], loaded.map_path(LAYOUT_MAP))
+        with bpfsys.PinnedMap(os.dup(loaded.map_fds[LAYOUT]), LAYOUT) as layout:
+            layout.update(b"\0\0\0\0", LAYOUT_VALUE.pack(LAYOUT_VERSION, os.getpid()))
+        bpfsys.obj_pin(loaded.map_fds[LAYOUT], loaded.map_path(LAYOUT))
     except BaseException:
         loaded.unpin()
         raise

@@ -11,6 +11,7 @@ import time
 
 from . import config as config_mod
 from .config import Config, ConfigError
+from .runtime import RuntimePaths
 
 EPILOG = """\
 Without -c, the built-in default configuration is used (the same as etc/sniproxy.toml):
@@ -106,9 +107,12 @@ def cmd_start(cfg: Config, args) -> int:
     return 1
 
 
+def _paths(cfg: Config, args) -> RuntimePaths:
+    return RuntimePaths.of(cfg, args.config)
+
+
 def _daemon_log(cfg: Config, args):
-    from .master import runtime_paths
-    return runtime_paths(cfg, args.config)[0].with_suffix(".log")
+    return _paths(cfg, args).log
 
 
 def _detach_stdio(log_path) -> None:
@@ -124,9 +128,7 @@ def _detach_stdio(log_path) -> None:
 
 
 def _master_pid(cfg: Config, args) -> int | None:
-    from .master import _alive, _read_pid, runtime_paths
-    pid = _read_pid(runtime_paths(cfg, args.config)[0])
-    return pid if pid and _alive(pid) else None
+    return _paths(cfg, args).running_pid()
 
 
 def _signal_master(cfg: Config, args, sig: int) -> int | None:
@@ -162,11 +164,10 @@ def cmd_reload(cfg: Config, args) -> int:
 
 
 def _state(cfg: Config, args) -> dict | None:
-    from .master import runtime_paths
     if _master_pid(cfg, args) is None:
         return None
     try:
-        return json.loads(runtime_paths(cfg, args.config)[2].read_text())
+        return json.loads(_paths(cfg, args).state.read_text())
     except (OSError, ValueError):
         return None
 

@@ -38,6 +38,7 @@ class BpfConfig(_Section):
     xdp_ports_only: bool = True      # filter only TCP to the listeners' ports; pass other traffic
     sndbuf: int = 32 << 20           # send/receive buffers of kernel-relayed sockets
     max_queued: int = 64 << 20       # bytes the kernel may queue toward a slow reader
+    max_pairs: int = 32768           # pairs the kernel relay holds at once; more stay in userspace
     # A pair starts in the userspace relay and moves to the kernel once this many bytes
     # moved or it lived this long: registering costs more than relaying a short exchange.
     handoff_bytes: int = 64 << 10
@@ -219,7 +220,7 @@ def check(cfg: Config):
             yield bad(f"timeouts.{key}", getattr(cfg.timeouts, key), "must be positive")
     if not cfg.bpf.pin_path.startswith("/"):
         yield bad("bpf.pin_path", cfg.bpf.pin_path, "must be an absolute path")
-    for key in ("sndbuf", "max_queued"):
+    for key in ("sndbuf", "max_queued", "max_pairs"):
         if getattr(cfg.bpf, key) <= 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be positive")
     for key in ("handoff_bytes", "handoff_after"):

@@ -8,8 +8,10 @@ all, and creating, switching to and ending a greenlet per connection cost more
 than everything else it does. Steps that must block run in a greenlet: a DNS
 query, and the kernel relay's watch over a registered pair.
 
-Every connection ends in exactly one access-log record, with an outcome that
-is either "done"-like (from the relay) or a refusal reason.
+A connection needs only its Context, which the worker builds once: what it
+reads of its worker is named there. Every connection ends in exactly one
+access-log record, with an outcome that is either "done"-like (from the relay)
+or a refusal reason.
 """
 from __future__ import annotations
 
@@ -19,17 +21,19 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import gevent
 
-from .config import HostPort, ListenerConfig
+from .accesslog import AccessLog
+from .config import HostPort, ListenerConfig, TimeoutsConfig
+from .counters import CounterRow
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
-from .relay import RelayResult
-from .resolver import ResolveError, is_public
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .relay import Limits, Relay, RelayResult
+from .resolver import ResolveError, Resolver, is_public
+from .routing import Refusal, Router
+from .sourcefilter import SourceFilter
 
 log = logging.getLogger("sniproxy.worker")
 
@@ -44,14 +48,37 @@ HTTP_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection
 HTTP_MISDIRECTED = b"HTTP/1.1 421 Misdirected Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 HTTP_UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _PARSERS = {"tls": parse_client_hello, "http": parse_http_request}
+# What a refusal says before the close, by listener protocol and reason; nothing where absent.
+ANSWERS = {
+    ("tls", "no_route"): TLS_ALERT_UNRECOGNIZED_NAME, ("tls", "no_name"): TLS_ALERT_UNRECOGNIZED_NAME,
+    ("http", "no_route"): HTTP_MISDIRECTED, ("http", "no_name"): HTTP_MISDIRECTED,
+    ("http", "malformed"): HTTP_BAD_REQUEST,
+    **{("http", reason): HTTP_UNAVAILABLE for reason in ("resolve_failed", "private_address", "connect_failed")},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a connection needs of its worker; the worker builds it once."""
+    loop: object                 # the gevent hub's loop
+    counters: CounterRow
+    source_filter: SourceFilter
+    router: Router
+    resolver: Resolver
+    relay: Relay
+    timeouts: TimeoutsConfig     # client_hello and connect
+    limits: Limits               # the relay's: idle and half_closed
+    allow_private: bool          # resolver.allow_private
+    access_log: AccessLog
+    ended: Callable[["Connection"], None]
 
 
 class Refused(Exception):
     """A connection turned away; reason is one of counters.REFUSAL_REASONS."""
 
-    def __init__(self, reason: str, detail: str = "", answer: bytes = b""):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.answer = reason, answer
+        self.reason = reason
 
 
 class ClosedEarly(Exception):
@@ -59,11 +86,11 @@ class ClosedEarly(Exception):
 
 
 class Connection:
-    __slots__ = ("worker", "lc", "client", "peer_host", "upstream", "record", "started", "data", "backend", "host",
+    __slots__ = ("ctx", "lc", "client", "peer_host", "upstream", "record", "started", "data", "choice",
                  "addresses", "unsent", "watcher", "timer", "ended")
 
-    def __init__(self, worker: "Worker", lc: ListenerConfig, client: _socket.socket, peer):
-        self.worker, self.lc, self.client, self.peer_host = worker, lc, client, peer[0]
+    def __init__(self, ctx: Context, lc: ListenerConfig, client: _socket.socket, peer):
+        self.ctx, self.lc, self.client, self.peer_host = ctx, lc, client, peer[0]
         self.upstream: _socket.socket | None = None
         self.record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
                        "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
@@ -73,22 +100,23 @@ class Connection:
         self.ended = False
 
     def start(self) -> None:
-        self.worker.counters.add("accepted")
+        self.ctx.counters.add("accepted")
         self._step(self._begin)
 
     # --- steps ----------------------------------------------------------------
 
     def _step(self, step, *args) -> None:
         """Run one step; a refusal or an error ends the connection there."""
-        counters = self.worker.counters
+        counters = self.ctx.counters
         try:
             step(*args)
             return
         except Refused as r:
             counters.add(f"refused_{r.reason}")
             self.record["outcome"] = f"refused:{r}"
-            if r.answer:
-                _send_quietly(self.client, r.answer)
+            answer = ANSWERS.get((self.lc.protocol, r.reason))
+            if answer:
+                _send_quietly(self.client, answer)
         except ClosedEarly:
             counters.add("closed_early")
             self.record["outcome"] = "closed_early"
@@ -104,7 +132,7 @@ class Connection:
     def _wait(self, fd: int, event: int, timeout: float, on_ready, on_timeout) -> None:
         """Run on_ready when fd is ready, or on_timeout after timeout seconds."""
         self._stop_waiting()
-        loop = self.worker.loop
+        loop = self.ctx.loop
         self.watcher, self.timer = loop.io(fd, event), loop.timer(timeout)
         self.watcher.start(self._step, on_ready)
         self.timer.start(self._step, on_timeout)
@@ -116,7 +144,7 @@ class Connection:
             self.watcher = self.timer = None
 
     def _begin(self) -> None:
-        if not self.worker.access.allows(self.peer_host):
+        if not self.ctx.source_filter.allows(self.peer_host):
             raise Refused("access_denied")
         self._read_first_flight()
 
@@ -130,7 +158,7 @@ class Connection:
                 n = self.client.recv_into(_READ_BUFFER, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if self.watcher is None:
-                    self._wait(self.client.fileno(), _READ, self.worker.cfg.timeouts.client_hello,
+                    self._wait(self.client.fileno(), _READ, self.ctx.timeouts.client_hello,
                                self._read_first_flight, self._client_hello_timeout)
                 return
             if not n:
@@ -143,7 +171,7 @@ class Connection:
             except NotThisProtocol:
                 flight = FirstFlight(None, (), f"not_{self.lc.protocol}")
             except Malformed as e:
-                raise Refused("malformed", str(e), HTTP_BAD_REQUEST if self.lc.protocol == "http" else b"") from None
+                raise Refused("malformed", str(e)) from None
             if flight is not NEED_MORE:
                 self._stop_waiting()
                 return self._route(flight)
@@ -153,17 +181,18 @@ class Connection:
         raise Refused("client_hello_timeout")
 
     def _route(self, flight: FirstFlight) -> None:
-        worker, record = self.worker, self.record
+        ctx, record = self.ctx, self.record
         record["name"] = flight.name or f"({flight.name_problem})"
         record["alpn"] = ",".join(flight.alpn) or "-"
-        backend, fallback = choose_backend(worker, self.lc, flight)
-        if fallback:
-            worker.counters.add("fallback")
-        self.backend = backend
-        self.host = flight.name if backend.host == "*" else backend.host
-        if backend.is_ip:
-            return self._connect([backend.host])
-        addresses = worker.resolver.cached(self.host)
+        choice = ctx.router.choose(self.lc, flight)
+        if isinstance(choice, Refusal):
+            raise Refused(choice.reason, choice.detail)
+        if choice.fallback:
+            ctx.counters.add("fallback")
+        self.choice = choice
+        if choice.backend.is_ip:
+            return self._connect([choice.host])
+        addresses = ctx.resolver.cached(choice.host)
         if addresses is None:   # a DNS query: the one step that blocks
             gevent.spawn(self._step, self._resolve)
         else:
@@ -171,34 +200,35 @@ class Connection:
 
     def _resolve(self) -> None:
         try:
-            addresses = self.worker.resolver.resolve(self.host)
+            addresses = self.ctx.resolver.resolve(self.choice.host)
         except ResolveError as e:
-            raise Refused("resolve_failed", str(e), self._unavailable()) from None
+            raise Refused("resolve_failed", str(e)) from None
         self._connect(self._permitted(addresses))
 
     def _permitted(self, addresses: list[str]) -> list[str]:
-        if self.backend.host == "*" and not self.worker.cfg.resolver.allow_private:
+        if self.choice.public_only and not self.ctx.allow_private:
             addresses = [a for a in addresses if is_public(a)]
             if not addresses:
-                raise Refused("private_address", self.host, self._unavailable())
+                raise Refused("private_address", self.choice.host)
         return addresses
 
-    def _unavailable(self) -> bytes:
-        return HTTP_UNAVAILABLE if self.lc.protocol == "http" else b""
+    def _connect(self, addresses: list[str]) -> None:
+        self.addresses = list(addresses)   # ours to consume: the waiters of one DNS query share its list
+        self._connect_next(None)
 
-    def _connect(self, addresses: list[str], error: OSError | None = None) -> None:
+    def _connect_next(self, error: OSError | None) -> None:
         """Connect to each address in turn (IP literals: no getaddrinfo round trip) and
         send the first flight at once. When the handshake completed within connect()
         (loopback, a near backend) it goes out without a wait for writability; a socket
         still connecting answers EAGAIN, and a failed connect surfaces as the send's error."""
-        self.addresses = addresses
+        port = self.choice.backend.port
         while self.addresses:
             address = self.addresses.pop(0)
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
             sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                err = sock.connect_ex((address, self.backend.port))
+                err = sock.connect_ex((address, port))
                 if err not in (0, errno.EINPROGRESS):
                     raise OSError(err, os.strerror(err))
             except OSError as e:
@@ -206,10 +236,10 @@ class Connection:
                 error = e
                 continue
             self.upstream = sock
-            self.record["backend"] = str(HostPort(address, self.backend.port))
+            self.record["backend"] = str(HostPort(address, port))
             self.unsent = memoryview(self.data)
             return self._send_first_flight()
-        raise Refused("connect_failed", f"{self.host}:{self.backend.port}: {error}", self._unavailable())
+        raise Refused("connect_failed", f"{self.choice.host}:{port}: {error}")
 
     def _send_first_flight(self) -> None:
         try:
@@ -217,7 +247,7 @@ class Connection:
                 self.unsent = self.unsent[self.upstream.send(self.unsent, socket.MSG_DONTWAIT):]
         except BlockingIOError:
             if self.watcher is None:
-                self._wait(self.upstream.fileno(), _WRITE, self.worker.cfg.timeouts.connect,
+                self._wait(self.upstream.fileno(), _WRITE, self.ctx.timeouts.connect,
                            self._send_first_flight, self._connect_timeout)
             return
         except OSError as e:
@@ -232,15 +262,14 @@ class Connection:
         self._stop_waiting()
         self.upstream.close()
         self.upstream = None
-        self._connect(self.addresses, error)
+        self._connect_next(error)
 
     def _relay(self) -> None:
         self.record["up"] = len(self.data)
-        timeouts = self.worker.cfg.timeouts
-        self.worker.relay.start(self.client, self.upstream, timeouts.idle, timeouts.half_closed, self._relayed)
+        self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed)
 
     def _relayed(self, result: RelayResult) -> None:
-        counters, data = self.worker.counters, self.data
+        counters, data = self.ctx.counters, self.data
         counters.add(f"relayed_{result.kind}")
         # The kernel counts what it redirected (RELAY_STATS); these count the rest.
         counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
@@ -259,26 +288,8 @@ class Connection:
         if self.upstream is not None:
             self.upstream.close()
         self.record["duration"] = time.monotonic() - self.started
-        self.worker.access_log.write(self.record)
-        self.worker.connection_ended(self)
-
-
-def choose_backend(worker: "Worker", lc: ListenerConfig, flight: FirstFlight) -> tuple[HostPort, bool]:
-    """The route's backend, or the listener's fallback; (backend, used_fallback)."""
-    route = worker.router.lookup(lc.table, flight.name) if flight.name else None
-    if route is not None:
-        return route.backend, False
-    fallback = worker.fallbacks[id(lc)]
-    if fallback is not None:
-        return fallback, True
-    if flight.name is not None:
-        reason = "no_route"
-    else:
-        reason = "not_protocol" if flight.name_problem.startswith("not_") else "no_name"
-    answer = TLS_ALERT_UNRECOGNIZED_NAME if lc.protocol == "tls" else HTTP_MISDIRECTED
-    if reason == "not_protocol":
-        answer = b""
-    raise Refused(reason, flight.name or flight.name_problem, answer)
+        self.ctx.access_log.write(self.record)
+        self.ctx.ended(self)
 
 
 def _send_quietly(sock: _socket.socket, data: bytes) -> None:

@@ -11,15 +11,11 @@ import collections
 import hashlib
 import ipaddress
 import os
-import struct
 import time
 
 from .bpfsys import PinnedMap
-
-DNS_NAME_MAX = 128
-ADDRS_PER_FAMILY = 4
-# struct dns_entry: name, expires_boottime_ns, v4_count, v6_count, v6_first, pad, v4[4][4], v6[4][16]
-DNS_ENTRY = struct.Struct(f"={DNS_NAME_MAX}sQBBB5x{4 * ADDRS_PER_FAMILY}s{16 * ADDRS_PER_FAMILY}s")
+from .kernel_abi import DNS_ADDRS_PER_FAMILY as ADDRS_PER_FAMILY
+from .kernel_abi import DNS_CACHE, DNS_ENTRY, DNS_NAME_MAX
 
 
 def normalize(name: str) -> str:
@@ -58,7 +54,7 @@ class PinnedDnsCache:
     """The DNS_CACHE map under pin_path, shared by all processes that open it."""
 
     def __init__(self, pin_path: str):
-        self.map = PinnedMap.open(os.path.join(pin_path, "DNS_CACHE"))
+        self.map = PinnedMap.open(os.path.join(pin_path, DNS_CACHE))
 
     def get(self, name: str) -> list[str] | None:
         value = self.map.lookup(cache_key(name))

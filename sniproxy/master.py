@@ -8,44 +8,29 @@ by the master, so a worker that dies leaves its accept queue to its successor.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import select
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import config as config_mod
+from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
-from .dataplane import DataPlane, DataPlaneError
+from .runtime import RuntimePaths, alive, read_pid
+from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker
 
 log = logging.getLogger("sniproxy.master")
-RUN_DIR = Path("/run/sniproxy")
 LISTEN_BACKLOG = 4096
 KILL_GRACE = 2.0         # after SIGABRT, a stuck worker gets this long before SIGKILL
 
 
 class StartError(Exception):
     """The master cannot start; the message is the one line the user sees."""
-
-
-def runtime_paths(cfg: Config, config_path: str | None) -> tuple[Path, Path, Path]:
-    """(pidfile, counters, state); derived from the config path unless pidfile is set."""
-    if cfg.master.pidfile:
-        pid = Path(cfg.master.pidfile)
-    elif config_path:
-        real = os.path.realpath(config_path)
-        digest = hashlib.sha1(real.encode()).hexdigest()[:8]
-        pid = RUN_DIR / f"{Path(real).stem}-{digest}.pid"
-    else:
-        pid = RUN_DIR / "default.pid"
-    return pid, pid.with_suffix(".counters"), pid.with_suffix(".state")
 
 
 def worker_count(cfg: Config) -> int:
@@ -58,7 +43,7 @@ class WorkerProcess:
     index: int
     number: int
     generation: int
-    heartbeat: int                      # fd of an unlinked file whose mtime the worker bumps
+    heartbeat: Heartbeat
     aborted_at: float = 0.0
 
 
@@ -100,19 +85,19 @@ class Master:
     def start(self) -> None:
         import setproctitle
         setproctitle.setproctitle(f"sniproxy: master {self.config_path or '(built-in config)'}")
-        self.pidfile, counters, self.statefile = runtime_paths(self.cfg, self.config_path)
+        self.paths = RuntimePaths.of(self.cfg, self.config_path)
         self._claim_pidfile()
-        CounterTable(counters, create=True)
-        self.counters_path = str(counters)
+        CounterTable(self.paths.counters, create=True)
+        self.counters_path = str(self.paths.counters)
         self._install_signals()
         self.bind_listeners(self.cfg)
-        self.dataplane = DataPlane(self.cfg)
+        self.bpf = BpfSetup(self.cfg)
         try:
-            self.dataplane.start()
-        except DataPlaneError as e:
+            self.bpf.start()
+        except BpfSetupError as e:
             raise StartError(str(e)) from None
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
-                 self.dataplane.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
+                 self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()
         self.write_state()
 
@@ -124,18 +109,19 @@ class Master:
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
-        if getattr(self, "dataplane", None):
-            self.dataplane.stop()
-        for path in (getattr(self, "pidfile", None), getattr(self, "statefile", None)):
-            if path and _read_pid(path) in (os.getpid(), None):
+        if getattr(self, "bpf", None):
+            self.bpf.stop()
+        paths = getattr(self, "paths", None)
+        if paths is not None and read_pid(paths.pidfile) in (os.getpid(), None):
+            for path in (paths.pidfile, paths.state):
                 path.unlink(missing_ok=True)
 
     # --- signals: queued by the handler, handled in the loop -------------------
 
     def _install_signals(self) -> None:
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in SIGNALS:
             signal.signal(sig, lambda s, _frame: self.signals.append(s))
 
     def next_signal(self, timeout: float) -> int | None:
@@ -187,7 +173,7 @@ class Master:
             log.error("reload rejected, keeping the running config: %s", e)
             return
         self.cfg = cfg
-        self.dataplane.reload(cfg)
+        self.bpf.reload(cfg)
         self.generation += 1
         old = [w for w in self.workers.values() if w.generation < self.generation]
         self.manage_workers()
@@ -224,46 +210,40 @@ class Master:
                 self.spawn_worker(index)
 
     def spawn_worker(self, index: int) -> None:
-        from .accesslog import AccessLog
-        from .worker import WORKER_SIGNALS, Slot, Worker
         self.spawned += 1
-        fd, path = tempfile.mkstemp(prefix="sniproxy-heartbeat-")
-        os.unlink(path)
+        heartbeat = Heartbeat()
         listeners = [(lc, self.sockets[(index, lc.address)]) for lc in self.cfg.listener]
-        worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.dataplane.relay_kind,
-                        bpf_pins=self.dataplane.pins_for_workers, heartbeat_fd=fd,
-                        counters_path=self.counters_path, access_log=None)
+        worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.bpf.relay_kind,
+                        bpf_pins=self.bpf.pins_for_workers, heartbeat=heartbeat,
+                        counters_path=self.counters_path, inherited=self._fds_not_for(index))
         # Until the child has its own handlers, a signal would run the master's, which
         # only queue it in the child's copy of the master: a worker stopped while
         # booting would never stop. Blocked, it waits for the worker's handlers.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         pid = os.fork()
         if pid == 0:
             # The child must never return into the master's loop or run its atexit
             # handlers (BCC's would close the master's BPF objects; bpfload's
             # at-fork hook has already unregistered them in this child).
             try:
-                signal.set_wakeup_fd(-1)
-                os.close(self._wake_r)
-                # Only the master may keep another slot's socket alive: a copy here would
-                # keep a slot that a reload removes in SO_REUSEPORT's group, taking new
-                # connections that no one accepts, for as long as this worker drains.
-                for (slot, _), sock in self.sockets.items():
-                    if slot != index:
-                        sock.close()
-                worker.access_log = AccessLog(self.cfg.log.access)
                 worker.run()
             finally:
                 os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, fd)
+        self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, heartbeat)
+
+    def _fds_not_for(self, index: int) -> list[int]:
+        """What a worker of slot index inherits and must close: the master's pipes,
+        the other workers' heartbeats, the other slots' listening sockets."""
+        fds = [self._wake_r, self._wake_w] + [w.heartbeat.fd for w in self.workers.values()]
+        fds += [sock.fileno() for (slot, _), sock in self.sockets.items() if slot != index]
+        return fds + ([self.ready_fd] if self.ready_fd is not None else [])
 
     def signal_workers(self, sig: int) -> None:
         for w in self.workers.values():
             _kill(w.pid, sig)
 
     def reap_workers(self) -> None:
-        from .worker import BOOT_ERROR
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -274,7 +254,7 @@ class Master:
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
-            os.close(w.heartbeat)
+            w.heartbeat.close()
             code = os.waitstatus_to_exitcode(status)
             if code == BOOT_ERROR:
                 raise StartError(f"worker {w.index} failed to boot; see the log above")
@@ -290,7 +270,7 @@ class Master:
             return
         timeout = self.cfg.master.worker_timeout
         for w in self.workers.values():
-            late = time.time() - os.fstat(w.heartbeat).st_mtime
+            late = w.heartbeat.age()
             if late <= timeout:
                 continue
             if not w.aborted_at:
@@ -303,23 +283,24 @@ class Master:
     # --- files for the other commands -----------------------------------------
 
     def _claim_pidfile(self) -> None:
-        other = _read_pid(self.pidfile)
-        if other and _alive(other) and other != os.getpid():
-            raise StartError(f"already running as pid {other} (pidfile {self.pidfile})")
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.pidfile.write_text(f"{os.getpid()}\n")
+        pidfile = self.paths.pidfile
+        other = read_pid(pidfile)
+        if other and alive(other) and other != os.getpid():
+            raise StartError(f"already running as pid {other} (pidfile {pidfile})")
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{os.getpid()}\n")
 
     def write_state(self) -> None:
         state = {
-            "pid": os.getpid(), "config": self.config_path, "relay": self.dataplane.relay_kind,
+            "pid": os.getpid(), "config": self.config_path, "relay": self.bpf.relay_kind,
             "pin_path": self.cfg.bpf.pin_path, "counters": self.counters_path,
-            "bpf": self.dataplane.describe(),
+            "bpf": self.bpf.describe(),
             "workers": sorted(({"pid": w.pid, "index": w.index, "generation": w.generation}
                                for w in self.workers.values()), key=lambda w: (w["index"], w["generation"])),
         }
-        tmp = self.statefile.with_suffix(".tmp")
+        tmp = self.paths.state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(self.statefile)
+        tmp.replace(self.paths.state)
 
     def _tell_ready(self, message: str) -> None:
         if self.ready_fd is not None:
@@ -359,23 +340,6 @@ def _check_port_free(address: str) -> None:
         except OSError as e:
             reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror
             raise StartError(f"cannot listen on {address}: {reason}") from None
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill(pid: int, sig: int) -> None:

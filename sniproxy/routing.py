@@ -1,11 +1,17 @@
-"""Routing: a requested name to a backend, through a listener's ordered table."""
+"""Routing: a listener and a first flight to a backend, or a refusal with its reason.
+
+Each listener's table is ordered and the first match wins; a first flight with
+no usable name, or a name that matches no route, goes to the listener's
+fallback when it has one.
+"""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from .config import Config, HostPort, RouteConfig, parse_hostport
+from .config import Config, HostPort, ListenerConfig, RouteConfig, parse_hostport
+from .firstflight import FirstFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +23,18 @@ class Route:
     @property
     def resolves_requested_name(self) -> bool:
         return self.backend.host == "*"
+
+
+class Choice(NamedTuple):
+    backend: HostPort
+    host: str                # what to connect to: an IP literal, or a name to resolve
+    public_only: bool        # the requested name itself is resolved: only public addresses may do
+    fallback: bool           # the listener's fallback, not a route
+
+
+class Refusal(NamedTuple):
+    reason: str              # one of counters.REFUSAL_REASONS: no_route | no_name | not_protocol
+    detail: str
 
 
 def compile_matcher(pattern: str) -> Callable[[str], bool]:
@@ -35,13 +53,31 @@ def compile_route(route: RouteConfig) -> Route:
 
 
 class Router:
-    """The compiled tables of one config; the first matching route wins."""
+    """The compiled tables and listener fallbacks of one config."""
 
     def __init__(self, cfg: Config):
         self.tables = {name: tuple(map(compile_route, routes)) for name, routes in cfg.table.items()}
+        self.fallbacks = {lc.address: Route("(fallback)", parse_hostport(lc.fallback), bool)
+                          for lc in cfg.listener if lc.fallback}
 
     def lookup(self, table: str, name: str) -> Route | None:
         for route in self.tables[table]:
             if route.matches(name):
                 return route
         return None
+
+    def choose(self, listener: ListenerConfig, flight: FirstFlight) -> Choice | Refusal:
+        route = self.lookup(listener.table, flight.name) if flight.name else None
+        fallback = route is None
+        if fallback:
+            route = self.fallbacks.get(listener.address)
+            if route is not None and route.resolves_requested_name and flight.name is None:
+                route = None   # a "*" fallback, and no name to resolve
+        if route is None:
+            if flight.name is not None:
+                return Refusal("no_route", flight.name)
+            return Refusal("not_protocol" if flight.name_problem.startswith("not_") else "no_name",
+                           flight.name_problem)
+        if route.resolves_requested_name:
+            return Choice(route.backend, flight.name, True, fallback)
+        return Choice(route.backend, route.backend.host, False, fallback)

@@ -6,12 +6,7 @@ import struct
 
 from .config import Config
 from .counters import CounterTable
-
-# Per-CPU counter maps: their u64 fields, in the order of the C structs.
-PERCPU_COUNTERS = {
-    "RELAY_STATS": ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes"),
-    "XDP_STATS": ("passed", "dropped_deny", "dropped_not_allowed"),
-}
+from .kernel_abi import ARRAY_KEY_0, PERCPU_COUNTERS, PROG_TYPE_NAMES, SOCKMAP_ATTACH_NAMES
 
 
 def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
@@ -32,16 +27,12 @@ def percpu_totals(path: str, fields: tuple[str, ...]) -> dict[str, int] | None:
         return None
     from .bpfsys import PinnedMap
     with PinnedMap.open(path) as m:
-        cpus = m.lookup_percpu(struct.pack("I", 0)) or []
+        cpus = m.lookup_percpu(ARRAY_KEY_0) or []
     totals = [0] * len(fields)
     for value in cpus:
         for i, v in enumerate(struct.unpack_from(f"{len(fields)}Q", value)):
             totals[i] += v
     return dict(zip(fields, totals))
-
-
-SOCKMAP_ATTACH_TYPES = {4: "stream parser", 5: "stream verdict"}   # BPF_SK_SKB_STREAM_*
-PROG_TYPES = {"6": "xdp", "14": "sk_skb"}
 
 
 def pinned_objects(pin_path: str) -> list[tuple[str, ...]]:
@@ -57,7 +48,7 @@ def pinned_objects(pin_path: str) -> list[tuple[str, ...]]:
                 entries = "-" if "array" in m.type_name or "percpu" in m.type_name else str(len(m))
                 rows.append((name, m.type_name, entries, str(m.max_entries)))
                 if m.type_name.startswith("sock"):
-                    for kind, label in SOCKMAP_ATTACH_TYPES.items():
+                    for kind, label in SOCKMAP_ATTACH_NAMES.items():
                         for prog_id in attached_programs(m.fd, kind):
                             attached[prog_id] = f"{label} of {name}"
         except BpfError:
@@ -66,6 +57,6 @@ def pinned_objects(pin_path: str) -> list[tuple[str, ...]]:
                 info = fd_info(fd)
             finally:
                 os.close(fd)
-            programs.append((name, PROG_TYPES.get(info.get("prog_type", ""), "prog"), int(info.get("prog_id", 0))))
+            programs.append((name, PROG_TYPE_NAMES.get(int(info.get("prog_type", 0)), "prog"), int(info.get("prog_id", 0))))
     rows += [(name, kind, "-", attached.get(prog_id, "-")) for name, kind, prog_id in programs]
     return rows

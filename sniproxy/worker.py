@@ -1,9 +1,9 @@
 """A worker: a gevent process serving its slot's listening sockets.
 
-`Worker.__init__` runs in the master and has no side effects; `run()` runs in
-the forked child. Accepting and each connection's steps are event-loop
-callbacks (connection.py): read the first flight, route, resolve, connect,
-replay the first flight, then hand both sockets to the relay.
+`Worker.__init__` runs in the master and has no side effects; everything after
+fork happens in `run()`, in the child: close what belongs to the master and to
+the sibling workers, take the signals, build the one Context that every
+connection reads (connection.py), then accept until told to stop.
 """
 from __future__ import annotations
 
@@ -13,21 +13,24 @@ import logging
 import os
 import signal
 import socket
+import struct
+import tempfile
 import time
 from dataclasses import dataclass
 
-from .config import Config, ListenerConfig, parse_hostport
+from .config import Config, ListenerConfig
 from .counters import CounterTable
 
 log = logging.getLogger("sniproxy.worker")
 
-# Signals a worker handles itself: the master blocks them from fork until the
-# worker's handlers are in place.
-WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# Every signal the master handles, and a worker too. The master blocks them
+# across fork, so a worker takes each one with its own handler, never the master's.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 # A worker that cannot boot exits with this, so the master halts instead of
 # respawning it forever.
 BOOT_ERROR = 3
+PARENT_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -36,18 +39,38 @@ class Slot:
     listeners: list[tuple[ListenerConfig, socket.socket]]
 
 
+class Heartbeat:
+    """An unlinked file the worker stamps with the monotonic clock (shared by every
+    process, and never set back like wall time); the master reads the stamp."""
+    _STAMP = struct.Struct("d")
+
+    def __init__(self):
+        self.fd, path = tempfile.mkstemp(prefix="sniproxy-heartbeat-")
+        os.unlink(path)
+        self.beat()   # a worker that never beats is as late as its age
+
+    def beat(self) -> None:
+        os.pwrite(self.fd, self._STAMP.pack(time.monotonic()), 0)
+
+    def age(self) -> float:
+        return time.monotonic() - self._STAMP.unpack(os.pread(self.fd, self._STAMP.size, 0))[0]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Worker:
     def __init__(self, cfg: Config, index: int, number: int, slot: Slot, *, relay_kind: str,
-                 bpf_pins: str | None, heartbeat_fd: int, counters_path: str, access_log):
+                 bpf_pins: str | None, heartbeat: Heartbeat, counters_path: str, inherited: list[int]):
         self.cfg = cfg
         self.index = index           # slot, stable across respawns and reloads
         self.number = number         # spawn number, unique for the master's life
         self.slot = slot
         self.relay_kind = relay_kind
         self.bpf_pins = bpf_pins     # pin dir with DNS_CACHE (and the relay maps when kernel)
-        self.heartbeat_fd = heartbeat_fd
+        self.heartbeat = heartbeat
         self.counters_path = counters_path
-        self.access_log = access_log
+        self.inherited = inherited   # the master's fds this child must not keep
         self.master_pid = os.getpid()   # __init__ runs in the master
         self.alive = True
 
@@ -69,66 +92,103 @@ class Worker:
         self._stop_gracefully()
 
     def _init_process(self) -> None:
+        self._close_inherited()
         from gevent import monkey
         monkey.patch_all(thread=False, signal=False, subprocess=False)
         import gevent
         import gevent.event
         import setproctitle
 
-        from .access import AccessList
-        from .connection import Connection
-        from .resolver import Resolver
-        from .routing import Router
+        from .accesslog import AccessLog
+        from .connection import Connection, Context
+        from .relay import Limits
 
         gevent.get_hub().loop.reinit()
         setproctitle.setproctitle(f"sniproxy: worker {self.index}")
-        for sig in (signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.SIG_IGN)
-        gevent.signal_handler(signal.SIGTERM, self._on_term)
-        gevent.signal_handler(signal.SIGQUIT, lambda: os._exit(0))
-        gevent.signal_handler(signal.SIGUSR1, self.access_log.reopen)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)   # blocked by the master since fork
+        self.access_log = AccessLog(self.cfg.log.access)
+        self._take_signals()
 
         self.Connection = Connection     # imported here, not on the first connection
         self.loop = gevent.get_hub().loop
-        self.counters = CounterTable(self.counters_path).row(self.number)
-        self.router = Router(self.cfg)
-        self.access = AccessList(self.cfg.access.allow, self.cfg.access.deny)
-        self.resolver = Resolver(self.cfg.resolver, self._dns_cache(), timeout=self.cfg.timeouts.connect)
         self.relay = self._open_relay()
         self.connections: set = set()   # live Connections
         self.acceptors: list = []
         self.stopping = gevent.event.Event()
         self.all_ended = gevent.event.Event()
-        self.fallbacks = {id(lc): parse_hostport(lc.fallback) if lc.fallback else None
-                          for lc, _ in self.slot.listeners}
+        timeouts = self.cfg.timeouts
+        self.ctx = Context(
+            loop=self.loop, counters=CounterTable(self.counters_path).row(self.number),
+            source_filter=self._source_filter(), router=self._router(), resolver=self._resolver(),
+            relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
+            allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
 
-    def _dns_cache(self):
-        from .dns_cache import LocalDnsCache
-        if self.bpf_pins and os.path.exists(os.path.join(self.bpf_pins, "DNS_CACHE")):
-            from .dns_cache import PinnedDnsCache
-            return PinnedDnsCache(self.bpf_pins)
-        return LocalDnsCache(self.cfg.resolver.cache_size)
+    def _close_inherited(self) -> None:
+        """The master's wakeup pipe and ready pipe, the siblings' heartbeats, and the
+        other slots' listening sockets. A copy of another slot's socket here would keep
+        a slot that a reload removes in SO_REUSEPORT's group, taking new connections
+        that no one accepts, for as long as this worker drains."""
+        signal.set_wakeup_fd(-1)
+        for fd in self.inherited:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _take_signals(self) -> None:
+        import gevent
+        handlers = {signal.SIGTERM: self._on_term, signal.SIGQUIT: lambda: os._exit(0),
+                    signal.SIGUSR1: self.access_log.reopen}
+        defaults = {signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_DFL, signal.SIGCHLD: signal.SIG_DFL}
+        assert set(handlers) | set(defaults) == set(SIGNALS)
+        for sig, action in defaults.items():
+            signal.signal(sig, action)
+        for sig, handler in handlers.items():
+            gevent.signal_handler(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)   # blocked by the master since fork
+
+    def _source_filter(self):
+        from .sourcefilter import SourceFilter
+        return SourceFilter(self.cfg.access.allow, self.cfg.access.deny)
+
+    def _router(self):
+        from .routing import Router
+        return Router(self.cfg)
+
+    def _resolver(self):
+        from .dns_cache import LocalDnsCache, PinnedDnsCache
+        from .kernel_abi import DNS_CACHE
+        from .resolver import Resolver
+        if self.bpf_pins and os.path.exists(os.path.join(self.bpf_pins, DNS_CACHE)):
+            cache = PinnedDnsCache(self.bpf_pins)
+        else:
+            cache = LocalDnsCache(self.cfg.resolver.cache_size)
+        return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect)
 
     def _open_relay(self):
-        if self.relay_kind == "kernel":
-            from .kernel_relay import KernelRelay
-            from .relay import Handoff
-            bpf = self.cfg.bpf
-            handoff = Handoff(bpf.handoff_bytes, bpf.handoff_after) if bpf.handoff_bytes or bpf.handoff_after else None
-            return KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, handoff=handoff)
-        from .relay import UserspaceRelay
-        return UserspaceRelay()
+        from .userspace_relay import UserspaceRelay
+        if self.relay_kind != "kernel":
+            return UserspaceRelay()
+        from .kernel_relay import KernelRelay
+        from .relay import Chain, Handoff
+        bpf = self.cfg.bpf
+        kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf)
+        return Chain(UserspaceRelay(), kernel, Handoff(bpf.handoff_bytes, bpf.handoff_after))
 
     def _heartbeat(self) -> None:
+        """Beat every worker_timeout / 2; look for the master every second (a worker
+        whose master is gone stops)."""
         import gevent
+        interval, due = self.cfg.master.worker_timeout / 2, 0.0
         while True:              # until the process exits, draining included
-            os.utime(self.heartbeat_fd)
+            now = time.monotonic()
+            if now >= due:
+                self.heartbeat.beat()
+                due = now + interval
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master %d is gone, stopping", self.index, self.master_pid)
                 self._on_term()
                 return
-            gevent.sleep(1.0)
+            gevent.sleep(min(interval, PARENT_CHECK_INTERVAL))
 
     def _on_term(self) -> None:
         # Stop accepting, but never shutdown() the listening socket: that would
@@ -177,7 +237,7 @@ class Worker:
             # It stays in blocking mode: every call on it passes MSG_DONTWAIT. It inherits
             # TCP_NODELAY from the listening socket.
             client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            connection = self.Connection(self, lc, client, peer)
+            connection = self.Connection(self.ctx, lc, client, peer)
             self.connections.add(connection)
             connection.start()
 

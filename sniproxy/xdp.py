@@ -1,6 +1,6 @@
 """The source-address filter: rules for the pinned xdp_ip_filter maps, attach/detach, counters.
 
-Semantics, the same in the kernel (bpf/xdp_filter.c) and in access.AccessList
+Semantics, the same in the kernel (bpf/xdp_filter.c) and in sourcefilter.SourceFilter
 (the check at accept time, for interfaces without XDP): a source in `deny` is
 refused; else, when `allow` is not empty, a source outside it is refused;
 everyone else passes.
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 from typing import Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .access import AccessList, Network, parse_networks  # noqa: F401 - AccessList is part of this API
+from .sourcefilter import Network, parse_networks
 from .bpfsys import PinnedMap, obj_get
+from .kernel_abi import (ACCESS_ALLOW, ACCESS_DENY, ARRAY_KEY_0, LPM_PREFIX, PERCPU_COUNTERS, PORT, PRESENT,
+                         XDP_CONFIG, XDP_CONFIG_LAYOUT, XDP_PORTS, XDP_PROGRAM, XDP_STATS)
 
-PROGRAM = "xdp_ip_filter"
 XDP_FLAGS_SKB_MODE = 2   # generic: runs on the skb, works on any device
 XDP_FLAGS_DRV_MODE = 4   # native: runs in the driver, needs driver support
 MODE_FLAGS = {
@@ -26,11 +26,6 @@ MODE_FLAGS = {
     "generic": (XDP_FLAGS_SKB_MODE,),
     "auto": (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE),
 }
-ALLOW_MAPS = {4: "ACCESS_ALLOW_V4", 6: "ACCESS_ALLOW_V6"}
-DENY_MAPS = {4: "ACCESS_DENY_V4", 6: "ACCESS_DENY_V6"}
-XDP_CONFIG = struct.Struct("=II")   # allow_list_active, ports_only
-ARRAY_KEY_0 = struct.pack("=I", 0)
-RULE_PRESENT = b"\x01"
 
 
 class XdpError(RuntimeError):
@@ -39,7 +34,7 @@ class XdpError(RuntimeError):
 
 def lpm_key(net: Network) -> bytes:
     """struct lpm_v4_key / lpm_v6_key: u32 prefixlen (host order), address bytes."""
-    return struct.pack("=I", net.prefixlen) + net.network_address.packed
+    return LPM_PREFIX.pack(net.prefixlen) + net.network_address.packed
 
 
 def _replace_entries(m: PinnedMap, wanted: dict[bytes, bytes]) -> list[bytes]:
@@ -61,21 +56,21 @@ def load_access_rules(pin_path: str, allow: Iterable[str], deny: Iterable[str],
     ports = sorted(set(ports))
     with contextlib.ExitStack() as opened:
         maps = {name: opened.enter_context(PinnedMap.open(os.path.join(pin_path, name)))
-                for name in (*ALLOW_MAPS.values(), *DENY_MAPS.values(), "XDP_PORTS", "XDP_CONFIG")}
+                for name in (*ACCESS_ALLOW.values(), *ACCESS_DENY.values(), XDP_PORTS, XDP_CONFIG)}
         _apply_rules(maps, allow_nets, deny_nets, ports)
 
 
 def _apply_rules(maps: dict[str, PinnedMap], allow_nets: list[Network], deny_nets: list[Network],
                  ports: list[int]) -> None:
     stale = []
-    for nets, names in ((allow_nets, ALLOW_MAPS), (deny_nets, DENY_MAPS)):
+    for nets, names in ((allow_nets, ACCESS_ALLOW), (deny_nets, ACCESS_DENY)):
         for version, name in names.items():
-            wanted = {lpm_key(n): RULE_PRESENT for n in nets if n.version == version}
+            wanted = {lpm_key(n): PRESENT for n in nets if n.version == version}
             stale.append((maps[name], _replace_entries(maps[name], wanted)))
-    wanted_ports = {struct.pack("=H", p): RULE_PRESENT for p in ports}
-    stale.append((maps["XDP_PORTS"], _replace_entries(maps["XDP_PORTS"], wanted_ports)))
+    wanted_ports = {PORT.pack(p): PRESENT for p in ports}
+    stale.append((maps[XDP_PORTS], _replace_entries(maps[XDP_PORTS], wanted_ports)))
 
-    maps["XDP_CONFIG"].update(ARRAY_KEY_0, XDP_CONFIG.pack(bool(allow_nets), bool(ports)))
+    maps[XDP_CONFIG].update(ARRAY_KEY_0, XDP_CONFIG_LAYOUT.pack(bool(allow_nets), bool(ports)))
 
     for m, keys in stale:
         for key in keys:
@@ -84,9 +79,9 @@ def _apply_rules(maps: dict[str, PinnedMap], allow_nets: list[Network], deny_net
 
 def xdp_counters(pin_path: str) -> dict[str, int]:
     """XDP_STATS summed over CPUs."""
-    from .stats import PERCPU_COUNTERS, percpu_totals
-    path = os.path.join(pin_path, "XDP_STATS")
-    totals = percpu_totals(path, PERCPU_COUNTERS["XDP_STATS"])
+    from .stats import percpu_totals
+    path = os.path.join(pin_path, XDP_STATS)
+    totals = percpu_totals(path, PERCPU_COUNTERS[XDP_STATS])
     if totals is None:
         raise FileNotFoundError(path)
     return totals
@@ -128,7 +123,7 @@ def attach(pin_path: str, ifname: str, mode: str = "auto") -> int:
     if mode not in MODE_FLAGS:
         raise XdpError(f"xdp: mode must be one of {', '.join(MODE_FLAGS)}, not {mode!r}")
     flags_to_try = mode_flags(ifname, mode)
-    fd = obj_get(os.path.join(pin_path, PROGRAM))
+    fd = obj_get(os.path.join(pin_path, XDP_PROGRAM))
     try:
         errors = []
         for flags in flags_to_try:
@@ -137,7 +132,7 @@ def attach(pin_path: str, ifname: str, mode: str = "auto") -> int:
                 return flags
             except NetlinkError as e:
                 errors.append(f"flags {flags}: {os.strerror(e.code)}")
-        raise XdpError(f"xdp: cannot attach {PROGRAM} to {ifname} ({mode}): {'; '.join(errors)}")
+        raise XdpError(f"xdp: cannot attach {XDP_PROGRAM} to {ifname} ({mode}): {'; '.join(errors)}")
     finally:
         os.close(fd)
 

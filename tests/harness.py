@@ -251,3 +251,18 @@ class Dnsmasq:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def run_relay(relay, client, upstream, idle: float = 30.0, half_closed: float | None = None):
+    """The blocking form of relay.start(), for tests: wait in this greenlet for the
+    RelayResult. A greenlet killed while it waits cancels the relay."""
+    from gevent.event import AsyncResult
+
+    from sniproxy.relay import Limits
+    done = AsyncResult()
+    handle = relay.start(client, upstream, Limits(idle, half_closed), done.set)
+    try:
+        return done.get()
+    except BaseException:
+        handle.cancel()
+        raise

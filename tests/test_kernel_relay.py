@@ -1,15 +1,13 @@
 """The kernel (sockmap) relay on loopback: client <-> [c | u] <-> server.
 
 Endpoints run in threads with plain blocking sockets; the relay runs in this
-process's gevent hub, as in a worker. `python tests/test_kernel_relay.py --bench`
-measures throughput and CPU against a userspace loop and a direct connection.
+process's gevent hub, as in a worker. (bench/relay_loop measures its throughput
+and CPU against a userspace loop and a direct connection.)
 """
 import hashlib
-import os
 import random
 import socket
 import struct
-import sys
 import threading
 import time
 
@@ -17,17 +15,17 @@ import gevent
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
+from harness import run_relay
 from sniproxy import kernel_relay
 from sniproxy.bpfsys import PinnedMap
+from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
 from sniproxy.kernel_relay import KernelRelay
-from sniproxy.relay import Handoff
+from sniproxy.relay import Chain, Handoff
 from sniproxy.stats import percpu_totals
+from sniproxy.userspace_relay import UserspaceRelay
 
 pytestmark = pytest.mark.bpf
 MiB = 1 << 20
-CONNECTION = struct.Struct("<QQQQI4x")  # struct connection: peer, bytes, skbs, passed, direction
-RELAY_STATS = ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes")
-UP, DOWN = 1, 2
 
 
 def cookie(sock: socket.socket) -> bytes:
@@ -102,6 +100,13 @@ def relay(relay_pins):
         r.close()
 
 
+@pytest.fixture
+def chained(relay):
+    """The kernel relay as a worker runs it: behind the userspace relay, which hands
+    every pair over at once and takes back the pairs that the kernel declines."""
+    return Chain(UserspaceRelay(), relay, Handoff(0, 0))
+
+
 def map_sizes(pins: str) -> dict[str, int]:
     sizes = {}
     for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP"):
@@ -128,7 +133,7 @@ def test_bulk_both_directions_at_once(relay_pins, relay):
     watcher = gevent.spawn(watch_sock_map)
     jobs = [Background(send_stream, client, size, 1), Background(recv_stream, server),
             Background(send_stream, server, size, 2), Background(recv_stream, client)]
-    result = relay.relay(c, u, idle_timeout=30)
+    result = run_relay(relay, c, u, idle=30)
     c.close(), u.close()
     up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
     watcher.kill()
@@ -148,15 +153,15 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
     client, c = tcp_pair()
     u, server = tcp_pair()
     expected = {cookie(c), cookie(u)}
-    relayer = gevent.spawn(relay.relay, c, u, 30)
+    relayer = gevent.spawn(run_relay, relay, c, u, 30)
     gevent.sleep(0.05)
     with PinnedMap.open(f"{relay_pins.pin_path}/SOCK_MAP") as sock_map:
         assert set(sock_map.keys()) == expected
         assert {sock_map.lookup(k) for k in expected} == expected  # value: the socket's cookie
     with PinnedMap.open(f"{relay_pins.pin_path}/CONNECTION_MAP") as connections:
-        entries = {k: CONNECTION.unpack(connections.lookup(k)) for k in expected}
-    assert {k: (e[0].to_bytes(8, "little"), e[4]) for k, e in entries.items()} == {
-        cookie(c): (cookie(u), UP), cookie(u): (cookie(c), DOWN)}
+        entries = {k: Connection.unpack(connections.lookup(k)) for k in expected}
+    assert {k: (e.peer.to_bytes(8, "little"), e.direction) for k, e in entries.items()} == {
+        cookie(c): (cookie(u), DIRECTION_UP), cookie(u): (cookie(c), DIRECTION_DOWN)}
     client.sendall(b"ping")
     assert server.recv(10) == b"ping"
     server.sendall(b"pong")
@@ -171,8 +176,8 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
 
 
 def relay_stats(pins: str) -> dict[str, int]:
-    """RELAY_STATS summed over the CPUs, with this test's own field layout."""
-    return percpu_totals(f"{pins}/RELAY_STATS", RELAY_STATS)
+    """RELAY_STATS summed over the CPUs."""
+    return percpu_totals(f"{pins}/{RELAY_STATS}", PERCPU_COUNTERS[RELAY_STATS])
 
 
 def wait_for_sock_map(pins: str, count: int) -> None:
@@ -188,7 +193,7 @@ def test_relay_stats_count_each_direction_exactly(relay_pins, relay):
     up_size, down_size = 3 * MiB + 17, 11 * MiB + 5
     client, c = tcp_pair()
     u, server = tcp_pair()
-    relayer = gevent.spawn(relay.relay, c, u, 30)
+    relayer = gevent.spawn(run_relay, relay, c, u, 30)
     wait_for_sock_map(relay_pins.pin_path, 2)
     jobs = [Background(send_stream, client, up_size, 11), Background(recv_stream, server),
             Background(send_stream, server, down_size, 12), Background(recv_stream, client)]
@@ -206,7 +211,7 @@ def test_relay_stats_count_each_direction_exactly(relay_pins, relay):
         s.close()
 
 
-def test_early_data_both_ways_for_hundreds_of_rounds(relay):
+def test_early_data_both_ways_for_hundreds_of_rounds(chained):
     """The client sends right behind its first flight, the server speaks at accept,
     and more bytes come during registration; every round must arrive intact."""
     rng = random.Random(7)
@@ -245,7 +250,7 @@ def test_early_data_both_ways_for_hundreds_of_rounds(relay):
                     got += c.recv(len(first) - len(got))
                 with socket.create_connection(server_listener.getsockname()) as u:
                     u.sendall(got)
-                    result = relay.relay(c, u, idle_timeout=10)
+                    result = run_relay(chained, c, u, idle=10)
             # (A round whose FIN arrived before registration is relayed in userspace.)
             assert result[:3] == (len(early) + len(late), len(greeting) + len(reply), "done"), round_
             assert client.join() and server.join(), round_
@@ -269,7 +274,7 @@ def test_half_close_is_carried_both_ways(relay, first_to_close):
         return got, send_stream(other, 12 * MiB, 4)
 
     a, b = Background(closer_side), Background(other_side)
-    result = relay.relay(c, u, idle_timeout=30)
+    result = run_relay(relay, c, u, idle=30)
     (closer_sent, closer_got), (other_got, other_sent) = a.join(), b.join()
     assert result.outcome == "done"
     assert other_got == (3 * MiB, closer_sent)
@@ -304,7 +309,7 @@ def test_slow_reader_is_bounded_without_losing_bytes(relay_pins):
             while True:
                 raw = connections.lookup(key)
                 if raw:
-                    peak[0] = max(peak[0], CONNECTION.unpack(raw)[1] - client_read[0])
+                    peak[0] = max(peak[0], Connection.unpack(raw).bytes - client_read[0])
                 gevent.sleep(0.002)
 
     # A download: the client only reads (its FIN comes once the relay runs;
@@ -313,7 +318,7 @@ def test_slow_reader_is_bounded_without_losing_bytes(relay_pins):
     reader, sender = Background(slow_reader), Background(send_stream, server, size, 5)
     watcher = gevent.spawn(watch_kernel_queue)
     try:
-        result = relay.relay(c, u, idle_timeout=30)
+        result = run_relay(relay, c, u, idle=30)
         pauses = relay.pauses
     finally:
         watcher.kill()
@@ -337,7 +342,7 @@ def test_idle_timeout(relay):
     u, server = tcp_pair()
     client.sendall(b"hello")
     started = time.monotonic()
-    result = relay.relay(c, u, idle_timeout=0.3)
+    result = run_relay(relay, c, u, idle=0.3)
     assert result == (5, 0, "idle_timeout", "kernel", 0, 0)  # the 5 bytes went early, in userspace
     assert 0.3 <= time.monotonic() - started < 2.5
     assert server.recv(10) == b"hello"
@@ -349,16 +354,17 @@ def test_quiet_pair_handed_off_by_age_is_checked_at_an_idle_pace(relay_pins):
     """A pair that moved nothing before its handoff is checked like an idle pair from the
     start (about once a second), not from the 2 ms of a busy one: thousands of them at
     once would otherwise keep a worker busy and its registrations behind."""
-    relay = KernelRelay(relay_pins.pin_path, handoff=Handoff(64 << 10, 0.05))
+    kernel = KernelRelay(relay_pins.pin_path)
+    relay = Chain(UserspaceRelay(), kernel, Handoff(64 << 10, 0.05))
     client, c = tcp_pair()
     u, server = tcp_pair()
     try:
         started = time.monotonic()
-        result = relay.relay(c, u, idle_timeout=1.5)
+        result = run_relay(relay, c, u, idle=1.5)
         assert (result.outcome, result.kind) == ("idle_timeout", "kernel")
         assert 1.5 <= time.monotonic() - started < 3.5
         # 1 s, then the idle limit. A busy pair's pacing (2, 4, 8, ... ms) takes 10 checks.
-        assert relay.checks <= 3, relay.checks
+        assert kernel.checks <= 3, kernel.checks
     finally:
         relay.close()
         for s in (client, c, u, server):
@@ -374,7 +380,7 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
     monkeypatch.setattr(kernel_relay, "SWEEP_BATCH_FROM", batch_from)
     client, c = tcp_pair()
     u, server = tcp_pair()
-    relayer = gevent.spawn(relay.relay, c, u, 30)
+    relayer = gevent.spawn(run_relay, relay, c, u, 30)
     gevent.sleep(0.05)
     for round_number in range(2):
         message = b"round %d" % round_number
@@ -404,7 +410,7 @@ def test_reset_ends_the_relay_and_reaches_the_other_side(relay):
     u, server = tcp_pair()
     killer = gevent.spawn_later(0.1, lambda: (
         server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)), server.close()))
-    result = relay.relay(c, u, idle_timeout=10)
+    result = run_relay(relay, c, u, idle=10)
     killer.get()
     assert result.outcome == "reset"
     c.close(), u.close()
@@ -413,7 +419,7 @@ def test_reset_ends_the_relay_and_reaches_the_other_side(relay):
     client.close()
 
 
-def test_pair_that_half_closed_before_registration(relay):
+def test_pair_that_half_closed_before_registration(chained):
     """A client that sent everything and its FIN before the relay starts: sockmaps
     refuse such sockets, and the bytes must still arrive."""
     client, c = tcp_pair()
@@ -423,82 +429,8 @@ def test_pair_that_half_closed_before_registration(relay):
     server.sendall(b"greeting")
     time.sleep(0.05)
     answer = Background(lambda: (recv_all(server), server.sendall(b"reply" * 1000), server.close()))
-    result = relay.relay(c, u, idle_timeout=10)
+    result = run_relay(chained, c, u, idle=10)
     assert answer.join()[0] == b"request" * 1000
     assert result == (7000, 8 + 5000, "done", "userspace", 0, 0)  # the FIN came first: no kernel
     c.close(), u.close()
     assert recv_all(client) == b"greeting" + b"reply" * 1000
-
-
-# -- benchmark (report only): python tests/test_kernel_relay.py --bench [GiB] --
-
-def _endpoints_in_child(proxy_addr, server_listener, size: int, report_w: int) -> int:
-    """Fork a process that sends size bytes to proxy_addr and receives them on
-    server_listener; it writes the receiver's seconds to report_w."""
-    pid = os.fork()
-    if pid:
-        return pid
-    try:
-        receiver = Background(lambda: recv_stream(server_listener.accept()[0]))
-        with socket.create_connection(proxy_addr) as s:
-            started = time.monotonic()
-            send_stream(s, size, 9)
-            n, _ = receiver.join(600)
-        os.write(report_w, f"{n} {time.monotonic() - started}".encode())
-    finally:
-        os._exit(0)
-
-
-def _userspace_loop(c: socket.socket, u: socket.socket) -> None:
-    buf = memoryview(bytearray(256 * 1024))
-    while n := c.recv_into(buf):
-        u.sendall(buf[:n])
-    u.shutdown(socket.SHUT_WR)
-
-
-def _cpu_busy() -> float:
-    """Seconds all CPUs spent not idle (includes softirq and kworkers)."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def bench(size: int, pins: str) -> None:
-    for mode in ("direct", "userspace", "kernel"):
-        server_listener = socket.create_server(("127.0.0.1", 0))
-        proxy_listener = socket.create_server(("127.0.0.1", 0))
-        report_r, report_w = os.pipe()
-        target = server_listener.getsockname() if mode == "direct" else proxy_listener.getsockname()
-        pid = _endpoints_in_child(target, server_listener, size, report_w)
-        cpu0, busy0 = time.process_time(), _cpu_busy()
-        if mode != "direct":
-            c, _ = proxy_listener.accept()
-            u = socket.create_connection(server_listener.getsockname())
-            if mode == "kernel":
-                relay = KernelRelay(pins)
-                relay.relay(c, u, idle_timeout=30)
-                relay.close()
-            else:
-                for s in (c, u):  # the same buffers the kernel relay sets
-                    s.setsockopt(socket.SOL_SOCKET, 32, 32 * MiB)
-                    s.setsockopt(socket.SOL_SOCKET, 33, 32 * MiB)
-                _userspace_loop(c, u)
-            c.close(), u.close()
-        os.waitpid(pid, 0)
-        n, seconds = os.read(report_r, 100).decode().split()
-        cpu, busy = time.process_time() - cpu0, _cpu_busy() - busy0
-        print(f"{mode:10s} {int(n) / float(seconds) * 8 / 1e9:6.1f} Gbit/s  "
-              f"relay process CPU {cpu:5.2f} s  all CPUs busy {busy:5.2f} s  ({int(n) >> 20} MiB)")
-        for fd in (report_r, report_w):
-            os.close(fd)
-        server_listener.close(), proxy_listener.close()
-
-
-if __name__ == "__main__" and "--bench" in sys.argv:
-    from sniproxy import bpfload
-    gib = float(sys.argv[sys.argv.index("--bench") + 1]) if len(sys.argv) > sys.argv.index("--bench") + 1 else 1
-    pins = f"/sys/fs/bpf/sniproxy-bench-{os.getpid()}"
-    loaded = bpfload.load(pins)
-    try:
-        bench(int(gib * (1 << 30)), pins)
-    finally:
-        loaded.unpin()

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from sniproxy import bpfload, xdp
-from sniproxy.access import AccessList
+from sniproxy.sourcefilter import SourceFilter
 
 from netns import veth_netns
 
@@ -156,7 +156,7 @@ def test_deny_wins_over_allow_and_matches_access_list(attached, ns):
     subnet = f"{ns.host_v4}/24"
     allow, deny = [subnet], [ns.peer_v4s[2]]
     xdp.load_access_rules(attached, allow=allow, deny=deny)
-    access = AccessList(allow, deny)
+    access = SourceFilter(allow, deny)
     with listening(ns.host_v4) as listener:
         for src in ns.peer_v4s:
             assert connect_from(ns, src, listener) == access.allows(src), src

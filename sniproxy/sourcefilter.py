@@ -1,4 +1,5 @@
-"""The source-address filter applied at accept (XDP applies the same rules earlier)."""
+"""The source filter: the [access] allow/deny lists, checked at accept (XDP, where
+attached, applies the same rules earlier). Not to be confused with the access log."""
 from __future__ import annotations
 
 import ipaddress
@@ -11,7 +12,7 @@ def parse_networks(cidrs: Iterable[str]) -> list[Network]:
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
-class AccessList:
+class SourceFilter:
     """Deny wins; a non-empty allow list admits only its members."""
 
     def __init__(self, allow: Iterable[str] = (), deny: Iterable[str] = ()):

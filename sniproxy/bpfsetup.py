@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 
 from .config import Config, parse_listen_address
+from .kernel_abi import map_sizes
 
 log = logging.getLogger("sniproxy.bpf")
 PROGRAMS = ("relay", "dns_cache", "xdp_filter")
 
 
-class DataPlaneError(Exception):
+class BpfSetupError(Exception):
     pass
 
 
-class DataPlane:
+class BpfSetup:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.relay_kind = "userspace"
@@ -41,7 +42,7 @@ class DataPlane:
             self.loaded = bpfload.load(bpf.pin_path, PROGRAMS, cflags=self._cflags())
         except bpfload.BpfLoadError as e:
             if bpf.mode == "require":
-                raise DataPlaneError(f"bpf.mode = require, but the kernel relay is unavailable: {e}") from None
+                raise BpfSetupError(f"bpf.mode = require, but the kernel relay is unavailable: {e}") from None
             log.warning("kernel relay unavailable, relaying in userspace instead: %s", e)
             self.skipped.append(f"kernel relay: {e}")
             return
@@ -52,7 +53,7 @@ class DataPlane:
             self._attach_xdp(ifname)
 
     def _cflags(self) -> dict[str, int]:
-        return {"DNS_CACHE_SIZE": self.cfg.resolver.cache_size}
+        return map_sizes(self.cfg.bpf.max_pairs, self.cfg.resolver.cache_size)
 
     def _load_access_rules(self, cfg: Config) -> None:
         from . import xdp

@@ -1,0 +1,195 @@
+"""The userspace relay: recv into one buffer per worker, send on at once.
+
+Every pair is moved by event-loop callbacks in the hub, so no greenlet waits
+for a pair, and a wakeup moves only the direction it is for. What the reader
+cannot take yet is copied out of the shared buffer, so idle pairs hold none.
+With a Handoff (relay.Chain), it stops with outcome "handoff" once that is due,
+at a point where no byte is in hand and neither side has sent its FIN.
+"""
+from __future__ import annotations
+
+import _socket
+import logging
+import math
+import socket
+import time
+
+import gevent
+
+from .relay import Handoff, Limits, OnDone, RelayResult, raw_socket
+
+log = logging.getLogger("sniproxy.relay")
+
+_READ, _WRITE = 1, 2  # libev event masks
+_NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
+
+
+class _Direction:
+    """Bytes from src to dst: what was read and not yet sent waits in `pending`."""
+    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key", "watcher", "watched")
+
+    def __init__(self, src: _socket.socket, dst: _socket.socket):
+        self.src, self.dst = src, dst
+        self.pending: memoryview | None = None
+        self.eof = False     # src sent its FIN (carried to dst once pending is empty)
+        self.count = 0
+        self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
+        self.watcher = self.watched = None   # the started watcher, and its (fd, event)
+
+    @property
+    def finished(self) -> bool:
+        return self.eof and self.pending is None
+
+    def wanted(self) -> tuple[int, int]:
+        """The (fd, event) it waits for: dst to take the pending bytes, else bytes to read."""
+        return self.read_key if self.pending is None else self.write_key
+
+
+class UserspacePair:
+    """Both directions of a pair. A direction reads while it holds nothing; holding
+    bytes its reader cannot take yet, it waits for the reader's socket to become
+    writable instead. One timer serves the idle limit and the handoff: it fires at
+    the earlier of the two, and activity in between only moves a timestamp."""
+
+    __slots__ = ("relay", "up", "down", "loop", "limits", "handoff", "handoff_due", "last", "on_done", "timer")
+
+    def __init__(self, relay: "UserspaceRelay", c: _socket.socket, u: _socket.socket, limits: Limits,
+                 handoff: Handoff | None, on_done: OnDone):
+        self.relay, self.on_done = relay, on_done
+        self.up, self.down = _Direction(c, u), _Direction(u, c)
+        self.loop = gevent.get_hub().loop
+        self.limits, self.handoff = limits, handoff
+        self.last = time.monotonic()
+        self.handoff_due = self.last + handoff.after if handoff is not None else math.inf
+        self.timer = None
+        for d in (self.up, self.down):
+            self._watch(d)
+        self._set_timer(self.last)
+
+    def _watch(self, d: _Direction) -> None:
+        """Watch what d now waits for, if that changed."""
+        wanted = None if d.finished else d.wanted()
+        if wanted == d.watched:
+            return
+        if d.watcher is not None:
+            d.watcher.close()
+            d.watcher = None
+        if wanted is not None:
+            d.watcher = self.loop.io(*wanted)
+            d.watcher.start(self._on_ready, d)
+        d.watched = wanted
+
+    def _half_closed(self) -> bool:
+        return self.up.eof or self.down.eof
+
+    def _idle_due(self) -> float:
+        return self.last + self.limits.idle_limit(self._half_closed())
+
+    def _handoff_ready(self, now: float) -> bool:
+        """Due, and at a point where no byte is in hand and neither side has sent its FIN."""
+        up, down, handoff = self.up, self.down, self.handoff
+        return handoff is not None and not (up.eof or down.eof) and up.pending is None \
+            and down.pending is None and (up.count + down.count >= handoff.bytes or now >= self.handoff_due)
+
+    def _set_timer(self, now: float) -> None:
+        due = self._idle_due()
+        if not self._half_closed() and self.handoff_due > now:
+            due = min(due, self.handoff_due)   # once past, _on_ready hands off when nothing is in hand
+        if self.timer is not None:
+            self.timer.close()
+        self.timer = self.loop.timer(max(due - now, 0.0))
+        self.timer.start(self._on_timer)
+
+    def _on_ready(self, d: _Direction) -> None:
+        up, down = self.up, self.down
+        was_half_closed = up.eof or down.eof
+        try:
+            moved = self.relay._move(d)
+        except OSError:          # a reset is an outcome, not a worker error
+            return self._end("reset")
+        except Exception:        # noqa: BLE001 - a bug must not leave a watcher firing forever
+            log.exception("userspace relay failed")
+            return self._end("error")
+        if moved:
+            self.last = time.monotonic()
+        if up.finished and down.finished:
+            return self._end("done")
+        if self.handoff is not None and self._handoff_ready(time.monotonic()):
+            return self._end("handoff")
+        self._watch(d)
+        if not was_half_closed and (up.eof or down.eof) and self.limits.half_closed is not None:
+            self._set_timer(time.monotonic())   # the half-closed limit may be the shorter one
+
+    def _on_timer(self) -> None:
+        now = time.monotonic()
+        if now >= self._idle_due():
+            return self._end("idle_timeout")
+        if self._handoff_ready(now):
+            return self._end("handoff")
+        self._set_timer(now)   # woken early: there was activity, or a byte in hand at the handoff
+
+    def _end(self, outcome: str) -> None:
+        self.cancel()
+        self.on_done(RelayResult(self.up.count, self.down.count, outcome))
+
+    def cancel(self) -> None:
+        for d in (self.up, self.down):
+            if d.watcher is not None:
+                d.watcher.close()
+                d.watcher = d.watched = None
+        if self.timer is not None:
+            self.timer.close()
+            self.timer = None
+
+
+class UserspaceRelay:
+    kind = "userspace"
+    READS_PER_TURN = 8   # so that one busy direction cannot starve the other
+
+    def __init__(self, buffer_size: int = 256 * 1024):
+        # One buffer per worker: bytes are sent on at once, and what the peer cannot
+        # take yet is copied out, so idle connections hold no buffer.
+        self._buffer = memoryview(bytearray(buffer_size))
+
+    def start(self, client, upstream, limits: Limits, on_done: OnDone,
+              handoff: Handoff | None = None) -> UserspacePair:
+        return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
+
+    def _move(self, d: _Direction) -> bool:
+        """Move what can move now without waiting; True if anything did."""
+        if d.pending is not None:
+            try:
+                sent = d.dst.send(d.pending, _NOWAIT)
+            except BlockingIOError:
+                return False
+            d.pending = d.pending[sent:] if sent < len(d.pending) else None
+            if d.pending is None and d.eof:
+                d.dst.shutdown(socket.SHUT_WR)
+            return True
+        if d.eof:
+            return False
+        moved = False
+        for _ in range(self.READS_PER_TURN):
+            try:
+                n = d.src.recv_into(self._buffer, 0, _NOWAIT)
+            except BlockingIOError:
+                break
+            moved = True
+            if not n:
+                d.eof = True
+                d.dst.shutdown(socket.SHUT_WR)
+                break
+            d.count += n
+            try:
+                sent = d.dst.send(self._buffer[:n], _NOWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                d.pending = memoryview(bytes(self._buffer[sent:n]))
+                break
+            if n < len(self._buffer):
+                break        # the receive queue is empty now
+        return moved
+
+    def close(self) -> None:
+        pass
