@@ -2,12 +2,13 @@
 import pytest
 
 from sniproxy import bpfload
+from sniproxy.kernel_abi import map_sizes
 
 
 @pytest.fixture
 def relay_pins(pin_path):
     """The relay loaded and pinned at pin_path; unpinned afterwards."""
-    loaded = bpfload.load(pin_path, programs=("relay",), cflags={"SOCK_MAP_MAX": 1024, "CONNECTION_MAP_MAX": 1024})
+    loaded = bpfload.load(pin_path, programs=("relay",), cflags=map_sizes(max_pairs=512, dns_cache_size=1024))
     try:
         yield loaded
     finally:

@@ -2,14 +2,16 @@
 import atexit
 import json
 import os
-import struct
 import subprocess
 
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
-from sniproxy import bpfload, bpfsys
+from sniproxy import bpfload, bpfsys, kernel_abi
 from sniproxy.bpfsys import BpfError, PinnedMap
+from sniproxy.bpfsetup import PROGRAMS
+from sniproxy.config import load
+from sniproxy.kernel_abi import COOKIE, LAYOUT_VALUE, Connection
 
 pytestmark = pytest.mark.bpf
 
@@ -54,7 +56,7 @@ def test_verdict_is_attached_to_sock_map(relay_pins):
 def test_maps_carry_btf_field_names(relay_pins):
     pins = relay_pins.pin_path
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as connections:
-        connections.update(struct.pack("<Q", 7), struct.pack("<QQQQI4x", 8, 1234, 5, 6, 2))
+        connections.update(COOKIE.pack(7), Connection(peer=8, bytes=1234, skbs=5, passed=6, direction=2).pack())
     dumped = bpftool("map", "dump", "pinned", f"{pins}/CONNECTION_MAP")
     assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5, "passed": 6, "direction": 2}}]
     stats = bpftool("map", "dump", "pinned", f"{pins}/RELAY_STATS")
@@ -64,11 +66,31 @@ def test_maps_carry_btf_field_names(relay_pins):
     assert layout[0]["formatted"]["value"] == {"version": bpfload.LAYOUT_VERSION, "owner_pid": os.getpid()}
 
 
+def test_every_map_value_has_the_layout_of_kernel_abi(pin_path):
+    """Each map the loader pins holds values of the size kernel_abi declares, and the
+    config's sizes reach the C: bpf.max_pairs sizes the relay maps (two sockets a pair)."""
+    cfg = load(text="[bpf]\nmax_pairs = 300\n[resolver]\ncache_size = 77\n")
+    loaded = bpfload.load(pin_path, PROGRAMS, cflags=kernel_abi.map_sizes(cfg.bpf.max_pairs, cfg.resolver.cache_size))
+    try:
+        maps = {}
+        for name in os.listdir(pin_path):
+            shown = bpftool("map", "show", "pinned", f"{pin_path}/{name}", check=False)
+            if shown.returncode == 0:
+                maps[name] = json.loads(shown.stdout)
+        assert set(maps) == set(kernel_abi.VALUE_SIZES)
+        assert {name: m["bytes_value"] for name, m in maps.items()} == kernel_abi.VALUE_SIZES
+        assert {name: maps[name]["max_entries"] for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP",
+                                                             "RELAY_CONTROL", "DNS_CACHE")} == {
+            "SOCK_MAP": 600, "SOCK_TARGETS": 600, "CONNECTION_MAP": 600, "RELAY_CONTROL": 600, "DNS_CACHE": 77}
+    finally:
+        loaded.unpin()
+
+
 def test_incompatible_pins_are_replaced_loudly(pin_path, caplog):
     old = bpfload.load(pin_path)
     old_id = bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
     with PinnedMap.open(f"{pin_path}/LAYOUT") as layout:
-        layout.update(b"\0" * 4, struct.pack("<II", 999, 1))
+        layout.update(b"\0" * 4, LAYOUT_VALUE.pack(999, 1))
     old.close()  # a crashed master: pins stay, fds gone
     assert bpfload.read_layout(pin_path) == 999
 
@@ -116,7 +138,7 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
             # A worker: reach the maps by path, write, and leave the way
             # sys.exit does at the end: atexit handlers, then exit.
             with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-                m.update(struct.pack("<Q", 1), struct.pack("<QQQQI4x", 2, 3, 4, 5, 1))
+                m.update(COOKIE.pack(1), Connection(2, 3, 4, 5, 1).pack())
             atexit._run_exitfuncs()
             code = 0
         finally:
@@ -126,24 +148,24 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
     for name, fd in fds.items():
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:bpf"), name
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as m:
-        assert m.lookup(struct.pack("<Q", 1)) == struct.pack("<QQQQI4x", 2, 3, 4, 5, 1)
+        assert m.lookup(COOKIE.pack(1)) == Connection(2, 3, 4, 5, 1).pack()
     bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")
 
 
 def test_pinned_map_operations(relay_pins):
     with relay_pins.open_map("CONNECTION_MAP") as m:
         assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 40)
-        keys = [struct.pack("<Q", i) for i in range(1, 6)]
+        keys = [COOKIE.pack(i) for i in range(1, 6)]
         for i, key in enumerate(keys):
-            m.update(key, struct.pack("<QQQQI4x", i, i * 10, i * 100, 0, 1))
+            m.update(key, Connection(i, i * 10, i * 100, 0, 1).pack())
         assert sorted(m.keys()) == sorted(keys)
-        assert dict(m.items())[keys[2]] == struct.pack("<QQQQI4x", 2, 20, 200, 0, 1)
+        assert dict(m.items())[keys[2]] == Connection(2, 20, 200, 0, 1).pack()
         with pytest.raises(BpfError, match="CONNECTION_MAP.*File exists"):
             m.update(keys[0], bytes(40), flags=bpfsys.BPF_NOEXIST)
         assert m.delete(keys[0]) is True
         assert m.delete(keys[0]) is False
         assert m.lookup(keys[0]) is None
-        assert m.pop(keys[1]) == struct.pack("<QQQQI4x", 1, 10, 100, 0, 1)
+        assert m.pop(keys[1]) == Connection(1, 10, 100, 0, 1).pack()
         assert m.pop(keys[1]) is None and m.lookup(keys[1]) is None
         assert len(m) == 3
     with relay_pins.open_map("RELAY_STATS") as stats:
@@ -156,7 +178,7 @@ def test_batch_lookup_reads_every_entry(relay_pins):
     resumes from the kernel's token; it must return exactly what the map holds."""
     with relay_pins.open_map("CONNECTION_MAP") as m:
         assert m.lookup_all() == {}
-        entries = {struct.pack("<Q", i): struct.pack("<QQQQI4x", i, i * 3, i * 5, i * 7, 2) for i in range(1, 1001)}
+        entries = {COOKIE.pack(i): Connection(i, i * 3, i * 5, i * 7, 2).pack() for i in range(1, 1001)}
         for key, value in entries.items():
             m.update(key, value)
         assert m.lookup_all(chunk=64) == entries
