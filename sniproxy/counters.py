@@ -23,7 +23,9 @@ REFUSAL_REASONS = (
 NAMES = (
     "accepted", "relayed_kernel", "relayed_userspace", "fallback",
     "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "closed_early", "errors",
-) + tuple(f"refused_{r}" for r in REFUSAL_REASONS)
+) + tuple(f"refused_{r}" for r in REFUSAL_REASONS) + (
+    "kernel_maps_full",    # pairs the kernel relay could not take (bpf.max_pairs): relayed in userspace
+)
 ROWS = 256
 _WIDTH = 64                       # counters per row, room to grow without a new layout
 _INDEX = {name: i for i, name in enumerate(NAMES)}

@@ -121,8 +121,9 @@ class _Task:
 class KernelRelay:
     kind = "kernel"
 
-    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20):
+    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20, counters=None):
         self.max_queued, self.sndbuf = max_queued, sndbuf
+        self.counters = counters   # the worker's CounterRow, if any
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections, self.control = (
@@ -268,6 +269,8 @@ class KernelRelay:
 
     def _note_full(self) -> None:
         self.full += 1
+        if self.counters is not None:
+            self.counters.add("kernel_maps_full")
         now = time.monotonic()
         if now - self._full_logged >= FULL_LOG_INTERVAL:
             self._full_logged = now

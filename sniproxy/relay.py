@@ -90,7 +90,10 @@ class Chain:
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone) -> "_Chained":
         chained = _Chained(self, client, upstream, limits, on_done)
-        chained.handle = self.first.start(client, upstream, limits, chained.handed_off, handoff=self.handoff)
+        if self.handoff == (0, 0):   # `then` from the start
+            chained.handed_off(RelayResult(0, 0, "handoff"))
+        else:
+            chained.handle = self.first.start(client, upstream, limits, chained.handed_off, handoff=self.handoff)
         return chained
 
     def close(self) -> None:
@@ -112,7 +115,8 @@ class _Chained:
             return self.on_done(before)
         moved = before.up + before.down
         # A pair handed off by age is quiet: the next relay may pace itself by the rate so far.
-        progress = Progress(moved, time.monotonic() - self.started) if moved < self.chain.handoff.bytes else None
+        by_age = moved < self.chain.handoff.bytes
+        progress = Progress(moved, time.monotonic() - self.started) if by_age else None
         self.handle = self.chain.then.start(self.client, self.upstream, self.limits,
                                             lambda result: self.declined(result.after(before)), before=progress)
 

@@ -110,14 +110,15 @@ class Worker:
 
         self.Connection = Connection     # imported here, not on the first connection
         self.loop = gevent.get_hub().loop
-        self.relay = self._open_relay()
+        counters = CounterTable(self.counters_path).row(self.number)
+        self.relay = self._open_relay(counters)
         self.connections: set = set()   # live Connections
         self.acceptors: list = []
         self.stopping = gevent.event.Event()
         self.all_ended = gevent.event.Event()
         timeouts = self.cfg.timeouts
         self.ctx = Context(
-            loop=self.loop, counters=CounterTable(self.counters_path).row(self.number),
+            loop=self.loop, counters=counters,
             source_filter=self._source_filter(), router=self._router(), resolver=self._resolver(),
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
@@ -164,14 +165,14 @@ class Worker:
             cache = LocalDnsCache(self.cfg.resolver.cache_size)
         return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect)
 
-    def _open_relay(self):
+    def _open_relay(self, counters):
         from .userspace_relay import UserspaceRelay
         if self.relay_kind != "kernel":
             return UserspaceRelay()
         from .kernel_relay import KernelRelay
         from .relay import Chain, Handoff
         bpf = self.cfg.bpf
-        kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf)
+        kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters)
         return Chain(UserspaceRelay(), kernel, Handoff(bpf.handoff_bytes, bpf.handoff_after))
 
     def _heartbeat(self) -> None:

@@ -5,6 +5,7 @@ process's gevent hub, as in a worker. (bench/relay_loop measures its throughput
 and CPU against a userspace loop and a direct connection.)
 """
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -15,7 +16,7 @@ import gevent
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
-from harness import run_relay
+from harness import run_relay, sha
 from sniproxy import kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
@@ -84,6 +85,11 @@ def recv_stream(sock: socket.socket) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def send_stream_bytes(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
 def recv_all(sock: socket.socket) -> bytes:
     chunks = []
     while data := sock.recv(MiB):
@@ -107,7 +113,7 @@ def chained(relay):
     return Chain(UserspaceRelay(), relay, Handoff(0, 0))
 
 
-def map_sizes(pins: str) -> dict[str, int]:
+def map_sizes_of(pins: str) -> dict[str, int]:
     sizes = {}
     for name in ("SOCK_MAP", "SOCK_TARGETS", "CONNECTION_MAP"):
         with PinnedMap.open(f"{pins}/{name}") as m:
@@ -142,7 +148,7 @@ def test_bulk_both_directions_at_once(relay_pins, relay):
     assert 0 < result.kernel_up <= size and 0 < result.kernel_down <= size  # some went early, in userspace
     assert up_got == (size, up_sent) and down_got == (size, down_sent)
     assert seen_in_sock_map == [pair_cookies]
-    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    assert map_sizes_of(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
     # 128 MiB is tens of thousands of skbs; only hang-ups may wake the watcher.
     assert relay.wakeups <= 8
     for s in (client, server):
@@ -168,11 +174,11 @@ def test_pair_is_in_sock_map_during_transfer(relay_pins, relay):
     assert client.recv(10) == b"pong"
     client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
     assert relayer.get(timeout=10) == (4, 4, "done", "kernel", 4, 4)
-    assert map_sizes(relay_pins.pin_path)["CONNECTION_MAP"] == 0
+    assert map_sizes_of(relay_pins.pin_path)["CONNECTION_MAP"] == 0
     for s in (client, c, u, server):
         s.close()
     # A finished pair leaves the sockmaps as its sockets close.
-    assert map_sizes(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    assert map_sizes_of(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
 
 
 def relay_stats(pins: str) -> dict[str, int]:
@@ -434,3 +440,37 @@ def test_pair_that_half_closed_before_registration(chained):
     assert result == (7000, 8 + 5000, "done", "userspace", 0, 0)  # the FIN came first: no kernel
     c.close(), u.close()
     assert recv_all(client) == b"greeting" + b"reply" * 1000
+
+
+def test_a_pair_beyond_max_pairs_stays_in_userspace(pin_path):
+    """With room for one pair, the second is declined (E2BIG on a full map) and the
+    Chain relays it in userspace, intact; it is counted, and the maps hold one pair."""
+    from sniproxy import bpfload
+    from sniproxy.kernel_abi import map_sizes
+    loaded = bpfload.load(pin_path, programs=("relay",), cflags=map_sizes(max_pairs=1, dns_cache_size=16))
+    kernel = KernelRelay(pin_path)
+    chained = Chain(UserspaceRelay(), kernel, Handoff(0, 0))
+    pairs = [(tcp_pair(), tcp_pair()) for _ in range(2)]
+    try:
+        relayers = [gevent.spawn(run_relay, chained, c, u, 30) for (_, c), (u, _) in pairs]
+        wait_for_sock_map(pin_path, 2)
+        gevent.sleep(0.1)
+        assert map_sizes_of(pin_path) == {"SOCK_MAP": 2, "SOCK_TARGETS": 2, "CONNECTION_MAP": 2}
+        assert kernel.full == 1
+        payloads = [(os.urandom(3 << 20), os.urandom(2 << 20)) for _ in pairs]
+        # Endpoints in threads: the relays run in this thread's hub.
+        jobs = [(Background(send_stream_bytes, client, up), Background(recv_all, server),
+                 Background(send_stream_bytes, server, down), Background(recv_all, client))
+                for ((client, _), (_, server)), (up, down) in zip(pairs, payloads)]
+        gevent.joinall(relayers, timeout=30)
+        for (_, got_up, _, got_down), (up, down) in zip(jobs, payloads):
+            assert sha(got_up.join()) == sha(up) and sha(got_down.join()) == sha(down)
+        results = sorted((r.get(timeout=10) for r in relayers), key=lambda r: r.kind)
+        assert [(r.up, r.down, r.outcome, r.kind) for r in results] == [
+            (3 << 20, 2 << 20, "done", "kernel"), (3 << 20, 2 << 20, "done", "userspace")]
+    finally:
+        kernel.close()
+        for (client, c), (u, server) in pairs:
+            for s in (client, c, u, server):
+                s.close()
+        loaded.unpin()
