@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from .config import Config, parse_listen_address
-from .kernel_abi import map_sizes
+from .kernel_abi import CONNECTION_MAP, RELAY_CONTROL, SOCK_TARGETS, map_sizes
 
 log = logging.getLogger("sniproxy.bpf")
 PROGRAMS = ("relay", "dns_cache", "xdp_filter")
@@ -28,6 +28,7 @@ class BpfSetup:
         self.loaded = None
         self.xdp_attached: dict[str, int] = {}     # interface -> XDP flags used
         self.skipped: list[str] = []
+        self._suspects: set[bytes] = set()         # relay entries with no socket at the last sweep
 
     def start(self) -> None:
         bpf = self.cfg.bpf
@@ -70,6 +71,28 @@ class BpfSetup:
             log.warning("XDP source filter not attached to %s (the accept-time filter still applies): %s",
                         ifname, e)
             self.skipped.append(f"xdp on {ifname}: {e}")
+
+    def sweep_stale_pairs(self) -> int:
+        """Remove the CONNECTION_MAP and RELAY_CONTROL entries whose socket is in no
+        sockmap at two sweeps in a row; return how many went. A worker that ended
+        with kernel pairs (graceful timeout, QUIT, a crash, SIGKILL) leaves them
+        behind: closing its sockets took them out of SOCK_TARGETS, where every
+        registered socket sits, but nothing else. Two sweeps, because a registration
+        writes CONNECTION_MAP just before SOCK_TARGETS."""
+        if self.loaded is None:
+            return 0
+        with self.loaded.open_map(SOCK_TARGETS) as targets, self.loaded.open_map(CONNECTION_MAP) as connections, \
+                self.loaded.open_map(RELAY_CONTROL) as control:
+            live = set(targets.keys())
+            suspects = (set(connections.keys()) | set(control.keys())) - live
+            stale = suspects & self._suspects
+            for key in stale:
+                connections.delete(key)
+                control.delete(key)
+        self._suspects = suspects - stale
+        if stale:
+            log.info("removed the relay entries of %d sockets that no longer exist", len(stale))
+        return len(stale)
 
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg

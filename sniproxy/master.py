@@ -27,6 +27,7 @@ from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker
 log = logging.getLogger("sniproxy.master")
 LISTEN_BACKLOG = 4096
 KILL_GRACE = 2.0         # after SIGABRT, a stuck worker gets this long before SIGKILL
+SWEEP_INTERVAL = 4.0     # relay entries of dead sockets go within two of these
 
 
 class StartError(Exception):
@@ -58,6 +59,7 @@ class Master:
     spawned: int = 0
     signals: list[int] = field(default_factory=list)
     stopping: bool = False
+    next_sweep: float = 0.0
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -77,6 +79,7 @@ class Master:
                 if sig is not None:
                     getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}")()
                 self.murder_late_workers()
+                self.sweep_stale_pairs()
                 if not self.stopping:
                     self.manage_workers()
         finally:
@@ -279,6 +282,15 @@ class Master:
                 _kill(w.pid, signal.SIGABRT)
             elif now - w.aborted_at > KILL_GRACE:
                 _kill(w.pid, signal.SIGKILL)
+
+    def sweep_stale_pairs(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_INTERVAL
+            try:
+                self.bpf.sweep_stale_pairs()
+            except OSError as e:
+                log.warning("sweeping stale relay entries: %s", e)
 
     # --- files for the other commands -----------------------------------------
 

@@ -249,6 +249,39 @@ class Dnsmasq:
         self.proc.wait(10)
 
 
+class DelayedDns:
+    """A UDP forwarder in front of a real DNS server that holds every answer back for
+    `delay` seconds: a slow resolver, for what clients do while they wait."""
+
+    def __init__(self, upstream_port: int, delay: float):
+        self.upstream, self.delay = ("127.0.0.1", upstream_port), delay
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, client = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(query, client), daemon=True).start()
+
+    def _answer(self, query: bytes, client) -> None:
+        time.sleep(self.delay)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+            up.settimeout(5)
+            up.sendto(query, self.upstream)
+            try:
+                self.sock.sendto(up.recv(4096), client)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -266,3 +299,90 @@ def run_relay(relay, client, upstream, idle: float = 30.0, half_closed: float | 
     except BaseException:
         handle.cancel()
         raise
+
+
+# --- socket endpoints for relay and connection tests in this process -------------
+
+MiB = 1 << 20
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets (blocking): (connecting end, accepted end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+class Background(threading.Thread):
+    """fn(*args) in an OS thread, so that it may block while this thread runs the
+    gevent hub; join() returns its result or raises its exception."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.result, self.error = fn, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to join()
+            self.error = e
+
+    def join(self, timeout: float = 30):
+        super().join(timeout)
+        assert not self.is_alive(), f"{self.fn.__name__} still running"
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def send_stream(sock: socket.socket, size: int, seed: int, shut: bool = True) -> str:
+    """size pseudo-random bytes (then SHUT_WR if shut); returns their sha256."""
+    import random
+    block = random.Random(seed).randbytes(MiB)
+    digest, left = hashlib.sha256(), size
+    while left:
+        chunk = block[:min(left, len(block))]
+        sock.sendall(chunk)
+        digest.update(chunk)
+        left -= len(chunk)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return digest.hexdigest()
+
+
+def recv_stream(sock: socket.socket) -> tuple[int, str]:
+    """Everything until EOF: (length, sha256)."""
+    digest, total = hashlib.sha256(), 0
+    while data := sock.recv(4 * MiB):
+        digest.update(data)
+        total += len(data)
+    return total, digest.hexdigest()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n and (chunk := sock.recv(n - len(data))):
+        data += chunk
+    return data
+
+
+def recv_nowait(sock) -> bytes | None:
+    """What is queued on sock now (b"" at EOF), or None when nothing is."""
+    try:
+        return sock.recv(MiB, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
+def hub_wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
+    """wait_until for tests whose subject runs in this thread's gevent hub: it sleeps
+    cooperatively, so the hub's callbacks run meanwhile."""
+    import gevent
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        gevent.sleep(0.002)
+    return value

@@ -318,3 +318,78 @@ def test_half_closed_pair_ends_after_half_closed_timeout(proxy, pin_path, mode):
                 elapsed = time.monotonic() - start
     assert 0.3 < elapsed < 5
     wait_until(lambda: stats(p)["idle_timeout"] == 1, what="the idle_timeout count")
+
+
+def _echo(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_pairs_beyond_max_pairs_are_relayed_in_userspace(proxy, plain, pin_path):
+    """With bpf.max_pairs = 1, one pair sits in the kernel's maps and the others are
+    relayed in userspace, intact, counted, and logged once (not once per pair)."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path, workers=1,
+                          bpf=AT_ONCE + "max_pairs = 1\n"), wait_ports=(port,))
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for i, c in enumerate(clients):
+            payload = b"\x00pair %d " % i + os.urandom(1 << 20)
+            assert sha(_echo(c, payload)) == sha(payload)
+        assert (entries(pin_path, "SOCK_MAP"), entries(pin_path, "CONNECTION_MAP")) == (2, 2)
+        assert stats(p)["kernel_maps_full"] == 3
+        assert p.output().count("kernel relay maps are full") == 1
+    finally:
+        for c in clients:
+            c.close()
+    wait_until(lambda: stats(p)["relayed_kernel"] == 1 and stats(p)["relayed_userspace"] == 3,
+               what="one pair counted as kernel-relayed, three as userspace")
+
+
+def test_entries_of_a_killed_worker_are_swept(proxy, plain, pin_path):
+    """A worker killed with SIGKILL leaves its pairs' CONNECTION_MAP entries behind (its
+    sockets left the sockmaps as they closed); the master removes them within 10 s,
+    and the pairs of the other worker keep their entries and keep relaying."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path, workers=2,
+                          bpf=AT_ONCE), wait_ports=(port,))
+    clients = []
+    try:
+        owners = {}
+        while len(set(owners.values())) < 2 and len(clients) < 64:   # pairs on both workers
+            c = socket.create_connection(("127.0.0.1", port))
+            clients.append(c)
+            assert _echo(c, b"\x00hello") == b"\x00hello"
+            owners[c] = _owner(c, p.worker_pids())
+        wait_until(lambda: entries(pin_path, "CONNECTION_MAP") == 2 * len(clients), what="every pair in the kernel")
+        victim = owners[clients[0]]
+        os.kill(victim, 9)
+        survivors = [c for c in clients if owners[c] != victim]
+        killed = len(clients) - len(survivors)
+        started = time.monotonic()
+        wait_until(lambda: entries(pin_path, "CONNECTION_MAP") == 2 * len(survivors), timeout=15,
+                   what="the killed worker's entries to go")
+        assert time.monotonic() - started < 10.5 and killed >= 1 and survivors
+        for c in survivors:
+            assert _echo(c, b"\x00still here") == b"\x00still here"
+        assert entries(pin_path, "CONNECTION_MAP") == 2 * len(survivors)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def _owner(client: socket.socket, worker_pids: list[int]) -> int:
+    """The worker that holds the proxy's end of client's connection (ss -p)."""
+    local = "%s:%d" % client.getsockname()
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dst", local], capture_output=True, text=True).stdout
+    pids = {pid for pid in worker_pids if f"pid={pid}," in out}
+    assert len(pids) == 1, out
+    return pids.pop()

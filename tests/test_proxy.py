@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import (MASTER, Dnsmasq, Backend, curl, echo_through, free_port, https_get, sha, tls_client,
+from harness import (MASTER, DelayedDns, Dnsmasq, Backend, curl, echo_through, free_port, https_get, sha, tls_client,
                      wait_until)
 
 
@@ -152,6 +152,35 @@ def test_http_listener_routes_by_host(proxy, plain):
     counters = stats(p)
     assert counters["refused_no_route"] == 1 and counters["refused_malformed"] == 1
     assert (a.accepted, b.accepted) == (2, 1)
+
+
+def test_clients_waiting_on_one_slow_lookup_all_connect(proxy, backends, tmp_path):
+    """Eight clients at once, a named backend, a cold cache and a resolver that takes
+    0.3 s: they share one query and its answer, and each connects (connecting once
+    consumed the shared address list, and seven of eight were refused)."""
+    a = backends("named")
+    dns = Dnsmasq(tmp_path, {"origin.test": "127.0.0.1"})
+    slow = DelayedDns(dns.port, 0.3)
+    try:
+        port = free_port()
+        extra = f'[resolver]\nnameservers = ["127.0.0.1:{slow.port}"]\n'
+        p = proxy(make_config(port, [("example.com", f"origin.test:{a.port}")], extra=extra, workers=1),
+                  wait_ports=(port,))
+        answers = [None] * 8
+
+        def get(i):
+            answers[i] = https_get(port, "example.com")
+        threads = [threading.Thread(target=get, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert answers == ["backend=named\n"] * 8
+        assert dns.queries("origin.test") == 1
+        assert stats(p)["refused_connect_failed"] == 0
+    finally:
+        slow.close()
+        dns.close()
 
 
 def test_star_backend_resolves_with_dnsmasq(proxy, backends, tmp_path):
@@ -348,22 +377,34 @@ def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
 
 
 def test_workers_take_their_signals_once_booted(proxy, backends):
-    """The master blocks the workers' signals from fork until their own handlers are in
-    place (a SIGTERM before then would run the master's handler in the child, and the
-    worker would never stop); a booted worker has them unblocked again."""
+    """A booted worker has every signal the master handles unblocked again, with its own
+    dispositions, not the master's it was forked with. That they stay blocked from fork
+    until then is tested on a real spawn in test_master.py, where the child can look at
+    its mask before it boots."""
+    from sniproxy.worker import SIGNALS
     a = backends("a")
     port = free_port()
     p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
-    def blocked(pid: int) -> int:
-        """The pid's blocked signals that a worker handles itself."""
-        with open(f"/proc/{pid}/status") as status:
-            mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
-        return mask & sum(1 << (sig - 1) for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP))
 
+    def dispositions(pid: int) -> dict[str, set[int]]:
+        """Of the signals a worker handles: which the pid blocks, ignores and catches."""
+        with open(f"/proc/{pid}/status") as status:
+            masks = {key: int(value, 16) for key, value in
+                     (line.split(":") for line in status if line.startswith(("SigBlk:", "SigIgn:", "SigCgt:")))}
+        return {key: {sig for sig in SIGNALS if mask & (1 << (sig - 1))} for key, mask in masks.items()}
+
+    # The worker's: its own handlers for SIGTERM, SIGQUIT, SIGUSR1; SIGINT ignored (the
+    # terminal's ^C goes to the master); SIGHUP and SIGCHLD back to their defaults.
+    # The master catches all six.
+    worker = {"SigBlk": set(), "SigIgn": {signal.SIGINT}, "SigCgt": {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1}}
+    assert dispositions(p.proc.pid) == {"SigBlk": set(), "SigIgn": set(), "SigCgt": set(SIGNALS)}
     pids = p.worker_pids()
     assert len(pids) == 2
-    for pid in pids:   # a worker still booting has them blocked; a booted one must not
-        wait_until(lambda: not blocked(pid), what=f"worker {pid} to unblock its signals")
+    for pid in pids:   # a worker still booting has them blocked, with the master's handlers
+        try:
+            wait_until(lambda: dispositions(pid) == worker, what=f"worker {pid} to take its signals")
+        except TimeoutError:
+            assert dispositions(pid) == worker
     assert p.stop() == 0
 
 
