@@ -112,9 +112,9 @@ def _reassemble_client_hello(data: bytes) -> bytes | NeedMoreType:
         length = int.from_bytes(header[3:5])
         payload += data[offset + _RECORD_HEADER:offset + _RECORD_HEADER + length]
         offset += _RECORD_HEADER + length
+        if payload and payload[0] != _HANDSHAKE_CLIENT_HELLO:   # the first byte decides: no wait
+            raise Malformed(f"handshake message type {payload[0]}, not ClientHello")
         if len(payload) >= _HANDSHAKE_HEADER:
-            if payload[0] != _HANDSHAKE_CLIENT_HELLO:
-                raise Malformed(f"handshake message type {payload[0]}, not ClientHello")
             body_length = int.from_bytes(payload[1:4])
             if body_length > MAX_CLIENT_HELLO:
                 raise Malformed(f"ClientHello of {body_length} bytes is over {MAX_CLIENT_HELLO}")

@@ -817,3 +817,12 @@ def test_http_arbitrary_fields(fields, cut):
 @given(mutations=st.lists(mutation, min_size=1, max_size=4), cut=st.integers(0, 100))
 def test_http_mutated_request(mutations, cut):
     assert_decision_is_final(parse_http_request, mutate(CURL_HTTP, mutations), cut)
+
+
+@pytest.mark.parametrize("flight", [
+    bytes([22, 3, 1, 0, 5, 2]),              # a ServerHello's type byte, nothing after it yet
+    bytes([22, 3, 3, 0, 64, 11, 0]),          # Certificate
+])
+def test_a_handshake_type_that_is_not_client_hello_is_refused_at_its_first_byte(flight):
+    with pytest.raises(Malformed, match="not ClientHello"):
+        parse_client_hello(flight)

@@ -121,12 +121,17 @@ def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
         s.sendall(bytes.fromhex("160301000a") + b"\x02" + bytes(9))       # a ServerHello, not a ClientHello
         assert s.recv(100) == b""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(bytes.fromhex("160301000a") + b"\x02")                  # its type byte alone decides
+        start = time.monotonic()
+        assert s.recv(100) == b""
+        assert time.monotonic() - start < 0.3                            # at once, not at client_hello
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(bytes.fromhex("1603010200"))                           # a record header, then silence
         start = time.monotonic()
         assert s.recv(100) == b""
         assert 0.3 < time.monotonic() - start < 3
     counters = stats(p)
-    assert counters["refused_malformed"] == 1 and counters["refused_client_hello_timeout"] == 1
+    assert counters["refused_malformed"] == 2 and counters["refused_client_hello_timeout"] == 1
     assert a.accepted == 0
 
 
