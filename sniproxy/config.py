@@ -28,6 +28,7 @@ class MasterConfig(_Section):
     pidfile: str = ""                # "" = derived from the config path
     graceful_timeout: float = 30.0
     worker_timeout: float = 30.0     # a worker whose heartbeat is older is aborted
+    max_connections: int = 0         # per worker; 0 = no limit but the fd limit
 
 
 class BpfConfig(_Section):
@@ -210,8 +211,9 @@ def check(cfg: Config):
         return f"{key} = {value!r}: {why}"
 
     m = cfg.master
-    if m.workers < 0:
-        yield bad("master.workers", m.workers, "must be 0 (one per CPU) or more")
+    for key in ("workers", "max_connections"):
+        if getattr(m, key) < 0:
+            yield bad(f"master.{key}", getattr(m, key), "must be 0 (see etc/sniproxy.toml) or more")
     for key in ("graceful_timeout", "worker_timeout"):
         if getattr(m, key) <= 0:
             yield bad(f"master.{key}", getattr(m, key), "must be positive")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import _socket
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 # respawning it forever.
 BOOT_ERROR = 3
 PARENT_CHECK_INTERVAL = 1.0
+ACCEPT_RETRY = 0.1   # out of descriptors: how soon to try accepting again
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Worker:
         self.inherited = inherited   # the master's fds this child must not keep
         self.master_pid = os.getpid()   # __init__ runs in the master
         self.alive = True
+        self.held = False            # full (master.max_connections): not accepting for now
+        self.fd_errors_logged = -math.inf
 
     # --- in the child ---------------------------------------------------------
 
@@ -84,9 +88,8 @@ class Worker:
             os._exit(BOOT_ERROR)
         import gevent
         for lc, listening in self.slot.listeners:
-            acceptor = self.loop.io(listening.fileno(), 1)
-            acceptor.start(self._accept_all, lc, listening, acceptor)
-            self.acceptors.append(acceptor)
+            self.acceptors.append(self.loop.io(listening.fileno(), 1))
+        self._watch_listeners()
         gevent.spawn(self._heartbeat)
         self.stopping.wait()
         self._stop_gracefully()
@@ -221,17 +224,27 @@ class Worker:
         self.relay.close()
         os._exit(0)
 
+    def _watch_listeners(self) -> None:
+        for (lc, listening), acceptor in zip(self.slot.listeners, self.acceptors):
+            acceptor.start(self._accept_all, lc, listening, acceptor)
+
     def _accept_all(self, lc: ListenerConfig, listening: socket.socket, acceptor=None) -> None:
         """Start a Connection for everything waiting in the accept queue."""
         family = listening.family   # read once: it converts to an enum on every read
+        limit = self.cfg.master.max_connections
         while True:
+            if limit and len(self.connections) >= limit:
+                return self._hold()
             try:
                 fd, peer = listening._accept()
             except BlockingIOError:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and acceptor is not None:
-                    log.error("accept on %s: %s", lc.address, e)
+                    now = time.monotonic()
+                    if now - self.fd_errors_logged >= 1.0:
+                        self.fd_errors_logged = now
+                        log.error("accept on %s: %s; retrying every %.1fs", lc.address, e, ACCEPT_RETRY)
                     self._pause(acceptor, lc, listening)
                 return
             # A C socket, not gevent's wrapper: connection.py waits on its descriptor itself.
@@ -245,15 +258,26 @@ class Worker:
     def _pause(self, acceptor, lc: ListenerConfig, listening: socket.socket) -> None:
         """Out of descriptors or memory: stop accepting for a moment instead of spinning."""
         acceptor.stop()
-        timer = self.loop.timer(0.1)
+        timer = self.loop.timer(ACCEPT_RETRY)
 
         def resume() -> None:
             timer.close()
-            if self.alive:
+            if self.alive and not self.held:
                 acceptor.start(self._accept_all, lc, listening, acceptor)
         timer.start(resume)
 
+    def _hold(self) -> None:
+        """Full (master.max_connections): stop accepting. What waits stays in the accept
+        queue, never reset, until a connection ends (or another worker takes it over)."""
+        if not self.held:
+            self.held = True
+            for acceptor in self.acceptors:
+                acceptor.stop()
+
     def connection_ended(self, connection) -> None:
         self.connections.discard(connection)
+        if self.held and self.alive and len(self.connections) < self.cfg.master.max_connections:
+            self.held = False
+            self._watch_listeners()
         if not self.connections and not self.alive:
             self.all_ended.set()

@@ -135,6 +135,31 @@ def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
     assert a.accepted == 0
 
 
+def test_a_full_worker_leaves_new_connections_waiting(proxy, plain):
+    """master.max_connections = 2: a third connection waits in the accept queue,
+    neither served nor reset, and is served as soon as one of the two ends."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, workers=1, extra="").replace(
+        "workers = 1\n", "workers = 1\nmax_connections = 2\n"), wait_ports=(port,))
+    wait_until(lambda: stats(p)["closed_early"] >= 1, what="the harness's probe to end")
+    first, second = (socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2))
+    for s in (first, second):
+        s.sendall(b"\x00ping")
+        assert s.recv(64) == b"\x00ping"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+        third.sendall(b"\x00waiting")
+        third.settimeout(0.5)
+        with pytest.raises(socket.timeout):        # queued: no answer, and no reset either
+            third.recv(64)
+        assert stats(p)["accepted"] == 3           # the probe and the two
+        first.close()
+        third.settimeout(5)
+        assert third.recv(64) == b"\x00waiting"
+    second.close()
+    wait_until(lambda: stats(p)["relayed_userspace"] == 3, what="three relayed connections")
+
+
 def test_http_listener_routes_by_host(proxy, plain):
     a, b = plain("a"), plain("b")
     port = free_port()
