@@ -18,7 +18,7 @@ TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", 
 def test_bench_smoke(tmp_path):
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     if missing:
-        pytest.skip(f"benchmark tools missing: {missing} (scripts/setup installs them)")
+        pytest.fail(f"benchmark tools missing: {missing} (scripts/setup installs them)")
     done = subprocess.run([str(REPO / "bench/run"), "--smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import MASTER, Dnsmasq, Backend, echo_through, free_port, https_get, sha, tls_client, wait_until
+from harness import MASTER, cpu_seconds, Dnsmasq, echo_through, free_port, https_get, sha, wait_until
 from netns import veth_netns
 from test_proxy import make_config, stats, stats_json
 
@@ -29,15 +29,6 @@ def bpftool(*args):
 
 def entries(pin_path, name):
     return len(bpftool("map", "dump", "pinned", f"{pin_path}/{name}"))
-
-
-def worker_cpu(pids):
-    """utime + stime of the given processes, in seconds."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 
@@ -242,11 +233,11 @@ def test_worker_cpu_kernel_relay_carries_the_bytes(proxy, pin_path):
             # Count from a booted worker: it has served the harness's port probe.
             wait_until(lambda: stats(p)["closed_early"] >= 1, what="the worker's first connection")
             pids = p.worker_pids()
-            before = worker_cpu(pids)
+            before = cpu_seconds(pids)
             out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "2G", "-b", "4G", "-J"],
                                  capture_output=True, text=True, timeout=120)
             assert json.loads(out.stdout)["end"]["sum_sent"]["bytes"] >= 2 << 30
-            cpu[mode] = worker_cpu(pids) - before
+            cpu[mode] = cpu_seconds(pids) - before
             counters = stats(p)
             carried[mode] = counters["bytes_up_userspace"] + counters["bytes_down_userspace"]
             assert p.stop() == 0

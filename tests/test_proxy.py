@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import (MASTER, DelayedDns, Dnsmasq, Backend, curl, echo_through, free_port, https_get, sha, tls_client,
+from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, curl, echo_through, free_port, https_get, sha, tls_client,
                      wait_until)
 
 
@@ -158,6 +158,41 @@ def test_a_full_worker_leaves_new_connections_waiting(proxy, plain):
         assert third.recv(64) == b"\x00waiting"
     second.close()
     wait_until(lambda: stats(p)["relayed_userspace"] == 3, what="three relayed connections")
+
+
+def test_out_of_descriptors_the_worker_backs_off_and_recovers(proxy, plain):
+    """With its fd limit lowered to what it holds plus three, a worker accepts three
+    stalled clients and then hits EMFILE: it waits without spinning (under 5% of a
+    CPU), logs at most once a second, and serves the next client once fds free up."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, workers=1, extra="[timeouts]\nclient_hello = 60.0\n"),
+              wait_ports=(port,))
+    wait_until(lambda: stats(p)["closed_early"] >= 1, what="the harness's probe to end")
+    worker = p.worker_pids()[0]
+    held = len(os.listdir(f"/proc/{worker}/fd"))
+    soft, hard = (int(v) for v in subprocess.run(["prlimit", f"--pid={worker}", "--nofile", "--raw", "--noheadings",
+                                                 "--output=SOFT,HARD"], capture_output=True, text=True,
+                                                check=True).stdout.split())
+    subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={held + 3}:{hard}"], check=True)
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        client.sendall(b"\x00after the limit")
+        wait_until(lambda: "Too many open files" in p.output(), what="EMFILE")
+        logged, cpu = p.output().count("Too many open files"), cpu_seconds([worker])
+        time.sleep(2.0)
+        assert cpu_seconds([worker]) - cpu < 0.1                          # under 5% of a CPU
+        assert p.output().count("Too many open files") - logged <= 3     # once a second at most
+        client.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            client.recv(64)
+        subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={soft}:{hard}"], check=True)
+        client.settimeout(5)
+        assert client.recv(64) == b"\x00after the limit"
+    finally:
+        for s in stalled + [client]:
+            s.close()
 
 
 def test_http_listener_routes_by_host(proxy, plain):

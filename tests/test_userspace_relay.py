@@ -1,0 +1,254 @@
+"""The userspace relay, alone and in a Chain, on loopback TCP: client <-> [c | u] <-> server.
+
+The relay runs in this thread's gevent hub, as in a worker; endpoints that block
+(bulk senders and readers) run in OS threads.
+"""
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import time
+
+import gevent
+import pytest
+
+from harness import (MiB, Background, hub_wait_until, recv_exactly, recv_nowait, recv_stream, run_relay,
+                     send_stream, tcp_pair)
+from sniproxy.relay import Chain, Handoff, Limits, Progress, RelayResult
+from sniproxy.userspace_relay import UserspaceRelay
+
+
+@pytest.fixture
+def pair():
+    """(client, c, u, server): the relay moves bytes between c and u."""
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    yield client, c, u, server
+    for s in (client, c, u, server):
+        s.close()
+
+
+def bulk_both_ways(relay, pair, up: int, down: int) -> RelayResult:
+    """Send up and down bytes at once, each side closing when done; check both by sha256."""
+    client, c, u, server = pair
+    jobs = [Background(send_stream, client, up, 1), Background(recv_stream, server),
+            Background(send_stream, server, down, 2), Background(recv_stream, client)]
+    result = run_relay(relay, c, u, idle=20)
+    up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
+    assert up_got == (up, up_sent) and down_got == (down, down_sent)
+    return result
+
+
+def test_bulk_both_directions(pair):
+    # Small buffers make the relay hold bytes its reader cannot take yet.
+    relay = UserspaceRelay(buffer_size=64 * 1024)
+    assert bulk_both_ways(relay, pair, 9 * MiB + 7, 6 * MiB + 3) == RelayResult(9 * MiB + 7, 6 * MiB + 3, "done")
+
+
+@pytest.mark.parametrize("first_to_close", ["client", "server"])
+def test_half_close_is_carried_while_the_other_direction_flows(pair, first_to_close):
+    client, c, u, server = pair
+    closer, other = (client, server) if first_to_close == "client" else (server, client)
+
+    def closer_side():
+        sent = send_stream(closer, MiB, 3)        # then SHUT_WR
+        return sent, recv_stream(closer)           # and still reads
+
+    def other_side():
+        got = recv_stream(other)                   # returns only at the carried FIN
+        return got, send_stream(other, 4 * MiB, 4)
+
+    a, b = Background(closer_side), Background(other_side)
+    result = run_relay(UserspaceRelay(), c, u, idle=20)
+    (closer_sent, closer_got), (other_got, other_sent) = a.join(), b.join()
+    assert other_got == (MiB, closer_sent)
+    assert closer_got == (4 * MiB, other_sent)
+    up, down = (MiB, 4 * MiB) if first_to_close == "client" else (4 * MiB, MiB)
+    assert result == RelayResult(up, down, "done")
+
+
+def test_idle_timeout(pair):
+    client, c, u, server = pair
+    client.sendall(b"hello")
+    started = time.monotonic()
+    assert run_relay(UserspaceRelay(), c, u, idle=0.3) == RelayResult(5, 0, "idle_timeout")
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert recv_exactly(server, 5) == b"hello"
+
+
+def test_activity_postpones_the_idle_timeout(pair):
+    client, c, u, server = pair
+    ticker = gevent.spawn(lambda: [(client.send(b"x"), gevent.sleep(0.1)) for _ in range(8)])
+    started = time.monotonic()
+    result = run_relay(UserspaceRelay(), c, u, idle=0.3)
+    ticker.get()
+    assert result == RelayResult(8, 0, "idle_timeout")
+    assert 0.7 + 0.3 <= time.monotonic() - started < 2.5   # 8 ticks, then a full idle limit
+    assert recv_exactly(server, 8) == b"x" * 8
+
+
+def test_half_closed_limit_replaces_idle_once_a_direction_ended(pair):
+    client, c, u, server = pair
+    client.sendall(b"request")
+    client.shutdown(socket.SHUT_WR)
+    started = time.monotonic()
+    assert run_relay(UserspaceRelay(), c, u, idle=10, half_closed=0.3) == RelayResult(7, 0, "idle_timeout")
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert recv_exactly(server, 8) == b"request"      # and then the FIN
+
+
+def test_half_closed_limit_does_not_apply_before_a_direction_ended(pair):
+    client, c, u, server = pair
+    started = time.monotonic()
+    assert run_relay(UserspaceRelay(), c, u, idle=0.6, half_closed=0.1) == RelayResult(0, 0, "idle_timeout")
+    assert 0.6 <= time.monotonic() - started < 2
+
+
+def test_reset_is_an_outcome(pair):
+    client, c, u, server = pair
+    client.sendall(b"abc")
+    # SO_LINGER 0: close() sends an RST instead of a FIN.
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gevent.spawn_later(0.1, server.close)
+    assert run_relay(UserspaceRelay(), c, u, idle=10) == RelayResult(3, 0, "reset")
+
+
+def run_with_handoff(c, u, handoff: Handoff) -> RelayResult:
+    done = []
+    UserspaceRelay(buffer_size=16 * 1024).start(c, u, Limits(10), done.append, handoff=handoff)
+    return hub_wait_until(lambda: done, what="the handoff")[0]
+
+
+def read_until_stopped(sock: socket.socket, stop: threading.Event) -> bytes:
+    """What arrives on sock, slowly, until stop is set and nothing more is queued."""
+    sock.settimeout(0.05)
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(64 * 1024)
+        except TimeoutError:
+            if stop.is_set():
+                return bytes(data)
+            continue
+        data += chunk
+        time.sleep(0.001)
+
+
+def test_handoff_by_bytes_holds_no_byte_back(pair):
+    """Stopped for the next relay while bytes flow toward a lagging reader: every byte
+    was either delivered or is still queued in c, none held by the stopped relay."""
+    client, c, u, server = pair
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # so the relay often holds bytes
+    payload = random.Random(5).randbytes(4 * MiB)
+    sender = Background(lambda: (client.sendall(payload), client.shutdown(socket.SHUT_WR)))
+    server.sendall(b"greeting")
+    stop = threading.Event()
+    reader = Background(read_until_stopped, server, stop)
+    result = run_with_handoff(c, u, Handoff(MiB, 60))
+    stop.set()
+    delivered = reader.join()
+    assert result.outcome == "handoff" and result.up + result.down >= MiB and result.down in (0, 8)
+    assert len(delivered) == result.up
+    rest = recv_exactly(c, len(payload))       # still queued for the next relay, up to the FIN
+    sender.join()
+    assert delivered + rest == payload
+    assert recv_exactly(client, result.down) == b"greeting"[:result.down]
+
+
+def test_handoff_by_age_of_a_quiet_pair(pair):
+    client, c, u, server = pair
+    client.sendall(b"early")
+    started = time.monotonic()
+    assert run_with_handoff(c, u, Handoff(1 << 40, 0.1)) == RelayResult(5, 0, "handoff")
+    assert 0.1 <= time.monotonic() - started < 1.5
+    assert recv_exactly(server, 5) == b"early"
+    client.sendall(b"later")
+    gevent.sleep(0.05)
+    assert recv_nowait(server) is None and recv_nowait(c) == b"later"   # the relay let go
+
+
+def test_cancel_stops_without_on_done(pair):
+    client, c, u, server = pair
+    done = []
+    handle = UserspaceRelay().start(c, u, Limits(0.2), done.append)
+    client.sendall(b"before")
+    assert hub_wait_until(lambda: recv_nowait(server), what="bytes through") == b"before"
+    handle.cancel()
+    client.sendall(b"after")
+    gevent.sleep(0.5)                      # past the idle limit too
+    assert done == []
+    assert recv_nowait(server) is None
+    assert recv_exactly(c, 5) == b"after"   # left where it arrived
+
+
+class Then:
+    """A stand-in for the kernel relay behind a Chain: a userspace relay that takes
+    `before=` and records what it was given and what it ended with. With decline_after,
+    it stops once that many bytes moved and declines the rest of the pair."""
+    kind = "then"
+
+    def __init__(self, decline_after: int | None = None):
+        self.relay, self.decline_after = UserspaceRelay(buffer_size=16 * 1024), decline_after
+        self.befores, self.results = [], []
+
+    def start(self, client, upstream, limits, on_done, before=None):
+        self.befores.append(before)
+
+        def ended(result: RelayResult) -> None:
+            if result.outcome == "handoff":
+                result = result._replace(outcome="declined")
+            self.results.append(result)
+            on_done(result)
+        handoff = Handoff(self.decline_after, 60) if self.decline_after is not None else None
+        return self.relay.start(client, upstream, limits, ended, handoff=handoff)
+
+    def close(self):
+        pass
+
+
+class Recording(UserspaceRelay):
+    """A UserspaceRelay that keeps each RelayResult it ends with."""
+
+    def __init__(self):
+        super().__init__(buffer_size=16 * 1024)
+        self.results = []
+
+    def start(self, client, upstream, limits, on_done, handoff=None):
+        return super().start(client, upstream, limits, lambda r: (self.results.append(r), on_done(r)), handoff)
+
+
+def test_chain_hands_off_and_the_counts_add_up(pair):
+    first, then = Recording(), Then()
+    result = bulk_both_ways(Chain(first, then, Handoff(256 * 1024, 60)), pair, 5 * MiB, 3 * MiB)
+    assert result == RelayResult(5 * MiB, 3 * MiB, "done")
+    [handed], [finished] = first.results, then.results
+    assert handed.outcome == "handoff" and handed.up + handed.down >= 256 * 1024
+    assert (handed.up + finished.up, handed.down + finished.down) == (5 * MiB, 3 * MiB)
+    assert then.befores == [None]          # handed off by bytes: no pace to pass on
+
+
+def test_chain_passes_progress_of_a_pair_handed_off_by_age(pair):
+    client, c, u, server = pair
+    client.sendall(b"hi")
+    then = Then()
+    started = time.monotonic()
+    result = run_relay(Chain(UserspaceRelay(), then, Handoff(1 << 30, 0.1)), c, u, idle=0.5)
+    assert result == RelayResult(2, 0, "idle_timeout")
+    [progress] = then.befores
+    assert isinstance(progress, Progress) and progress.moved == 2 and 0.1 <= progress.seconds < 1
+    assert 0.6 <= time.monotonic() - started < 2.5
+
+
+def test_chain_takes_a_declined_pair_back_to_first(pair):
+    first, then = Recording(), Then(decline_after=512 * 1024)
+    result = bulk_both_ways(Chain(first, then, Handoff(256 * 1024, 60)), pair, 4 * MiB, 2 * MiB)
+    assert result == RelayResult(4 * MiB, 2 * MiB, "done")
+    handed, back = first.results                 # first twice: before the handoff, after the decline
+    [declined] = then.results
+    assert (handed.outcome, declined.outcome, back.outcome) == ("handoff", "declined", "done")
+    assert declined.up + declined.down >= 512 * 1024
+    assert sum(r.up for r in (handed, declined, back)) == 4 * MiB
+    assert sum(r.down for r in (handed, declined, back)) == 2 * MiB
+    assert then.befores == [None]
