@@ -260,9 +260,14 @@ def check(cfg: Config):
             except ValueError as e:
                 yield bad(f"{key}.fallback", lst.fallback, f"expected host:port ({e})")
 
+    for i, lst in enumerate(cfg.listener):
+        if lst.fallback and _is_own_listener(lst.fallback, seen):
+            yield bad(f"listener[{i}].fallback", lst.fallback, "is one of this proxy's own listeners (a loop)")
     for name, routes in cfg.table.items():
         for i, route in enumerate(routes):
             key = f"table.{name}[{i}]"
+            if _is_own_listener(route.backend, seen):
+                yield bad(f"{key}.backend", route.backend, "is one of this proxy's own listeners (a loop)")
             problem = match_problem(route.match)
             if problem:
                 yield bad(f"{key}.match", route.match, problem)
@@ -272,6 +277,19 @@ def check(cfg: Config):
                     raise ValueError("bad host name")
             except ValueError as e:
                 yield bad(f"{key}.backend", route.backend, f'expected host:port or "*:PORT" ({e})')
+
+
+def _is_own_listener(backend: str, listening: set[tuple[str, int]]) -> bool:
+    """An IP backend on a listener's address, or on its port where it listens on every address."""
+    try:
+        hp = parse_hostport(backend)
+        ip = ipaddress.ip_address(hp.host)
+    except ValueError:
+        return False       # a name (or "*"): checked where it resolves (routing.Router.loops_back)
+    listening = {(ipaddress.ip_address(host), port) for host, port in listening}
+    any_address = ipaddress.ip_address("::" if ip.version == 6 else "0.0.0.0")
+    return (ip, hp.port) in listening or \
+        ((any_address, hp.port) in listening and (ip.is_loopback or ip.is_unspecified))
 
 
 def match_problem(pattern: str) -> str:

@@ -53,7 +53,7 @@ ANSWERS = {
     ("tls", "no_route"): TLS_ALERT_UNRECOGNIZED_NAME, ("tls", "no_name"): TLS_ALERT_UNRECOGNIZED_NAME,
     ("http", "no_route"): HTTP_MISDIRECTED, ("http", "no_name"): HTTP_MISDIRECTED,
     ("http", "malformed"): HTTP_BAD_REQUEST,
-    **{("http", reason): HTTP_UNAVAILABLE for reason in ("resolve_failed", "private_address", "connect_failed")},
+    **{("http", reason): HTTP_UNAVAILABLE for reason in ("resolve_failed", "private_address", "loop", "connect_failed")},
 }
 
 
@@ -206,7 +206,15 @@ class Connection:
         self._connect(self._permitted(addresses))
 
     def _permitted(self, addresses: list[str]) -> list[str]:
-        if self.choice.public_only and not self.ctx.allow_private:
+        """Where a "*" backend may lead: public addresses only (unless allow_private),
+        and never back into one of this proxy's own listeners."""
+        if not self.choice.public_only:
+            return addresses
+        port = self.choice.backend.port
+        addresses = [a for a in addresses if not self.ctx.router.loops_back(a, port)]
+        if not addresses:
+            raise Refused("loop", self.choice.host)
+        if not self.ctx.allow_private:
             addresses = [a for a in addresses if is_public(a)]
             if not addresses:
                 raise Refused("private_address", self.choice.host)

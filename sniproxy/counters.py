@@ -18,6 +18,7 @@ REFUSAL_REASONS = (
     "no_route",            # name matched no route and no fallback
     "resolve_failed",
     "private_address",     # "*" backend resolved to a private address
+    "loop",                # "*" backend resolved to one of the proxy's own listeners
     "connect_failed",
 )
 NAMES = (

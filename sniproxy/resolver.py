@@ -33,11 +33,24 @@ class ResolveError(Exception):
     pass
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")          # RFC 6052: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: local-use translators
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")       # deprecated ::a.b.c.d
+
+
 def is_public(address: str) -> bool:
-    """False for loopback, private, link-local, unspecified and other special ranges."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    """False for loopback, private, link-local, unspecified, multicast, broadcast, shared
+    (100.64.0.0/10), reserved and documentation ranges, and for an IPv6 address that
+    carries such an IPv4 address (mapped, compatible or NAT64): a "*" backend must
+    never lead into the network behind the proxy."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6:
+        if ip in _NAT64_LOCAL:
+            return False
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 

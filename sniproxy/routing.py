@@ -6,7 +6,9 @@ fallback when it has one.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -59,6 +61,7 @@ class Router:
         self.tables = {name: tuple(map(compile_route, routes)) for name, routes in cfg.table.items()}
         self.fallbacks = {lc.address: Route("(fallback)", parse_hostport(lc.fallback), bool)
                           for lc in cfg.listener if lc.fallback}
+        self.listening = {_endpoint(hp.host, hp.port) for hp in (parse_hostport(lc.address) for lc in cfg.listener)}
 
     def lookup(self, table: str, name: str) -> Route | None:
         for route in self.tables[table]:
@@ -81,3 +84,27 @@ class Router:
         if route.resolves_requested_name:
             return Choice(route.backend, flight.name, True, fallback)
         return Choice(route.backend, route.backend.host, False, fallback)
+
+    def loops_back(self, address: str, port: int) -> bool:
+        """Is address:port one of this proxy's own listeners? (A "*" name that resolves
+        there would make the proxy connect to itself, over and over.)"""
+        endpoint = _endpoint(address, port)
+        if endpoint in self.listening:
+            return True
+        unspecified = ipaddress.ip_address("::" if endpoint[0].version == 6 else "0.0.0.0")
+        return (unspecified, port) in self.listening and _is_local(str(endpoint[0]))
+
+
+def _endpoint(host: str, port: int) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    ip = ipaddress.ip_address(host)
+    return (ip.ipv4_mapped or ip if ip.version == 6 else ip), port
+
+
+def _is_local(address: str) -> bool:
+    """An address of this host: one a socket can bind."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
