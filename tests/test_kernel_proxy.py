@@ -384,3 +384,31 @@ def _owner(client: socket.socket, worker_pids: list[int]) -> int:
     pids = {pid for pid in worker_pids if f"pid={pid}," in out}
     assert len(pids) == 1, out
     return pids.pop()
+
+
+def test_workers_outlive_no_master_and_a_new_one_starts_over_the_pins(proxy, backends, pin_path):
+    """The master killed with SIGKILL: its workers notice within 2 s and exit, the pins
+    stay, and a new master starts cleanly over them and serves."""
+    a = backends("a")
+    port = free_port()
+    config = make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path)
+    p = proxy(config, wait_ports=(port,))
+    workers = p.worker_pids()
+    assert len(workers) == 2 and https_get(port, "example.com") == "backend=a\n"
+    p.proc.kill()
+    started = time.monotonic()
+    wait_until(lambda: not any(_running(pid) for pid in workers), timeout=5, what="the workers to exit")
+    assert time.monotonic() - started < 2.5
+    assert os.path.exists(f"{pin_path}/LAYOUT") and os.path.exists(f"{pin_path}/SOCK_MAP")
+    q = proxy(config, wait_ports=(port,))
+    assert https_get(port, "example.com") == "backend=a\n"
+    assert "replacing BPF pins left at" in q.output()
+    assert q.stop() == 0 and not os.path.exists(pin_path)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
