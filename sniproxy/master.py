@@ -102,7 +102,6 @@ class Master:
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()
-        self.write_state()
 
     def cleanup(self) -> None:
         self.signal_workers(signal.SIGKILL)   # only those left after a stop or a failed start
@@ -182,7 +181,6 @@ class Master:
         self.manage_workers()
         for w in old:
             _kill(w.pid, signal.SIGTERM)
-        self.write_state()
         log.info("reloaded %s: %d workers", self.config_path or "(built-in config)", worker_count(cfg))
 
     # --- listening sockets ------------------------------------------------------
@@ -208,9 +206,11 @@ class Master:
 
     def manage_workers(self) -> None:
         current = {w.index for w in self.workers.values() if w.generation == self.generation}
-        for index in range(worker_count(self.cfg)):
-            if index not in current:
-                self.spawn_worker(index)
+        missing = [index for index in range(worker_count(self.cfg)) if index not in current]
+        for index in missing:
+            self.spawn_worker(index)
+        if missing:   # `status` lists the new pids
+            self.write_state()
 
     def spawn_worker(self, index: int) -> None:
         self.spawned += 1
@@ -247,24 +247,26 @@ class Master:
             _kill(w.pid, sig)
 
     def reap_workers(self) -> None:
+        reaped = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
             w.heartbeat.close()
+            reaped = True
             code = os.waitstatus_to_exitcode(status)
             if code == BOOT_ERROR:
                 raise StartError(f"worker {w.index} failed to boot; see the log above")
             if not self.stopping and w.generation == self.generation:
                 log.warning("worker %d (pid %d) exited with %s; replacing it", w.index, pid, _describe_exit(code))
-        # After a death, write the new pids for `status`.
-        self.write_state()
+        if reaped:   # `status` must not list the dead
+            self.write_state()
 
     def murder_late_workers(self) -> None:
         now = time.monotonic()

@@ -19,8 +19,8 @@ import time
 import types
 
 import pytest
-
 from harness import free_port
+
 from sniproxy import config as config_mod
 from sniproxy import master as master_mod
 from sniproxy.bpfsetup import BpfSetup
@@ -29,7 +29,7 @@ from sniproxy.master import Master, StartError, WorkerProcess
 from sniproxy.runtime import RuntimePaths
 from sniproxy.worker import BOOT_ERROR, SIGNALS, Heartbeat, Worker
 
-WORKER_TIMEOUT = 5.0
+WORKER_TIMEOUT = 10.0
 STAMP = struct.Struct("d")     # what Heartbeat.beat writes at offset 0
 
 
@@ -51,7 +51,7 @@ class Children:
                 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
                 code = body()
             finally:
-                os._exit(code)
+                os._exit(code if isinstance(code, int) else 71)
         self.pids.append(pid)
         return pid
 
@@ -200,20 +200,22 @@ def state_workers(master: Master) -> list[dict]:
 # --- Heartbeat ----------------------------------------------------------------------
 
 def test_heartbeat_ages_and_a_beat_resets_it():
+    before = time.monotonic()
     hb = Heartbeat()
     try:
         assert os.fstat(hb.fd).st_nlink == 0          # unlinked: nothing left behind in /tmp
-        first = hb.age()
-        assert 0 <= first < 0.5                        # stamped when made
-        time.sleep(0.2)
-        later = hb.age()
-        assert later >= first + 0.2
         (stamped,) = STAMP.unpack(os.pread(hb.fd, STAMP.size, 0))
-        assert abs(time.monotonic() - later - stamped) < 0.05   # age is read from the file
+        assert before <= stamped <= time.monotonic()   # stamped when made, in the file
+        time.sleep(0.2)
+        start = time.monotonic()
+        later = hb.age()
+        assert start - stamped <= later <= time.monotonic() - stamped   # age is read from the file
+        assert later >= 0.2
+        start = time.monotonic()
         hb.beat()
-        assert hb.age() < 0.1 < later
+        assert 0 <= hb.age() <= time.monotonic() - start
         stamp(hb, 100)
-        assert 100 <= hb.age() < 100.5
+        assert 100 <= hb.age() < later + 100
     finally:
         hb.close()
 
@@ -223,9 +225,10 @@ def test_heartbeat_beat_in_a_forked_child_is_seen_by_the_parent(children):
     try:
         stamp(hb, 100)
         assert hb.age() >= 100
+        start = time.monotonic()
         pid = children.fork(lambda: hb.beat() or 0)     # the worker beats its inherited copy
         assert exit_code(pid) == 0
-        assert hb.age() < 1
+        assert 0 <= hb.age() <= time.monotonic() - start
     finally:
         hb.close()
 
@@ -254,9 +257,6 @@ def test_reap_removes_an_exited_worker_and_closes_its_heartbeat(make_master, chi
     assert list(master.workers) == [running.pid]
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError, reason=(
-    "master.py bug: reap_workers' loop only ever leaves by `return`, so the write_state() "
-    "after it never runs and `status` lists dead workers; remove this mark with the fix"))
 def test_reap_writes_state_after_a_death(make_master, children):
     master = make_master()
     exited = register(master, children.fork(exiting(0)), index=0)
@@ -299,8 +299,8 @@ def test_late_worker_gets_sigabrt_and_a_fresh_one_is_left_alone(make_master, chi
     master = make_master()
     late = register(master, children.fork(sleeper), index=0)
     fresh = register(master, children.fork(sleeper), index=1)
-    stamp(late.heartbeat, WORKER_TIMEOUT + 1)
-    stamp(fresh.heartbeat, WORKER_TIMEOUT - 1)      # late, but not past the timeout
+    stamp(late.heartbeat, WORKER_TIMEOUT + 0.5)
+    stamp(fresh.heartbeat, WORKER_TIMEOUT - 2)      # late, but not past the timeout
 
     master.murder_late_workers()
 
@@ -311,7 +311,7 @@ def test_late_worker_gets_sigabrt_and_a_fresh_one_is_left_alone(make_master, chi
 
 
 def test_stuck_worker_gets_sigkill_after_the_grace(make_master, children, monkeypatch):
-    monkeypatch.setattr(master_mod, "KILL_GRACE", 0.3)
+    monkeypatch.setattr(master_mod, "KILL_GRACE", 1.0)
     master = make_master()
     report_r, report_w = os.pipe()
     try:

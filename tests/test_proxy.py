@@ -467,7 +467,7 @@ def test_workers_take_their_signals_once_booted(proxy, backends):
     assert len(pids) == 2
     for pid in pids:   # a worker still booting has them blocked, with the master's handlers
         try:
-            wait_until(lambda: dispositions(pid) == worker, what=f"worker {pid} to take its signals")
+            wait_until(lambda pid=pid: dispositions(pid) == worker, what=f"worker {pid} to take its signals")
         except TimeoutError:
             assert dispositions(pid) == worker
     assert p.stop() == 0
