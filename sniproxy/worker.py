@@ -218,7 +218,13 @@ class Worker:
         """Serve what is in flight until graceful_timeout, then leave."""
         self.alive = False
         timeout = self.cfg.master.graceful_timeout
-        if self.connections and not self.all_ended.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            # Not a latch: the last connection may have left before the ones accepted at
+            # TERM arrived (a probe that closed at once), and those must be served too.
+            self.all_ended.clear()
+            self.all_ended.wait(deadline - time.monotonic())
+        if self.connections:
             log.warning("worker %d: %d connections still open after %.0fs, closing them",
                         self.index, len(self.connections), timeout)
         self.relay.close()

@@ -2,6 +2,7 @@
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -412,3 +413,50 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("mode", ["off", "require"])
+def test_reloads_under_load_lose_no_byte(proxy, backends, plain, pin_path, mode):
+    """25 reloads (every fifth with an invalid config) while 50 transfers run: each
+    transfer arrives intact (sha256 both ways), the last good routes apply, and an
+    invalid config keeps the routes before it."""
+    a, b = backends("a", "b")
+    echo = plain("echo")
+    port = free_port()
+
+    def config(backend):
+        return make_config(port, [("example.com", backend.address)], fallback=echo.address, mode=mode,
+                           pin_path=pin_path, bpf="handoff_bytes = 65536\nhandoff_after = 0.05\n")
+    p = proxy(config(a), wait_ports=(port,))
+    results = [None] * 50
+
+    def transfer(i):
+        payload = b"\x00" + os.urandom(2 << 20)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+            sender.start()
+            got = bytearray()
+            while chunk := s.recv(1 << 18):
+                got += chunk
+            sender.join()
+        results[i] = sha(got) == sha(payload)
+    threads = [threading.Thread(target=transfer, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for n in range(25):
+        if n % 5 == 4:
+            p.write("[master]\nworkers = -1\n")           # rejected: the running config stays
+            p.signal(signal.SIGHUP)
+            time.sleep(0.2)
+            # The last good routes (n - 1 is odd): once the old workers, which may still
+            # take a connection from the slot's shared queue, have stopped accepting.
+            wait_until(lambda: https_get(port, "example.com") == "backend=a\n", timeout=5, what="routes of a")
+        else:
+            p.write(config(b if n % 2 == 0 else a))
+            p.signal(signal.SIGHUP)
+            time.sleep(0.2)
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 50
+    wait_until(lambda: https_get(port, "example.com") == "backend=a\n", timeout=10, what="the last routes")
+    assert p.output().count("reload rejected") == 5
