@@ -72,6 +72,7 @@ def cmd_check(cfg: Config, args) -> int:
 
 def cmd_start(cfg: Config, args) -> int:
     from .master import Master, StartError
+    os.umask(0o077)   # pins, state, counters and logs are the proxy's own: no other user reads them
     if args.foreground:
         try:
             return Master(cfg, args.config).run()

@@ -460,3 +460,19 @@ def test_reloads_under_load_lose_no_byte(proxy, backends, plain, pin_path, mode)
     assert results == [True] * 50
     wait_until(lambda: https_get(port, "example.com") == "backend=a\n", timeout=10, what="the last routes")
     assert p.output().count("reload rejected") == 5
+
+
+def test_the_proxy_files_are_its_own(proxy, backends, pin_path, tmp_path):
+    """Pins, their directory, the state and counter files and the logs: no access for
+    other users."""
+    a = backends("a")
+    port = free_port()
+    access_log = tmp_path / "access.log"
+    p = proxy(make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path,
+                          extra=f'[log]\naccess = "{access_log}"\n'), wait_ports=(port,))
+    assert https_get(port, "example.com") == "backend=a\n"
+    wait_until(access_log.exists, what="the access log")
+    paths = [Path(pin_path), *Path(pin_path).iterdir(), p.pidfile, p.pidfile.with_suffix(".state"),
+             p.pidfile.with_suffix(".counters"), access_log]
+    assert len(paths) > 8
+    assert {str(path): oct(path.stat().st_mode & 0o077) for path in paths} == {str(path): "0o0" for path in paths}
