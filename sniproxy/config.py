@@ -7,7 +7,9 @@ line that names the key path and the bad value.
 from __future__ import annotations
 
 import functools
+import grp
 import ipaddress
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ class MasterConfig(_Section):
     graceful_timeout: float = 30.0
     worker_timeout: float = 30.0     # a worker whose heartbeat is older is aborted
     max_connections: int = 0         # per worker; 0 = no limit but the fd limit
+    user: str = ""                   # workers run as this user after setup; "" = stay
+    group: str = ""                  # ... and group; "" = the user's own
 
 
 class BpfConfig(_Section):
@@ -214,6 +218,12 @@ def check(cfg: Config):
     for key in ("workers", "max_connections"):
         if getattr(m, key) < 0:
             yield bad(f"master.{key}", getattr(m, key), "must be 0 (see etc/sniproxy.toml) or more")
+    for key in ("user", "group"):
+        try:
+            if getattr(m, key):
+                (pwd.getpwnam if key == "user" else grp.getgrnam)(getattr(m, key))
+        except KeyError:
+            yield bad(f"master.{key}", getattr(m, key), f"no such {key}")
     for key in ("graceful_timeout", "worker_timeout"):
         if getattr(m, key) <= 0:
             yield bad(f"master.{key}", getattr(m, key), "must be positive")

@@ -16,8 +16,10 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import config as config_mod
+from . import privileges
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
@@ -60,6 +62,8 @@ class Master:
     signals: list[int] = field(default_factory=list)
     stopping: bool = False
     next_sweep: float = 0.0
+    owner: tuple[int, int] | None = None   # (uid, gid) workers drop to: master.user, master.group
+    worker_caps: set[int] = field(default_factory=set)   # the capabilities they keep
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -99,6 +103,7 @@ class Master:
             self.bpf.start()
         except BpfSetupError as e:
             raise StartError(str(e)) from None
+        self._set_owner()
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()
@@ -176,6 +181,7 @@ class Master:
             return
         self.cfg = cfg
         self.bpf.reload(cfg)
+        self._set_owner()
         self.generation += 1
         old = [w for w in self.workers.values() if w.generation < self.generation]
         self.manage_workers()
@@ -218,7 +224,8 @@ class Master:
         listeners = [(lc, self.sockets[(index, lc.address)]) for lc in self.cfg.listener]
         worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.bpf.relay_kind,
                         bpf_pins=self.bpf.pins_for_workers, heartbeat=heartbeat,
-                        counters_path=self.counters_path, inherited=self._fds_not_for(index))
+                        counters_path=self.counters_path, inherited=self._fds_not_for(index),
+                        owner=self.owner, caps=self.worker_caps)
         # Until the child has its own handlers, a signal would run the master's, which
         # only queue it in the child's copy of the master: a worker stopped while
         # booting would never stop. Blocked, it waits for the worker's handlers.
@@ -234,6 +241,25 @@ class Master:
                 os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, heartbeat)
+
+    def _set_owner(self) -> None:
+        self.owner = privileges.ids(self.cfg.master.user, self.cfg.master.group)
+        self.worker_caps = set()
+        if self.owner is not None:
+            self._give_files_to_workers()
+            if self.bpf.pins_for_workers:
+                self.worker_caps = privileges.kernel_relay_needs(self.bpf.pins_for_workers, self.owner)
+
+    def _give_files_to_workers(self) -> None:
+        """What workers open by path, given to master.user: the pins, the counters, the access log."""
+        paths = [self.paths.counters]
+        if self.cfg.log.access not in ("", "-"):
+            Path(self.cfg.log.access).touch()
+            paths.append(self.cfg.log.access)
+        pins = self.bpf.pins_for_workers
+        if pins:
+            paths += [pins] + [os.path.join(pins, name) for name in os.listdir(pins)]
+        privileges.give(paths, self.owner)
 
     def _fds_not_for(self, index: int) -> list[int]:
         """What a worker of slot index inherits and must close: the master's pipes,

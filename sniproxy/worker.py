@@ -63,7 +63,8 @@ class Heartbeat:
 
 class Worker:
     def __init__(self, cfg: Config, index: int, number: int, slot: Slot, *, relay_kind: str,
-                 bpf_pins: str | None, heartbeat: Heartbeat, counters_path: str, inherited: list[int]):
+                 bpf_pins: str | None, heartbeat: Heartbeat, counters_path: str, inherited: list[int],
+                 owner: tuple[int, int] | None = None, caps: set[int] = frozenset()):
         self.cfg = cfg
         self.index = index           # slot, stable across respawns and reloads
         self.number = number         # spawn number, unique for the master's life
@@ -73,6 +74,8 @@ class Worker:
         self.heartbeat = heartbeat
         self.counters_path = counters_path
         self.inherited = inherited   # the master's fds this child must not keep
+        self.owner = owner           # (uid, gid) to drop to, or None (master.user, master.group)
+        self.caps = caps             # the capabilities it keeps then
         self.master_pid = os.getpid()   # __init__ runs in the master
         self.alive = True
         self.held = False            # full (master.max_connections): not accepting for now
@@ -125,6 +128,9 @@ class Worker:
             source_filter=self._source_filter(), router=self._router(), resolver=self._resolver(),
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
+        if self.owner is not None:   # before the first client byte is read
+            from .privileges import drop
+            drop(self.owner, set(self.caps))
 
     def _close_inherited(self) -> None:
         """The master's wakeup pipe and ready pipe, the siblings' heartbeats, and the

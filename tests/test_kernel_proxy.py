@@ -560,3 +560,38 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
 def _rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0])
+
+
+@pytest.mark.parametrize("mode", ["off", "require"])
+def test_workers_run_as_the_configured_user(proxy, backends, plain, pin_path, tmp_path, mode):
+    """master.user/group: workers run as nobody:nogroup with no capability but
+    CAP_NET_ADMIN (kernel mode: forced send buffers; this kernel lets the pins' owner
+    use them without CAP_BPF) or none (userspace), and both relays keep working; the
+    master stays root. An unknown user is a config error that names it."""
+    a = backends("a")
+    echo = plain("echo")
+    port = free_port()
+    access_log = tmp_path / "access.log"
+    config = make_config(port, [("example.com", a.address)], fallback=echo.address, mode=mode, pin_path=pin_path,
+                         bpf=AT_ONCE, extra=f'[log]\naccess = "{access_log}"\n')
+    config = config.replace("[master]\n", '[master]\nuser = "nobody"\ngroup = "nogroup"\n', 1)
+    p = proxy(config, wait_ports=(port,))
+    assert https_get(port, "example.com") == "backend=a\n"
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        payload = b"\x00" + os.urandom(4 << 20)
+        assert sha(_echo(c, payload)) == sha(payload)
+        if mode == "require":
+            assert entries(pin_path, "SOCK_MAP") == 2
+    kept = 1 << 12 if mode == "require" else 0
+    for pid in p.worker_pids():
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+        assert status["Uid"].split()[:2] == ["65534", "65534"] and status["Gid"].split()[:2] == ["65534", "65534"]
+        assert (int(status["CapEff"], 16), int(status["CapPrm"], 16), int(status["CapBnd"], 16)) == (kept,) * 3
+        assert status["NoNewPrivs"].strip() == "1"
+    assert Path(f"/proc/{p.proc.pid}/status").read_text().split("Uid:\t")[1].split()[0] == "0"
+    wait_until(lambda: "outcome=done" in access_log.read_text(), what="the access log, written by nobody")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[master]\nuser = "no-such-user-here"\n')
+    out = subprocess.run([*MASTER, "check", "-c", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "master.user = 'no-such-user-here': no such user" in out.stderr
