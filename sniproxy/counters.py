@@ -27,17 +27,23 @@ NAMES = (
 ) + tuple(f"refused_{r}" for r in REFUSAL_REASONS) + (
     "kernel_maps_full",    # pairs the kernel relay could not take (bpf.max_pairs): relayed in userspace
 )
+# Gauges: what a worker holds now, set (not added) once a second; read per live worker.
+GAUGES = (
+    "live_connections",
+    "live_kernel_pairs",   # pairs the kernel relay watches, each with a greenlet
+    "loop_watchers",       # active event-loop watchers: io and timers
+)
 ROWS = 256
 _WIDTH = 64                       # counters per row, room to grow without a new layout
-_INDEX = {name: i for i, name in enumerate(NAMES)}
-assert len(NAMES) <= _WIDTH
+_INDEX = {name: i for i, name in enumerate(NAMES + GAUGES)}
+assert len(_INDEX) <= _WIDTH
 
 
 class CounterTable:
     def __init__(self, path: str | Path, create: bool = False):
         size = ROWS * _WIDTH * 8
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o600)
         try:
             if create:                    # a new master counts from zero
                 os.ftruncate(fd, 0)
@@ -51,7 +57,11 @@ class CounterTable:
         return CounterRow(self._cells, (number % ROWS) * _WIDTH)
 
     def totals(self) -> dict[str, int]:
-        return {name: sum(self._cells[r * _WIDTH + i] for r in range(ROWS)) for name, i in _INDEX.items()}
+        return {name: sum(self._cells[r * _WIDTH + _INDEX[name]] for r in range(ROWS)) for name in NAMES}
+
+    def gauges(self, number: int) -> dict[str, int]:
+        base = (number % ROWS) * _WIDTH
+        return {name: self._cells[base + _INDEX[name]] for name in GAUGES}
 
 
 class CounterRow:
@@ -62,3 +72,6 @@ class CounterRow:
 
     def add(self, name: str, n: int = 1) -> None:
         self._cells[self._base + _INDEX[name]] += n
+
+    def set(self, name: str, value: int) -> None:
+        self._cells[self._base + _INDEX[name]] = value

@@ -147,6 +147,10 @@ class KernelRelay:
         self._watcher.start(self._on_epoll)
         self._sweeper = self._loop.timer(MAX_CHECK_INTERVAL, MAX_CHECK_INTERVAL)
 
+    @property
+    def live_pairs(self) -> int:
+        return len(self._pairs_by_fd) // 2
+
     def _open(self, path: str) -> PinnedMap:
         m = PinnedMap.open(path)
         self._maps.append(m)

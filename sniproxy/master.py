@@ -335,7 +335,7 @@ class Master:
             "pid": os.getpid(), "config": self.config_path, "relay": self.bpf.relay_kind,
             "pin_path": self.cfg.bpf.pin_path, "counters": self.counters_path,
             "bpf": self.bpf.describe(),
-            "workers": sorted(({"pid": w.pid, "index": w.index, "generation": w.generation}
+            "workers": sorted(({"pid": w.pid, "index": w.index, "number": w.number, "generation": w.generation}
                                for w in self.workers.values()), key=lambda w: (w["index"], w["generation"])),
         }
         tmp = self.paths.state.with_suffix(".tmp")

@@ -96,6 +96,10 @@ class Chain:
             chained.handle = self.first.start(client, upstream, limits, chained.handed_off, handoff=self.handoff)
         return chained
 
+    @property
+    def live_pairs(self) -> int:
+        return getattr(self.then, "live_pairs", 0)
+
     def close(self) -> None:
         self.then.close()
         self.first.close()

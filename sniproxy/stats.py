@@ -13,7 +13,9 @@ def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
     out: dict[str, dict] = {"master": {"running": state is not None,
                                        "relay": state["relay"] if state else "-"}}
     if state is not None:
-        out["workers"] = CounterTable(state["counters"]).totals()
+        table = CounterTable(state["counters"])
+        out["workers"] = table.totals()
+        out["live"] = {str(w["pid"]): table.gauges(w["number"]) for w in state["workers"] if "number" in w}
     for name, fields in PERCPU_COUNTERS.items():
         values = percpu_totals(os.path.join(cfg.bpf.pin_path, name), fields)
         if values is not None:

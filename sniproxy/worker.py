@@ -61,6 +61,19 @@ class Heartbeat:
         os.close(self.fd)
 
 
+def _bpf_fds() -> list[int]:
+    """The master's BPF maps, programs and BTF, open in this child since fork: a worker
+    opens the pins it uses by path, and copies here would keep old maps alive."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith(("anon_inode:bpf", "anon_inode:btf")):
+                fds.append(int(name))
+        except OSError:
+            pass   # the directory's own fd, closed by now
+    return fds
+
+
 class Worker:
     def __init__(self, cfg: Config, index: int, number: int, slot: Slot, *, relay_kind: str,
                  bpf_pins: str | None, heartbeat: Heartbeat, counters_path: str, inherited: list[int],
@@ -116,7 +129,7 @@ class Worker:
 
         self.Connection = Connection     # imported here, not on the first connection
         self.loop = gevent.get_hub().loop
-        counters = CounterTable(self.counters_path).row(self.number)
+        self.counters = counters = CounterTable(self.counters_path).row(self.number)
         self.relay = self._open_relay(counters)
         self.connections: set = set()   # live Connections
         self.acceptors: list = []
@@ -138,7 +151,7 @@ class Worker:
         a slot that a reload removes in SO_REUSEPORT's group, taking new connections
         that no one accepts, for as long as this worker drains."""
         signal.set_wakeup_fd(-1)
-        for fd in self.inherited:
+        for fd in self.inherited + _bpf_fds():
             try:
                 os.close(fd)
             except OSError:
@@ -194,11 +207,17 @@ class Worker:
             if now >= due:
                 self.heartbeat.beat()
                 due = now + interval
+            self._set_gauges()
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master %d is gone, stopping", self.index, self.master_pid)
                 self._on_term()
                 return
             gevent.sleep(min(interval, PARENT_CHECK_INTERVAL))
+
+    def _set_gauges(self) -> None:
+        self.counters.set("live_connections", len(self.connections))
+        self.counters.set("live_kernel_pairs", getattr(self.relay, "live_pairs", 0))
+        self.counters.set("loop_watchers", self.loop.activecnt)
 
     def _on_term(self) -> None:
         # Stop accepting, but never shutdown() the listening socket: that would
