@@ -85,6 +85,9 @@ class ListenerConfig(_Section):
 class RouteConfig(_Section):
     match: str
     backend: str
+    # Only for a ClientHello that offers one of these ALPN protocols; () = any first flight.
+    alpn: tuple[str, ...] = ()
+    proxy_protocol: Literal["", "v1", "v2"] = ""   # a PROXY header to the backend before the first flight
 
 
 DEFAULT_ROUTES = {"default": (RouteConfig(match="example.com", backend="127.0.0.1:9443"),)}
@@ -281,6 +284,9 @@ def check(cfg: Config):
             problem = match_problem(route.match)
             if problem:
                 yield bad(f"{key}.match", route.match, problem)
+            for j, protocol in enumerate(route.alpn):
+                if not 0 < len(protocol.encode()) < 256:
+                    yield bad(f"{key}.alpn[{j}]", protocol, "an ALPN protocol name is 1 to 255 bytes")
             try:
                 hp = parse_hostport(route.backend)
                 if hp.host != "*" and not hp.is_ip and normalize_name(hp.host)[0] is None:

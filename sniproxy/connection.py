@@ -26,6 +26,7 @@ from typing import Callable
 
 import gevent
 
+from . import proxy_protocol
 from .accesslog import AccessLog
 from .config import HostPort, ListenerConfig, TimeoutsConfig
 from .counters import CounterRow
@@ -86,11 +87,11 @@ class ClosedEarly(Exception):
 
 
 class Connection:
-    __slots__ = ("ctx", "lc", "client", "peer_host", "upstream", "record", "started", "data", "choice",
+    __slots__ = ("ctx", "lc", "client", "peer", "upstream", "record", "started", "data", "name", "choice",
                  "addresses", "unsent", "watcher", "timer", "ended")
 
     def __init__(self, ctx: Context, lc: ListenerConfig, client: _socket.socket, peer):
-        self.ctx, self.lc, self.client, self.peer_host = ctx, lc, client, peer[0]
+        self.ctx, self.lc, self.client, self.peer = ctx, lc, client, peer
         self.upstream: _socket.socket | None = None
         self.record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
                        "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
@@ -144,7 +145,7 @@ class Connection:
             self.watcher = self.timer = None
 
     def _begin(self) -> None:
-        if not self.ctx.source_filter.allows(self.peer_host):
+        if not self.ctx.source_filter.allows(self.peer[0]):
             raise Refused("access_denied")
         self._read_first_flight()
 
@@ -184,6 +185,7 @@ class Connection:
         ctx, record = self.ctx, self.record
         record["name"] = flight.name or f"({flight.name_problem})"
         record["alpn"] = ",".join(flight.alpn) or "-"
+        self.name = flight.name
         choice = ctx.router.choose(self.lc, flight)
         if isinstance(choice, Refusal):
             raise Refused(choice.reason, choice.detail)
@@ -245,9 +247,15 @@ class Connection:
                 continue
             self.upstream = sock
             self.record["backend"] = str(HostPort(address, port))
-            self.unsent = memoryview(self.data)
+            self.unsent = memoryview(self._proxy_header() + self.data)
             return self._send_first_flight()
         raise Refused("connect_failed", f"{self.choice.host}:{port}: {error}")
+
+    def _proxy_header(self) -> bytes:
+        """The route's PROXY protocol header, ahead of the first flight: the client's
+        address, and the address it connected to."""
+        version = self.choice.proxy_protocol
+        return proxy_protocol.header(version, self.peer, self.client.getsockname(), self.name) if version else b""
 
     def _send_first_flight(self) -> None:
         try:

@@ -21,6 +21,11 @@ class Route:
     pattern: str
     backend: HostPort      # host "*" means: resolve the requested name itself
     matches: Callable[[str], bool]
+    alpn: frozenset[str] = frozenset()   # the hello must offer one of these; empty: any
+    proxy_protocol: str = ""             # "", "v1" or "v2"
+
+    def takes(self, flight: FirstFlight) -> bool:
+        return self.matches(flight.name) and (not self.alpn or not self.alpn.isdisjoint(flight.alpn))
 
     @property
     def resolves_requested_name(self) -> bool:
@@ -32,6 +37,7 @@ class Choice(NamedTuple):
     host: str                # what to connect to: an IP literal, or a name to resolve
     public_only: bool        # the requested name itself is resolved: only public addresses may do
     fallback: bool           # the listener's fallback, not a route
+    proxy_protocol: str = "" # "", "v1" or "v2": a PROXY header goes first
 
 
 class Refusal(NamedTuple):
@@ -51,7 +57,8 @@ def compile_matcher(pattern: str) -> Callable[[str], bool]:
 
 
 def compile_route(route: RouteConfig) -> Route:
-    return Route(route.match, parse_hostport(route.backend), compile_matcher(route.match))
+    return Route(route.match, parse_hostport(route.backend), compile_matcher(route.match), frozenset(route.alpn),
+                 route.proxy_protocol)
 
 
 class Router:
@@ -63,14 +70,14 @@ class Router:
                           for lc in cfg.listener if lc.fallback}
         self.listening = {_endpoint(hp.host, hp.port) for hp in (parse_hostport(lc.address) for lc in cfg.listener)}
 
-    def lookup(self, table: str, name: str) -> Route | None:
+    def lookup(self, table: str, flight: FirstFlight) -> Route | None:
         for route in self.tables[table]:
-            if route.matches(name):
+            if route.takes(flight):
                 return route
         return None
 
     def choose(self, listener: ListenerConfig, flight: FirstFlight) -> Choice | Refusal:
-        route = self.lookup(listener.table, flight.name) if flight.name else None
+        route = self.lookup(listener.table, flight) if flight.name else None
         fallback = route is None
         if fallback:
             route = self.fallbacks.get(listener.address)
@@ -82,8 +89,8 @@ class Router:
             return Refusal("not_protocol" if flight.name_problem.startswith("not_") else "no_name",
                            flight.name_problem)
         if route.resolves_requested_name:
-            return Choice(route.backend, flight.name, True, fallback)
-        return Choice(route.backend, route.backend.host, False, fallback)
+            return Choice(route.backend, flight.name, True, fallback, route.proxy_protocol)
+        return Choice(route.backend, route.backend.host, False, fallback, route.proxy_protocol)
 
     def loops_back(self, address: str, port: int) -> bool:
         """Is address:port one of this proxy's own listeners? (A "*" name that resolves

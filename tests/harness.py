@@ -282,6 +282,29 @@ class DelayedDns:
         self.sock.close()
 
 
+class Haproxy:
+    """A real HAProxy (tcp mode) on loopback, run in the foreground; its log is its stdout."""
+
+    def __init__(self, workdir: Path, config: str, ports: tuple[int, ...]):
+        self.path, self.log = workdir / "haproxy.cfg", workdir / "haproxy.log"
+        self.path.write_text("global\n  log stdout format raw local0\n"
+                             "defaults\n  mode tcp\n  log global\n  timeout connect 5s\n"
+                             "  timeout client 30s\n  timeout server 30s\n" + config)
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.path)], stdout=open(self.log, "wb"),
+                                     stderr=subprocess.STDOUT)
+        for port in ports:
+            wait_until(lambda: _accepting(port) or self.proc.poll() is not None, what=f"haproxy on {port}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"haproxy failed: {self.log.read_text()}")
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def cpu_seconds(pids) -> float:
     """utime + stime of the given processes, in seconds."""
     total = 0
@@ -379,10 +402,14 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def recv_nowait(sock) -> bytes | None:
     """What is queued on sock now (b"" at EOF), or None when nothing is."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)   # with a timeout, Python would wait out EAGAIN even under MSG_DONTWAIT
     try:
-        return sock.recv(MiB, socket.MSG_DONTWAIT)
+        return sock.recv(MiB)
     except BlockingIOError:
         return None
+    finally:
+        sock.settimeout(timeout)
 
 
 def hub_wait_until(predicate, timeout: float = 5.0, what: str = "condition"):

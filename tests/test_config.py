@@ -4,6 +4,7 @@ import pytest
 
 from sniproxy import config
 from sniproxy.config import ConfigError, parse_hostport
+from sniproxy.firstflight import FirstFlight
 from sniproxy.routing import Router
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +78,11 @@ match = '~(www\\.)?Shop[0-9]+\\.test'
 backend = "*:443"
 """)
     router = Router(cfg)
-    port = lambda name: (r := router.lookup("default", name)) and r.backend.port
+    port = lambda name: (r := router.lookup("default", FirstFlight(name))) and r.backend.port
     assert port("api.example.com") == 1               # first match wins over the wildcard
     assert port("x.api.example.com") == 2
     assert port("example.com") is None                 # "*.suffix" is subdomains only
     assert port("badexample.com") is None
     assert port("shop12.test") == 443 and port("www.shop1.test") == 443
     assert port("shop12.test.evil") is None            # regexes match the whole name
-    assert router.lookup("default", "shop1.test").resolves_requested_name
+    assert router.lookup("default", FirstFlight("shop1.test")).resolves_requested_name

@@ -195,6 +195,27 @@ def test_out_of_descriptors_the_worker_backs_off_and_recovers(proxy, plain):
             s.close()
 
 
+def test_alpn_route_takes_acme_challenges(proxy, backends, cert):
+    """The same name, two routes: a hello offering acme-tls/1 reaches the responder,
+    any other the web server (Python ssl as the client, real TLS backends)."""
+    web, acme = backends("web", "acme")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", web.address)]).replace(
+        "[[table.default]]", f'[[table.default]]\nmatch = "example.com"\nbackend = "{acme.address}"\n'
+                             'alpn = ["acme-tls/1"]\n\n[[table.default]]', 1), wait_ports=(port,))
+
+    def get(alpn):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.set_alpn_protocols(alpn)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="example.com") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            return s.recv(4096).split(b"\r\n\r\n", 1)[1]
+    assert get(["acme-tls/1"]) == b"backend=acme\n"
+    assert get(["h2", "http/1.1"]) == b"backend=web\n"
+
+
 def test_http_listener_routes_by_host(proxy, plain):
     a, b = plain("a"), plain("b")
     port = free_port()

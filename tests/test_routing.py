@@ -166,3 +166,17 @@ def test_a_wildcard_takes_every_subdomain_and_never_its_apex(sub, apex):
     if full is not None:       # too long for a DNS name: the parser never hands it over
         assert routed_to(router.choose(listener, FirstFlight(full))) == "192.0.2.1:443"
     assert router.choose(listener, FirstFlight(apex)) == Refusal("no_route", apex)
+
+
+def test_alpn_routes_send_acme_challenges_to_the_responder():
+    """A route with alpn takes only a hello that offers one of its protocols: the
+    TLS-ALPN-01 case, acme-tls/1 to the responder and the rest to the web server."""
+    router = Router(config.load(text='[[table.default]]\nmatch = "example.com"\nbackend = "127.0.0.1:1"\n'
+                                     'alpn = ["acme-tls/1"]\n'
+                                     '[[table.default]]\nmatch = "example.com"\nbackend = "127.0.0.1:2"\n'))
+    listener = config.load(text="").listener[0]
+    assert router.choose(listener, FirstFlight("example.com", ("acme-tls/1",))).backend.port == 1
+    assert router.choose(listener, FirstFlight("example.com", ("h2", "http/1.1"))).backend.port == 2
+    assert router.choose(listener, FirstFlight("example.com")).backend.port == 2
+    with pytest.raises(config.ConfigError, match=r"alpn\[0\] = ''"):
+        config.load(text='[[table.default]]\nmatch = "a.test"\nbackend = "127.0.0.1:1"\nalpn = [""]\n')

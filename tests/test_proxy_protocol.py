@@ -1,0 +1,61 @@
+"""PROXY protocol headers to backends: the spec's bytes, and a real peer that reads them."""
+import socket
+import ssl
+
+import pytest
+
+from harness import Haproxy, free_port, wait_until
+from test_proxy import make_config
+
+from sniproxy.proxy_protocol import header
+
+
+def test_v1_is_the_spec_example():
+    assert header("v1", ("192.168.0.1", 56324), ("192.168.0.11", 443)) == \
+        b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+    assert header("v1", ("2001:db8::1", 1, 0, 0), ("2001:db8::2", 443, 0, 0)) == \
+        b"PROXY TCP6 2001:db8::1 2001:db8::2 1 443\r\n"
+    assert header("v1", ("::ffff:10.0.0.1", 5, 0, 0), ("10.0.0.2", 6)) == b"PROXY TCP4 10.0.0.1 10.0.0.2 5 6\r\n"
+
+
+def test_v2_layout_with_the_authority_tlv():
+    got = header("v2", ("192.168.0.1", 56324), ("192.168.0.11", 443), "example.com")
+    assert got[:12] == b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"        # the signature
+    assert got[12:16] == b"\x21\x11\x00\x1a"          # v2 PROXY, TCP over IPv4, 12 + 3 + 11 bytes
+    assert got[16:28] == bytes([192, 168, 0, 1, 192, 168, 0, 11]) + (56324).to_bytes(2, "big") + \
+        (443).to_bytes(2, "big")
+    assert got[28:] == b"\x02\x00\x0bexample.com"    # PP2_TYPE_AUTHORITY
+    six = header("v2", ("2001:db8::1", 1, 0, 0), ("2001:db8::2", 2, 0, 0))
+    assert six[12:16] == b"\x21\x21\x00\x24" and len(six) == 16 + 36
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_haproxy_reads_the_client_address_and_name(proxy, backends, tmp_path, pin_path, version, mode):
+    """HAProxy with accept-proxy in front of the TLS backend logs the address of the
+    client that connected to sniproxy (and, from v2, the name it asked for)."""
+    a = backends("a")
+    hp_port, port = free_port(), free_port()
+    haproxy = Haproxy(tmp_path, f"frontend fe\n  bind 127.0.0.1:{hp_port} accept-proxy\n"
+                                f'  log-format "client=%ci:%cp dst=%fi:%fp authority=%[fc_pp_authority]"\n'
+                                f"  default_backend be\nbackend be\n  server s1 {a.address}\n", (hp_port,))
+    try:
+        proxy(make_config(port, [("example.com", f"127.0.0.1:{hp_port}")], mode=mode, pin_path=pin_path,
+                          bpf="handoff_bytes = 0\nhandoff_after = 0.0\n").replace(
+            f'backend = "127.0.0.1:{hp_port}"', f'backend = "127.0.0.1:{hp_port}"\nproxy_protocol = "{version}"'),
+            wait_ports=(port,))
+        client = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        source = client.getsockname()
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(client, server_hostname="example.com") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            assert tls.recv(4096).endswith(b"backend=a\n")
+        wait_until(lambda: any(line.startswith("client=") for line in haproxy.lines()), what="haproxy's log line")
+        line = next(line for line in haproxy.lines() if line.startswith("client="))
+        fields = dict(field.split("=", 1) for field in line.split())
+        assert fields["client"] == f"127.0.0.2:{source[1]}"      # not sniproxy's own address
+        assert fields["dst"] == f"127.0.0.1:{port}"               # the address the client connected to
+        assert fields["authority"] == ("example.com" if version == "v2" else "-")
+    finally:
+        haproxy.close()
