@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
-from . import privileges
+from . import privileges, systemd
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
@@ -63,6 +63,7 @@ class Master:
     stopping: bool = False
     next_sweep: float = 0.0
     owner: tuple[int, int] | None = None   # (uid, gid) workers drop to: master.user, master.group
+    ready_generation: int = -1             # the generation whose workers systemd was told are up
     worker_caps: set[int] = field(default_factory=set)   # the capabilities they keep
 
     # --- lifecycle ------------------------------------------------------------
@@ -79,9 +80,10 @@ class Master:
                 self.reap_workers()
                 if self.stopping and not self.workers:
                     return 0
-                sig = self.next_signal(timeout=1.0)
+                sig = self.next_signal(timeout=1.0 if self.ready_generation == self.generation else 0.05)
                 if sig is not None:
                     getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}")()
+                self.tell_systemd_when_ready()
                 self.murder_late_workers()
                 self.sweep_stale_pairs()
                 if not self.stopping:
@@ -149,6 +151,7 @@ class Master:
         if self.stopping:
             return
         log.info("stopping gracefully (up to %.0fs)", self.cfg.master.graceful_timeout)
+        systemd.notify("STOPPING=1", "STATUS=stopping gracefully")
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.cfg.master.graceful_timeout + KILL_GRACE
         self.signal_workers(signal.SIGTERM)
@@ -157,6 +160,7 @@ class Master:
 
     def handle_quit(self) -> None:
         log.info("fast stop")
+        systemd.notify("STOPPING=1", "STATUS=fast stop")
         self.stopping = True
         self.stop_deadline = time.monotonic() + KILL_GRACE
         self.signal_workers(signal.SIGQUIT)
@@ -166,19 +170,18 @@ class Master:
 
     def handle_hup(self) -> None:
         """Reload: new workers with the new config; the old ones drain their connections."""
+        systemd.notify("RELOADING=1", systemd.monotonic_usec(), "STATUS=reloading")
         try:
             cfg = config_mod.load(self.config_path) if self.config_path else config_mod.load()
-        except (ConfigError, OSError) as e:
-            log.error("reload rejected, keeping the running config: %s", str(e).replace("\n", "; "))
+            self.bind_listeners(cfg)
+        except (ConfigError, OSError, StartError) as e:
+            reason = str(e).replace("\n", "; ")
+            log.error("reload rejected, keeping the running config: %s", reason)
+            systemd.notify("READY=1", f"STATUS=reload rejected: {reason}")
             return
         for key in ("pin_path", "mode"):
             if getattr(cfg.bpf, key) != getattr(self.cfg.bpf, key):
                 log.warning("bpf.%s changed: takes effect at the next start", key)
-        try:
-            self.bind_listeners(cfg)
-        except StartError as e:
-            log.error("reload rejected, keeping the running config: %s", e)
-            return
         self.cfg = cfg
         self.bpf.reload(cfg)
         self._set_owner()
@@ -310,6 +313,17 @@ class Master:
                 _kill(w.pid, signal.SIGABRT)
             elif now - w.aborted_at > KILL_GRACE:
                 _kill(w.pid, signal.SIGKILL)
+
+    def tell_systemd_when_ready(self) -> None:
+        """READY=1 once every worker of the current generation has booted (at start, and
+        after each reload)."""
+        if self.ready_generation == self.generation or self.stopping:
+            return
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        if len(current) == worker_count(self.cfg) and all(w.heartbeat.booted for w in current):
+            self.ready_generation = self.generation
+            systemd.notify("READY=1", f"STATUS={len(current)} workers, relay {self.bpf.relay_kind}, "
+                                      f"listening on {', '.join(lc.address for lc in self.cfg.listener)}")
 
     def sweep_stale_pairs(self) -> None:
         now = time.monotonic()

@@ -50,12 +50,21 @@ class Heartbeat:
         self.fd, path = tempfile.mkstemp(prefix="sniproxy-heartbeat-")
         os.unlink(path)
         self.beat()   # a worker that never beats is as late as its age
+        self.created = self._stamp()
 
     def beat(self) -> None:
         os.pwrite(self.fd, self._STAMP.pack(time.monotonic()), 0)
 
+    def _stamp(self) -> float:
+        return self._STAMP.unpack(os.pread(self.fd, self._STAMP.size, 0))[0]
+
     def age(self) -> float:
-        return time.monotonic() - self._STAMP.unpack(os.pread(self.fd, self._STAMP.size, 0))[0]
+        return time.monotonic() - self._stamp()
+
+    @property
+    def booted(self) -> bool:
+        """The worker has beaten once: it is set up and accepting."""
+        return self._stamp() > self.created
 
     def close(self) -> None:
         os.close(self.fd)
