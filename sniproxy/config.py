@@ -80,6 +80,12 @@ class ListenerConfig(_Section):
     protocol: Literal["tls", "http"] = "tls"
     table: str = "default"
     fallback: str = ""
+    accept_proxy: bool = False                # a PROXY header (v1 or v2) comes first, from an L4 balancer
+    trusted_sources: tuple[str, ...] = ()     # CIDRs that may send one; needed with accept_proxy
+
+
+class MetricsConfig(_Section):
+    address: str = "127.0.0.1:9464"   # Prometheus exposition, served by the master; "" = off
 
 
 class RouteConfig(_Section):
@@ -100,6 +106,7 @@ class Config(_Section):
     resolver: ResolverConfig = ResolverConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     listener: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     table: dict[str, tuple[RouteConfig, ...]] = msgspec.field(default_factory=lambda: dict(DEFAULT_ROUTES))
 
@@ -272,6 +279,18 @@ def check(cfg: Config):
                 parse_hostport(lst.fallback)
             except ValueError as e:
                 yield bad(f"{key}.fallback", lst.fallback, f"expected host:port ({e})")
+        for j, cidr in enumerate(lst.trusted_sources):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                yield bad(f"{key}.trusted_sources[{j}]", cidr, "not a CIDR")
+        if lst.accept_proxy and not lst.trusted_sources:
+            yield bad(f"{key}.accept_proxy", True, "needs trusted_sources: who may say where clients come from")
+    if cfg.metrics.address:
+        try:
+            parse_listen_address(cfg.metrics.address)
+        except ValueError as e:
+            yield bad("metrics.address", cfg.metrics.address, f'expected ip:port or "" ({e})')
 
     for i, lst in enumerate(cfg.listener):
         if lst.fallback and _is_own_listener(lst.fallback, seen):
