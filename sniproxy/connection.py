@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import gevent
@@ -72,6 +72,7 @@ class Context:
     allow_private: bool          # resolver.allow_private
     access_log: AccessLog
     ended: Callable[["Connection"], None]
+    trusted: dict[str, SourceFilter] = field(default_factory=dict)   # accept_proxy listener -> its senders
 
 
 class Refused(Exception):
@@ -88,7 +89,7 @@ class ClosedEarly(Exception):
 
 class Connection:
     __slots__ = ("ctx", "lc", "client", "peer", "upstream", "record", "started", "data", "name", "choice",
-                 "addresses", "unsent", "watcher", "timer", "ended")
+                 "addresses", "unsent", "watcher", "timer", "ended", "awaiting_proxy")
 
     def __init__(self, ctx: Context, lc: ListenerConfig, client: _socket.socket, peer):
         self.ctx, self.lc, self.client, self.peer = ctx, lc, client, peer
@@ -99,6 +100,7 @@ class Connection:
         self.data = b""
         self.watcher = self.timer = None   # what a step before the relay waits on, and its deadline
         self.ended = False
+        self.awaiting_proxy = lc.accept_proxy   # a PROXY header comes before the first flight
 
     def start(self) -> None:
         self.ctx.counters.add("accepted")
@@ -145,7 +147,10 @@ class Connection:
             self.watcher = self.timer = None
 
     def _begin(self) -> None:
-        if not self.ctx.source_filter.allows(self.peer[0]):
+        if self.awaiting_proxy:   # the source filter applies to the address the header carries
+            if not self.ctx.trusted[self.lc.address].allows(self.peer[0]):
+                raise Refused("proxy_untrusted", self.peer[0])
+        elif not self.ctx.source_filter.allows(self.peer[0]):
             raise Refused("access_denied")
         self._read_first_flight()
 
@@ -167,6 +172,8 @@ class Connection:
                     raise ClosedEarly()
                 raise Refused("malformed", "client closed before the first flight was complete")
             self.data += _READ_VIEW[:n]
+            if self.awaiting_proxy and not self._take_proxy_header():
+                continue
             try:
                 flight = parse(self.data)
             except NotThisProtocol:
@@ -176,6 +183,23 @@ class Connection:
             if flight is not NEED_MORE:
                 self._stop_waiting()
                 return self._route(flight)
+
+    def _take_proxy_header(self) -> bool:
+        """The balancer's PROXY header, off the front of data: from here on the client is
+        the address it carries. False while it is incomplete, or all that arrived."""
+        try:
+            received = proxy_protocol.parse(self.data)
+        except Malformed as e:
+            raise Refused("proxy_malformed", str(e)) from None
+        if received is NEED_MORE:
+            return False
+        self.data, self.awaiting_proxy = self.data[received.length:], False
+        if received.source is not None:
+            self.peer = received.source
+            self.record["client"] = _fmt_peer(received.source)
+        if not self.ctx.source_filter.allows(self.peer[0]):
+            raise Refused("access_denied")
+        return bool(self.data)
 
     @staticmethod
     def _client_hello_timeout() -> None:

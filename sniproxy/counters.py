@@ -19,6 +19,8 @@ REFUSAL_REASONS = (
     "resolve_failed",
     "private_address",     # "*" backend resolved to a private address
     "loop",                # "*" backend resolved to one of the proxy's own listeners
+    "proxy_untrusted",     # accept_proxy: the sender is not in trusted_sources
+    "proxy_malformed",     # accept_proxy: a broken PROXY header, or none
     "connect_failed",
 )
 NAMES = (

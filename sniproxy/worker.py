@@ -147,7 +147,8 @@ class Worker:
         timeouts = self.cfg.timeouts
         self.ctx = Context(
             loop=self.loop, counters=counters,
-            source_filter=self._source_filter(), router=self._router(), resolver=self._resolver(),
+            source_filter=self._source_filter(), trusted=self._trusted(), router=self._router(),
+            resolver=self._resolver(),
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
         if self.owner is not None:   # before the first client byte is read
@@ -181,6 +182,10 @@ class Worker:
     def _source_filter(self):
         from .sourcefilter import SourceFilter
         return SourceFilter(self.cfg.access.allow, self.cfg.access.deny)
+
+    def _trusted(self):
+        from .sourcefilter import SourceFilter
+        return {lc.address: SourceFilter(lc.trusted_sources) for lc, _ in self.slot.listeners if lc.accept_proxy}
 
     def _router(self):
         from .routing import Router

@@ -1,11 +1,12 @@
 """PROXY protocol headers to backends: the spec's bytes, and a real peer that reads them."""
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 
 from harness import Haproxy, free_port, wait_until
-from test_proxy import make_config
+from test_proxy import make_config, stats
 
 from sniproxy.proxy_protocol import header
 
@@ -59,3 +60,63 @@ def test_haproxy_reads_the_client_address_and_name(proxy, backends, tmp_path, pi
         assert fields["authority"] == ("example.com" if version == "v2" else "-")
     finally:
         haproxy.close()
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+def test_from_haproxy_through_sniproxy_to_haproxy_the_backend_sees_the_client(proxy, backends, tmp_path, send):
+    """Client -> HAProxy (an L4 balancer, send-proxy) -> sniproxy (accept_proxy) ->
+    HAProxy (accept-proxy) -> TLS backend: the last one logs the real client's address,
+    and sniproxy's access log names it too."""
+    a = backends("a")
+    lb_port, port, edge_port = free_port(), free_port(), free_port()
+    (tmp_path / "lb").mkdir()
+    (tmp_path / "edge").mkdir()
+    edge = Haproxy(tmp_path / "edge", f"frontend fe\n  bind 127.0.0.1:{edge_port} accept-proxy\n"
+                                      f'  log-format "client=%ci:%cp"\n  default_backend be\n'
+                                      f"backend be\n  server s1 {a.address}\n", (edge_port,))
+    access_log = tmp_path / "access.log"
+    p = proxy(make_config(port, [("example.com", f"127.0.0.1:{edge_port}")], extra=f'[log]\naccess = "{access_log}"\n')
+              .replace(f'backend = "127.0.0.1:{edge_port}"', f'backend = "127.0.0.1:{edge_port}"\nproxy_protocol = "v2"')
+              .replace('fallback = ""', 'fallback = ""\naccept_proxy = true\ntrusted_sources = ["127.0.0.1/32"]'),
+              wait_ports=())
+    lb = Haproxy(tmp_path / "lb", f"frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\n"
+                                  f"backend be\n  server s1 127.0.0.1:{port} {send}\n", (lb_port,))
+    try:
+        client = socket.create_connection(("127.0.0.1", lb_port), timeout=10, source_address=("127.0.0.3", 0))
+        source = "127.0.0.3:%d" % client.getsockname()[1]
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(client, server_hostname="example.com") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+            assert tls.recv(4096).endswith(b"backend=a\n")
+        wait_until(lambda: any(line.startswith("client=") for line in edge.lines()), what="the edge's log line")
+        assert [line for line in edge.lines() if line.startswith("client=")] == [f"client={source}"]
+        wait_until(lambda: f"client={source} " in access_log.read_text(), what="sniproxy's access log line")
+    finally:
+        lb.close()
+        edge.close()
+    counters = stats(p)
+    assert counters["refused_proxy_malformed"] == 0 and counters["refused_proxy_untrusted"] == 0
+
+
+def test_a_proxy_header_that_is_untrusted_malformed_or_missing_is_refused(proxy, backends):
+    a = backends("a")
+    port, other = free_port(), free_port()
+    config = make_config(port, [("example.com", a.address)]).replace(
+        'fallback = ""', 'fallback = ""\naccept_proxy = true\ntrusted_sources = ["127.0.0.1/32"]')
+    config += (f'[[listener]]\naddress = "127.0.0.1:{other}"\naccept_proxy = true\n'
+               'trusted_sources = ["10.0.0.0/8"]\n')
+    p = proxy(config, wait_ports=())
+    hello = (Path(__file__).parent / "fixtures/hellos/curl.bin").read_bytes()
+    for target, data in ((other, header("v1", ("198.18.0.9", 1), ("127.0.0.1", other)) + hello),  # untrusted
+                         (port, b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n" + hello),              # bad port
+                         (port, hello)):                                                          # missing
+        with socket.create_connection(("127.0.0.1", target), timeout=5) as s:
+            s.sendall(data)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass      # closed with the hello unread: a reset is a close too
+    wait_until(lambda: stats(p)["refused_proxy_untrusted"] == 1 and stats(p)["refused_proxy_malformed"] == 2,
+               what="the refusals counted")
+    assert a.accepted == 0
