@@ -50,6 +50,13 @@ class BpfConfig(_Section):
     handoff_after: float = 0.1
 
 
+class RelayConfig(_Section):
+    # Which relay carries a connection once it outgrows the first exchanges (bpf.handoff_*):
+    # kernel (the SK_SKB verdict), splice (zero-copy through pipes) or copy (recv/send) for
+    # its whole life. auto: the kernel where BPF is available, else copy.
+    policy: Literal["auto", "kernel", "splice", "copy"] = "auto"
+
+
 class AccessConfig(_Section):
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
@@ -102,6 +109,7 @@ DEFAULT_ROUTES = {"default": (RouteConfig(match="example.com", backend="127.0.0.
 class Config(_Section):
     master: MasterConfig = MasterConfig()
     bpf: BpfConfig = BpfConfig()
+    relay: RelayConfig = RelayConfig()
     access: AccessConfig = AccessConfig()
     resolver: ResolverConfig = ResolverConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()

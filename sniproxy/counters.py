@@ -24,7 +24,7 @@ REFUSAL_REASONS = (
     "connect_failed",
 )
 NAMES = (
-    "accepted", "relayed_kernel", "relayed_userspace", "fallback",
+    "accepted", "relayed_kernel", "relayed_userspace", "relayed_splice", "fallback",
     "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "closed_early", "errors",
 ) + tuple(f"refused_{r}" for r in REFUSAL_REASONS) + (
     "kernel_maps_full",    # pairs the kernel relay could not take (bpf.max_pairs): relayed in userspace

@@ -25,12 +25,14 @@ _NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
 
 
 class _Direction:
-    """Bytes from src to dst: what was read and not yet sent waits in `pending`."""
-    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key", "watcher", "watched")
+    """Bytes from src to dst: what was read and not yet sent waits in `pending` (the
+    bytes themselves, or for the splice relay how many wait in its pipe)."""
+    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key", "watcher", "watched", "pipe")
 
     def __init__(self, src: _socket.socket, dst: _socket.socket):
         self.src, self.dst = src, dst
-        self.pending: memoryview | None = None
+        self.pending: memoryview | int | None = None
+        self.pipe: tuple[int, int] | None = None   # the splice relay's (read end, write end)
         self.eof = False     # src sent its FIN (carried to dst once pending is empty)
         self.count = 0
         self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
@@ -130,7 +132,7 @@ class UserspacePair:
 
     def _end(self, outcome: str) -> None:
         self.cancel()
-        self.on_done(RelayResult(self.up.count, self.down.count, outcome))
+        self.on_done(RelayResult(self.up.count, self.down.count, outcome, self.relay.kind))
 
     def cancel(self) -> None:
         for d in (self.up, self.down):
@@ -140,6 +142,7 @@ class UserspacePair:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+        self.relay._release(self)
 
 
 class UserspaceRelay:
@@ -154,6 +157,9 @@ class UserspaceRelay:
     def start(self, client, upstream, limits: Limits, on_done: OnDone,
               handoff: Handoff | None = None) -> UserspacePair:
         return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
+
+    def _release(self, pair: UserspacePair) -> None:
+        """The pair is done with the relay: what it held goes back."""
 
     def _move(self, d: _Direction) -> bool:
         """Move what can move now without waiting; True if anything did."""

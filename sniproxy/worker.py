@@ -202,14 +202,21 @@ class Worker:
         return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect)
 
     def _open_relay(self, counters):
-        from .userspace_relay import UserspaceRelay
-        if self.relay_kind != "kernel":
-            return UserspaceRelay()
-        from .kernel_relay import KernelRelay
+        """relay.policy: every connection starts in the copy relay; a Chain hands it on."""
         from .relay import Chain, Handoff
-        bpf = self.cfg.bpf
-        kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters)
-        return Chain(UserspaceRelay(), kernel, Handoff(bpf.handoff_bytes, bpf.handoff_after))
+        from .userspace_relay import UserspaceRelay
+        bpf, policy = self.cfg.bpf, self.cfg.relay.policy
+        if policy == "auto":
+            policy = "kernel" if self.relay_kind == "kernel" else "copy"
+        if policy == "kernel" and self.relay_kind == "kernel":
+            from .kernel_relay import KernelRelay
+            then = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters)
+        elif policy == "splice":
+            from .splice_relay import SpliceRelay
+            then = SpliceRelay()
+        else:   # copy, or kernel without BPF (the master said so at start)
+            return UserspaceRelay()
+        return Chain(UserspaceRelay(), then, Handoff(bpf.handoff_bytes, bpf.handoff_after))
 
     def _heartbeat(self) -> None:
         """Beat every worker_timeout / 2; look for the master every second (a worker

@@ -1,0 +1,101 @@
+"""The splice relay: bytes go from socket to pipe to socket with splice(2), by
+reference to the kernel's pages, and are never copied into Python.
+
+It drives pairs like the userspace relay (the same event-loop callbacks, limits,
+half-close and handoff) and differs only in how a direction moves: through a
+pipe of its own, 1 MiB, from a pool. What the reader cannot take yet waits in the
+pipe. Never on a socket that is in a sockmap (PLATFORM: the two do not mix).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+
+from .relay import Limits, OnDone
+from .userspace_relay import UserspacePair, UserspaceRelay, _Direction
+
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class SpliceRelay(UserspaceRelay):
+    kind = "splice"
+
+    def __init__(self, pool_size: int = 64):
+        super().__init__(buffer_size=0)   # no buffer: the pipes hold the bytes
+        self._pool: list[tuple[int, int]] = []   # empty pipes, for the next pairs
+        self._pool_size = pool_size
+
+    def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff=None, before=None) -> UserspacePair:
+        for sock in (client, upstream):
+            # splice(2) follows the socket's own O_NONBLOCK, not SPLICE_F_NONBLOCK.
+            sock.setblocking(False)
+        pair = super().start(client, upstream, limits, on_done, handoff)
+        for d in (pair.up, pair.down):
+            d.pipe = self._pool.pop() if self._pool else self._new_pipe()
+        return pair
+
+    @staticmethod
+    def _new_pipe() -> tuple[int, int]:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass   # above fs.pipe-max-size without CAP_SYS_RESOURCE: the default 64 KiB still works
+        return r, w
+
+    def _release(self, pair: UserspacePair) -> None:
+        for d in (pair.up, pair.down):
+            if d.pipe is None:
+                continue
+            if d.pending is None and len(self._pool) < self._pool_size:
+                self._pool.append(d.pipe)   # empty: reusable as it is
+            else:
+                for fd in d.pipe:
+                    os.close(fd)
+            d.pipe = None
+
+    def _move(self, d: _Direction) -> bool:
+        """Move what can move now without waiting; True if anything did."""
+        r, w = d.pipe
+        moved = False
+        if d.pending is not None:
+            try:
+                d.pending -= os.splice(r, d.dst.fileno(), d.pending, flags=_FLAGS)
+            except BlockingIOError:
+                return False
+            moved = True
+            if d.pending:
+                return True
+            d.pending = None
+            if d.eof:
+                d.dst.shutdown(socket.SHUT_WR)
+        if d.eof:
+            return moved
+        for _ in range(self.READS_PER_TURN):
+            try:
+                n = os.splice(d.src.fileno(), w, PIPE_SIZE, flags=_FLAGS)
+            except BlockingIOError:
+                break
+            moved = True
+            if not n:
+                d.eof = True
+                d.dst.shutdown(socket.SHUT_WR)
+                break
+            d.count += n
+            try:
+                sent = os.splice(r, d.dst.fileno(), n, flags=_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            if sent < n:
+                d.pending = n - sent
+                break
+        return moved
+
+    def close(self) -> None:
+        for pipe in self._pool:
+            for fd in pipe:
+                os.close(fd)
+        self._pool.clear()
