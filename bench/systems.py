@@ -120,14 +120,16 @@ class Proxy(System):
 
 
 class Sniproxy(Proxy):
-    """This project's proxy, with the eBPF relay (bpf_mode "require") or the userspace one ("off")."""
+    """This project's proxy, with the eBPF relay (bpf_mode "require"), or without BPF the
+    copy relay (policy "copy") or the splice relay (policy "splice")."""
     stop_grace = 4.0
 
-    def __init__(self, origins: Origins, workdir: Path, bpf_mode: str):
+    def __init__(self, origins: Origins, workdir: Path, bpf_mode: str, policy: str = "auto"):
         super().__init__(origins, workdir)
-        self.name = "sniproxy-ebpf" if bpf_mode == "require" else "sniproxy-userspace"
+        self.name = "sniproxy-ebpf" if bpf_mode == "require" else \
+            "sniproxy-splice" if policy == "splice" else "sniproxy-userspace"
         self.has_kernel_relay = bpf_mode == "require"
-        self.bpf_mode = bpf_mode
+        self.bpf_mode, self.policy = bpf_mode, policy
         self._pin_path = ""
 
     def command(self, config_path: Path) -> list[str]:
@@ -148,6 +150,7 @@ class Sniproxy(Proxy):
         text = (f'[master]\nworkers = {workers}\npidfile = "{self.workdir / self.name}.pid"\n'
                 f'graceful_timeout = 1.0\n\n'
                 f'[bpf]\nmode = "{self.bpf_mode}"\npin_path = "{self._pin_path}"\n\n'
+                f'[relay]\npolicy = "{self.policy}"\n\n'
                 f'[timeouts]\nidle = 600.0\n\n[log]\naccess = ""\nlevel = "warning"\n\n'
                 f'[[table.bench]]\nmatch = "{SNI_NAME}"\nbackend = "127.0.0.1:{self.origins.tls}"\n')
         for front, fallback in self.listeners():
@@ -235,6 +238,7 @@ def all_systems(origins: Origins, workdir: Path, max_connections: int) -> list[S
     return [System(origins, workdir),
             Sniproxy(origins, workdir, "require"),
             Sniproxy(origins, workdir, "off"),
+            Sniproxy(origins, workdir, "off", policy="splice"),
             Haproxy(origins, workdir, max_connections),
             Nginx(origins, workdir, max_connections),
             SniproxyDebian(origins, workdir)]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "haproxy", "nginx", "sniproxy-debian"}
+SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "nginx", "sniproxy-debian"}
 SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "worker_scaling"}
-WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "haproxy", "nginx"}
+WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "nginx"}
 TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
 
