@@ -103,18 +103,20 @@ class Backend:
         self.sock.close()
 
 
-def tls_client(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0) -> ssl.SSLSocket:
+def tls_client(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0,
+               alpn=("http/1.1",), source: tuple[str, int] | None = None) -> ssl.SSLSocket:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    raw = socket.create_connection((host, port), timeout=timeout)
+    ctx.set_alpn_protocols(list(alpn))
+    raw = socket.create_connection((host, port), timeout=timeout, source_address=source)
     return ctx.wrap_socket(raw, server_hostname=name)
 
 
-def https_get(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
-    """GET / through the proxy with Python's ssl; the backend's answer body."""
-    with tls_client(port, name, host, timeout) as s:
+def https_get(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0, **client) -> str:
+    """GET / through the proxy with Python's ssl; the backend's answer body. client:
+    tls_client's alpn (protocols offered) and source (the address to connect from)."""
+    with tls_client(port, name, host, timeout, **client) as s:
         s.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(4096):
@@ -140,6 +142,19 @@ def echo_through(port: int, name: str, payload: bytes, host: str = "127.0.0.1", 
                 if not chunk:
                     return bytes(received)
                 received += chunk
+    return bytes(received)
+
+
+def stream_through(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send payload in plain TCP through the proxy, then the FIN, while reading everything
+    that comes back until EOF (a sender thread, so neither side waits on the other)."""
+    with socket.create_connection((host, port), timeout=30) as s:
+        sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        received = bytearray()
+        while chunk := s.recv(1 << 20):
+            received += chunk
+        sender.join()
     return bytes(received)
 
 

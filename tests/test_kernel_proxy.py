@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import MASTER, cpu_seconds, Dnsmasq, echo_through, free_port, https_get, sha, wait_until
+from harness import MASTER, cpu_seconds, stream_through, Dnsmasq, echo_through, free_port, https_get, sha, wait_until
 from netns import veth_netns
 from test_proxy import make_config, stats, stats_json
 
@@ -432,14 +432,7 @@ def test_reloads_under_load_lose_no_byte(proxy, backends, plain, pin_path, mode)
 
     def transfer(i):
         payload = b"\x00" + os.urandom(2 << 20)
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
-            sender.start()
-            got = bytearray()
-            while chunk := s.recv(1 << 18):
-                got += chunk
-            sender.join()
-        results[i] = sha(got) == sha(payload)
+        results[i] = sha(stream_through(port, payload)) == sha(payload)
     threads = [threading.Thread(target=transfer, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, curl, echo_through, free_port, https_get, sha, tls_client,
+from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, stream_through, curl, echo_through, free_port, https_get, sha, tls_client,
                      wait_until)
 
 
@@ -204,16 +204,8 @@ def test_alpn_route_takes_acme_challenges(proxy, backends, cert):
         "[[table.default]]", f'[[table.default]]\nmatch = "example.com"\nbackend = "{acme.address}"\n'
                              'alpn = ["acme-tls/1"]\n\n[[table.default]]', 1), wait_ports=(port,))
 
-    def get(alpn):
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        ctx.set_alpn_protocols(alpn)
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                             server_hostname="example.com") as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
-            return s.recv(4096).split(b"\r\n\r\n", 1)[1]
-    assert get(["acme-tls/1"]) == b"backend=acme\n"
-    assert get(["h2", "http/1.1"]) == b"backend=web\n"
+    assert https_get(port, "example.com", alpn=["acme-tls/1"]) == "backend=acme\n"
+    assert https_get(port, "example.com", alpn=["h2", "http/1.1"]) == "backend=web\n"
 
 
 @pytest.mark.parametrize("handoff", ["handoff_bytes = 65536\nhandoff_after = 0.05\n",
@@ -230,13 +222,7 @@ def test_splice_policy_carries_every_byte_in_order(proxy, plain, tmp_path, hando
                           extra=f'[relay]\npolicy = "splice"\n[log]\naccess = "{access_log}"\n'), wait_ports=(port,))
     for size in (10, 100_000, 8 << 20):
         payload = b"\x00" + os.urandom(size)
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            sender = threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)))
-            sender.start()
-            got = bytearray()
-            while chunk := s.recv(1 << 20):
-                got += chunk
-            sender.join()
+        got = stream_through(port, payload)
         assert sha(got) == sha(greeting + payload), size    # the echo backend's greeting, then the echo
     wait_until(lambda: access_log.read_text().count("outcome=done") >= 3, what="three log lines")
     relays = [line.split(" relay=")[1].split()[0] for line in access_log.read_text().splitlines() if "up=" in line

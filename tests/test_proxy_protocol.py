@@ -1,11 +1,10 @@
 """PROXY protocol headers to backends: the spec's bytes, and a real peer that reads them."""
 import socket
-import ssl
 from pathlib import Path
 
 import pytest
 
-from harness import Haproxy, free_port, wait_until
+from harness import Haproxy, free_port, https_get, wait_until
 from test_proxy import make_config, stats
 
 from sniproxy.proxy_protocol import header
@@ -45,17 +44,12 @@ def test_haproxy_reads_the_client_address_and_name(proxy, backends, tmp_path, pi
                           bpf="handoff_bytes = 0\nhandoff_after = 0.0\n").replace(
             f'backend = "127.0.0.1:{hp_port}"', f'backend = "127.0.0.1:{hp_port}"\nproxy_protocol = "{version}"'),
             wait_ports=(port,))
-        client = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
-        source = client.getsockname()
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with ctx.wrap_socket(client, server_hostname="example.com") as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
-            assert tls.recv(4096).endswith(b"backend=a\n")
+        source = ("127.0.0.2", free_port("127.0.0.2"))
+        assert https_get(port, "example.com", source=source) == "backend=a\n"
         wait_until(lambda: any(line.startswith("client=") for line in haproxy.lines()), what="haproxy's log line")
         line = next(line for line in haproxy.lines() if line.startswith("client="))
         fields = dict(field.split("=", 1) for field in line.split())
-        assert fields["client"] == f"127.0.0.2:{source[1]}"      # not sniproxy's own address
+        assert fields["client"] == "%s:%d" % source              # not sniproxy's own address
         assert fields["dst"] == f"127.0.0.1:{port}"               # the address the client connected to
         assert fields["authority"] == ("example.com" if version == "v2" else "-")
     finally:
@@ -82,13 +76,9 @@ def test_from_haproxy_through_sniproxy_to_haproxy_the_backend_sees_the_client(pr
     lb = Haproxy(tmp_path / "lb", f"frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\n"
                                   f"backend be\n  server s1 127.0.0.1:{port} {send}\n", (lb_port,))
     try:
-        client = socket.create_connection(("127.0.0.1", lb_port), timeout=10, source_address=("127.0.0.3", 0))
-        source = "127.0.0.3:%d" % client.getsockname()[1]
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with ctx.wrap_socket(client, server_hostname="example.com") as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
-            assert tls.recv(4096).endswith(b"backend=a\n")
+        client = ("127.0.0.3", free_port("127.0.0.3"))
+        assert https_get(lb_port, "example.com", source=client) == "backend=a\n"
+        source = "%s:%d" % client
         wait_until(lambda: any(line.startswith("client=") for line in edge.lines()), what="the edge's log line")
         assert [line for line in edge.lines() if line.startswith("client=")] == [f"client={source}"]
         wait_until(lambda: f"client={source} " in access_log.read_text(), what="sniproxy's access log line")
