@@ -93,7 +93,7 @@ class Chain:
         if self.handoff == (0, 0):   # `then` from the start
             chained.handed_off(RelayResult(0, 0, "handoff"))
         else:
-            chained.handle = self.first.start(client, upstream, limits, chained.handed_off, handoff=self.handoff)
+            chained.run(self.first, chained.handed_off, handoff=self.handoff)
         return chained
 
     @property
@@ -107,12 +107,21 @@ class Chain:
 
 class _Chained:
     """One pair's way through a Chain: the relay that holds it now."""
-    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "started", "handle")
+    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "started", "handle", "stage")
 
     def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone):
         self.chain, self.client, self.upstream, self.limits, self.on_done = chain, client, upstream, limits, on_done
         self.started = time.monotonic()
         self.handle = None
+        self.stage = 0
+
+    def run(self, relay, on_done: OnDone, **how) -> None:
+        """Start relay on the pair; its handle is the one to cancel, unless its on_done
+        already moved the pair on before start() returned."""
+        stage = self.stage = self.stage + 1
+        handle = relay.start(self.client, self.upstream, self.limits, on_done, **how)
+        if self.stage == stage:
+            self.handle = handle
 
     def handed_off(self, before: RelayResult) -> None:
         if before.outcome != "handoff":
@@ -121,14 +130,12 @@ class _Chained:
         # A pair handed off by age is quiet: the next relay may pace itself by the rate so far.
         by_age = moved < self.chain.handoff.bytes
         progress = Progress(moved, time.monotonic() - self.started) if by_age else None
-        self.handle = self.chain.then.start(self.client, self.upstream, self.limits,
-                                            lambda result: self.declined(result.after(before)), before=progress)
+        self.run(self.chain.then, lambda result: self.declined(result.after(before)), before=progress)
 
     def declined(self, result: RelayResult) -> None:
         if result.outcome != "declined":
             return self.on_done(result)
-        self.handle = self.chain.first.start(self.client, self.upstream, self.limits,
-                                             lambda rest: self.on_done(rest.after(result)))
+        self.run(self.chain.first, lambda rest: self.on_done(rest.after(result)))
 
     def cancel(self) -> None:
         self.handle.cancel()

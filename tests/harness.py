@@ -177,7 +177,19 @@ class Proxy:
         if "pidfile" not in config:
             config = f'[master]\npidfile = "{self.pidfile}"\n' + config if "[master]" not in config \
                 else config.replace("[master]\n", f'[master]\npidfile = "{self.pidfile}"\n', 1)
-        self.path.write_text(config)
+        tmp = self.path.with_suffix(".new")   # whole, or not at all, for a master that reloads now
+        tmp.write_text(config)
+        tmp.replace(self.path)
+
+    def reload(self, config: str | None = None, timeout: float = 15) -> None:
+        """Write config (if given), send SIGHUP, and wait until the master has taken it or
+        rejected it, so that reloads never overtake one another."""
+        if config is not None:
+            self.write(config)
+        handled = lambda: self.output().count("reloaded ") + self.output().count("reload rejected")
+        before = handled()
+        self.signal(signal.SIGHUP)
+        wait_until(lambda: handled() > before, timeout=timeout, what="the master to handle the reload")
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([*MASTER, *args, "-c", str(self.path)], capture_output=True, text=True, timeout=timeout)

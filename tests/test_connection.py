@@ -83,11 +83,12 @@ class Rig:
     def __init__(self, tmp_path: Path, routes=(), *, protocol="tls", fallback="", extra="", resolver=None):
         self.listening = socket.create_server(("127.0.0.1", 0))
         self.listening.settimeout(5)
-        address = "127.0.0.1:%d" % self.listening.getsockname()[1]
-        text = f'[[listener]]\naddress = "{address}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n'
-        text += "".join(f"[[table.default]]\nmatch = '{m}'\nbackend = '{b}'\n" for m, b in routes)
+        port = self.listening.getsockname()[1]   # a backend may name it as {listener_port}
+        text = f'[[listener]]\naddress = "127.0.0.1:{port}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n'
+        text += "".join(f"[[table.default]]\nmatch = '{m}'\nbackend = '{b.format(listener_port=port)}'\n"
+                        for m, b in routes)
         cfg = config.load(text=text + extra)
-        self.lc, self.timeouts = cfg.listener[0], cfg.timeouts
+        self.lc = cfg.listener[0]
         self.table = CounterTable(tmp_path / "counters", create=True)
         self.log_path = tmp_path / "access.log"
         self.relay, self.resolver = FakeRelay(), resolver or FakeResolver()
@@ -149,7 +150,9 @@ def rig(tmp_path):
     made = []
 
     def make(routes=(), **kw):
-        made.append(Rig(tmp_path, routes, **kw))
+        directory = tmp_path / f"rig{len(made)}"
+        directory.mkdir()
+        made.append(Rig(directory, routes, **kw))
         return made[-1]
 
     yield make
@@ -181,10 +184,11 @@ def answer_and_close(client: socket.socket) -> bytes:
     return data
 
 
-def backend_got(backend, expected: bytes) -> None:
-    """The backend was connected to and received exactly `expected` so far."""
-    conn, _ = backend.sock.accept()
+def backend_got(listening: socket.socket, expected: bytes) -> None:
+    """A connection came in on listening, with exactly `expected` so far."""
+    conn, _ = listening.accept()
     with conn:
+        conn.settimeout(5)
         assert recv_exactly(conn, len(expected)) == expected
         assert recv_nowait(conn) is None
 
@@ -209,7 +213,7 @@ def test_hello_is_sent_to_the_backend_and_the_pair_relayed(rig, backend, result,
             extra="[timeouts]\nclient_hello = 0.1\nconnect = 0.1\nidle = 77.0\nhalf_closed = 7.0\n")
     client, conn, pair = r.run(CURL)
     assert pair is not None, r.records()
-    backend_got(backend, CURL)
+    backend_got(backend.sock, CURL)
     assert (pair.client, pair.upstream) == (conn.client, conn.upstream)
     assert pair.upstream.getpeername() == backend.sock.getsockname()
     assert pair.limits == Limits(77.0, 7.0)
@@ -227,13 +231,18 @@ def test_hello_is_sent_to_the_backend_and_the_pair_relayed(rig, backend, result,
 
 
 def test_hello_in_pieces_waits_for_the_rest(rig, backend):
-    r = rig([(NAME, backend.address)])
+    r = rig([(NAME, backend.address)], extra="[timeouts]\nclient_hello = 0.3\n")
     client, conn = r.connect(CURL[:100])
-    gevent.sleep(0.05)
+    gevent.sleep(0.1)
     assert not conn.ended and r.relay.started == []
     client.sendall(CURL[100:])
     pair = r.settle(conn)
-    backend_got(backend, CURL)
+    backend_got(backend.sock, CURL)
+    # Once relayed, the client's bytes are the relay's: no watcher of the first flight
+    # reads them, and its timer does not end the connection.
+    client.sendall(b"early data")
+    gevent.sleep(0.4)
+    assert not conn.ended and recv_nowait(conn.client) == b"early data"
     pair.on_done(RelayResult(0, 0, "done"))
     assert r.records()[0]["up"] == str(len(CURL))
 
@@ -241,7 +250,7 @@ def test_hello_in_pieces_waits_for_the_rest(rig, backend):
 def test_not_tls_goes_to_the_fallback(rig, backend):
     r = rig([(NAME, "192.0.2.1:1")], fallback=backend.address)
     _, _, pair = r.run(IPERF3)
-    backend_got(backend, IPERF3)
+    backend_got(backend.sock, IPERF3)
     pair.on_done(RelayResult(0, 3, "done"))
     [record] = r.records()
     assert (record["name"], record["backend"], record["outcome"]) == ("(not_tls)", backend.address, "done")
@@ -335,13 +344,24 @@ def test_star_backend_takes_only_public_addresses(rig, backend, where, allow_pri
     client, _, pair = r.run(CURL)
     assert resolver.queries == ([NAME] if where == "dns" else [])
     if allow_private:
-        backend_got(backend, CURL)
+        backend_got(backend.sock, CURL)
         pair.on_done(RelayResult(0, 0, "done"))
         assert r.records()[0]["backend"] == backend.address
     else:
         assert pair is None and answer_and_close(client) == b""
         assert reason(r.records()[0]) == "private_address"
         assert r.counters() == {"accepted": 1, "refused_private_address": 1}
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_star_backend_refuses_a_loop_into_its_own_listener(rig, allow_private):
+    r = rig([("*.example.test", "*:{listener_port}")], protocol="http",
+            resolver=FakeResolver(cache={NAME: ["127.0.0.1", "::ffff:127.0.0.1"]}),
+            extra=f"[resolver]\nallow_private = {str(allow_private).lower()}\n")
+    client, _, pair = r.run(CURL_HTTP)
+    assert pair is None and answer_and_close(client) == HTTP_503
+    assert reason(r.records()[0]) == "loop"
+    assert r.counters() == {"accepted": 1, "refused_loop": 1}
 
 
 @pytest.mark.parametrize("protocol, data, answer", [("tls", CURL, b""), ("http", CURL_HTTP, HTTP_503)],
@@ -354,12 +374,14 @@ def test_connect_failure(rig, protocol, data, answer):
     assert r.counters() == {"accepted": 1, "refused_connect_failed": 1}
 
 
-def test_refused_address_then_the_next(rig, backend):
-    # Nothing listens on 127.0.0.2 at the backend's port.
+def test_failing_addresses_then_the_next(rig, backend):
+    # TCP to a multicast address fails within connect(); nothing listens on 127.0.0.2,
+    # which refuses once connect() returned.
     port = backend.port
-    r = rig([(NAME, f"app.test:{port}")], resolver=FakeResolver(cache={"app.test": ["127.0.0.2", "127.0.0.1"]}))
+    r = rig([(NAME, f"app.test:{port}")],
+            resolver=FakeResolver(cache={"app.test": ["224.0.0.1", "127.0.0.2", "127.0.0.1"]}))
     _, _, pair = r.run(CURL)
-    backend_got(backend, CURL)
+    backend_got(backend.sock, CURL)
     pair.on_done(RelayResult(0, 0, "done"))
     assert r.records()[0]["backend"] == backend.address
 
@@ -381,9 +403,34 @@ def test_connect_timeout_then_the_next(rig, backend):
         assert 0.15 <= time.monotonic() - started < 1.5   # libev times from its loop time, a little stale
         for s in fillers:
             s.close()
-    backend_got(backend, CURL)
+    backend_got(backend.sock, CURL)
     pair.on_done(RelayResult(0, 0, "done"))
     assert r.records()[0]["backend"] == backend.address
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole hello", "hello in pieces"])
+def test_slow_connect_waits_and_sends_the_hello_once(rig, pieces):
+    """A full accept queue drops the SYN, which TCP retries after about a second: the
+    connection waits for the socket to become writable (having stopped waiting on the
+    client, if the hello came in pieces), then sends once and stops waiting."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as slow:
+        filler = socket.create_connection(slow.getsockname())    # takes the queue's one place
+        r = rig([(NAME, "127.0.0.1:%d" % slow.getsockname()[1])],
+                extra="[timeouts]\nclient_hello = 1.5\nconnect = 1.5\n")
+        client, conn = r.connect(CURL[:100] if pieces else CURL)
+        if pieces:
+            gevent.sleep(0.05)
+            client.sendall(CURL[100:])
+        gevent.sleep(0.2)
+        assert not conn.ended and r.relay.started == []          # still connecting
+        slow.accept()[0].close()
+        filler.close()
+        pair = r.settle(conn)
+        assert pair is not None, r.records()
+        gevent.sleep(0.7)                      # past both timeouts: neither fires now
+        assert len(r.relay.started) == 1 and not conn.ended
+        backend_got(slow, CURL)
+        pair.on_done(RelayResult(0, 0, "done"))
 
 
 def test_connections_sharing_one_address_list_both_connect(rig, backend):
@@ -395,7 +442,7 @@ def test_connections_sharing_one_address_list_both_connect(rig, backend):
     pairs = [r.run(CURL)[2] for _ in range(2)]
     assert None not in pairs, r.records()
     for pair in pairs:
-        backend_got(backend, CURL)
+        backend_got(backend.sock, CURL)
         pair.on_done(RelayResult(0, 0, "done"))
     assert addresses == ["127.0.0.1"]
     assert [rec["outcome"] for rec in r.records()] == ["done", "done"]

@@ -9,14 +9,13 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
 
 import gevent
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
-from harness import run_relay, sha
+from harness import MiB, Background, recv_stream, run_relay, send_stream, sha, tcp_pair
 from sniproxy import kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
@@ -26,63 +25,10 @@ from sniproxy.stats import percpu_totals
 from sniproxy.userspace_relay import UserspaceRelay
 
 pytestmark = pytest.mark.bpf
-MiB = 1 << 20
 
 
 def cookie(sock: socket.socket) -> bytes:
     return sock.getsockopt(socket.SOL_SOCKET, 57, 8)
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        near = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-    return near, far
-
-
-class Background(threading.Thread):
-    """fn(*args) in a thread; join() returns its result or raises its exception."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.result, self.error = fn, args, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as e:  # noqa: BLE001 - handed to join()
-            self.error = e
-
-    def join(self, timeout: float = 60):
-        super().join(timeout)
-        assert not self.is_alive(), f"{self.fn.__name__} still running"
-        if self.error:
-            raise self.error
-        return self.result
-
-
-def send_stream(sock: socket.socket, size: int, seed: int, shut: bool = True) -> str:
-    """size pseudo-random bytes; returns their sha256."""
-    block = random.Random(seed).randbytes(MiB)
-    digest, left = hashlib.sha256(), size
-    while left:
-        chunk = block[:min(left, len(block))]
-        sock.sendall(chunk)
-        digest.update(chunk)
-        left -= len(chunk)
-    if shut:
-        sock.shutdown(socket.SHUT_WR)
-    return digest.hexdigest()
-
-
-def recv_stream(sock: socket.socket) -> tuple[int, str]:
-    """Everything until EOF: (length, sha256)."""
-    digest, total = hashlib.sha256(), 0
-    while data := sock.recv(4 * MiB):
-        digest.update(data)
-        total += len(data)
-    return total, digest.hexdigest()
 
 
 def send_stream_bytes(sock: socket.socket, data: bytes) -> None:

@@ -83,7 +83,8 @@ def test_star_backend_resolves_the_requested_name_public_only():
         Choice(HostPort("*", 443), "shop.example.com", public_only=True, fallback=False)
 
 
-@pytest.mark.parametrize("flight", [FirstFlight("unknown.test"), NO_SNI, IP_LITERAL, NOT_TLS])
+@pytest.mark.parametrize("flight", [FirstFlight("unknown.test"), NO_SNI, IP_LITERAL, NOT_TLS],
+                         ids=["no_route", "no_sni", "ip_literal", "not_tls"])
 def test_fallback_takes_no_route_no_name_and_not_protocol(flight):
     router, listener = router_for([("example.com", "192.0.2.1:443")], fallback="192.0.2.9:8443")
     assert router.choose(listener, flight) == Choice(HostPort("192.0.2.9", 8443), "192.0.2.9", False, True)
@@ -97,7 +98,7 @@ def test_fallback_takes_no_route_no_name_and_not_protocol(flight):
     (IP_LITERAL, Refusal("no_name", "ip_literal")),
     (NOT_TLS, Refusal("not_protocol", "not_tls")),
     (NOT_HTTP, Refusal("not_protocol", "not_http")),
-])
+], ids=["no_route", "no_sni", "ip_literal", "not_tls", "not_http"])
 def test_refusal_reasons_without_a_fallback(flight, refusal):
     router, listener = router_for([("example.com", "192.0.2.1:443")])
     assert router.choose(listener, flight) == refusal

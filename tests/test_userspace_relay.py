@@ -42,7 +42,9 @@ def bulk_both_ways(relay, pair, up: int, down: int) -> RelayResult:
 
 
 def test_bulk_both_directions(pair):
-    # Small buffers make the relay hold bytes its reader cannot take yet.
+    _, c, u, _ = pair
+    for s in (c, u):   # small send buffers: the relay often holds bytes its reader cannot take yet
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
     relay = UserspaceRelay(buffer_size=64 * 1024)
     assert bulk_both_ways(relay, pair, 9 * MiB + 7, 6 * MiB + 3) == RelayResult(9 * MiB + 7, 6 * MiB + 3, "done")
 
@@ -69,32 +71,51 @@ def test_half_close_is_carried_while_the_other_direction_flows(pair, first_to_cl
     assert result == RelayResult(up, down, "done")
 
 
+def relay_once(c, u, idle: float, half_closed: float | None = None, handoff: Handoff | None = None,
+               relay=None) -> RelayResult:
+    """Relay until on_done, then check it is not called again (a second call would end
+    a Connection twice)."""
+    done = []
+    relay = relay or UserspaceRelay(buffer_size=16 * 1024)
+    relay.start(c, u, Limits(idle, half_closed), done.append, **({"handoff": handoff} if handoff else {}))
+    hub_wait_until(lambda: done, timeout=idle + 10, what="on_done")
+    gevent.sleep(0.05)
+    [result] = done
+    return result
+
+
 def test_idle_timeout(pair):
     client, c, u, server = pair
     client.sendall(b"hello")
     started = time.monotonic()
-    assert run_relay(UserspaceRelay(), c, u, idle=0.3) == RelayResult(5, 0, "idle_timeout")
+    assert relay_once(c, u, idle=0.3) == RelayResult(5, 0, "idle_timeout")
     assert 0.3 <= time.monotonic() - started < 1.5
     assert recv_exactly(server, 5) == b"hello"
 
 
 def test_activity_postpones_the_idle_timeout(pair):
     client, c, u, server = pair
-    ticker = gevent.spawn(lambda: [(client.send(b"x"), gevent.sleep(0.1)) for _ in range(8)])
+
+    def tick():
+        for _ in range(8):
+            client.send(b"x")
+            gevent.sleep(0.1)
+    ticker = gevent.spawn(tick)
     started = time.monotonic()
-    result = run_relay(UserspaceRelay(), c, u, idle=0.3)
+    result = relay_once(c, u, idle=0.3)
     ticker.get()
     assert result == RelayResult(8, 0, "idle_timeout")
-    assert 0.7 + 0.3 <= time.monotonic() - started < 2.5   # 8 ticks, then a full idle limit
+    assert 0.9 <= time.monotonic() - started < 2.5   # 8 ticks 0.1 s apart, then a full idle limit
     assert recv_exactly(server, 8) == b"x" * 8
 
 
-def test_half_closed_limit_replaces_idle_once_a_direction_ended(pair):
+@pytest.mark.parametrize("idle, half_closed", [(10, 0.3), (0.3, 10)])
+def test_the_shorter_limit_applies_once_a_direction_ended(pair, idle, half_closed):
     client, c, u, server = pair
     client.sendall(b"request")
     client.shutdown(socket.SHUT_WR)
     started = time.monotonic()
-    assert run_relay(UserspaceRelay(), c, u, idle=10, half_closed=0.3) == RelayResult(7, 0, "idle_timeout")
+    assert relay_once(c, u, idle, half_closed) == RelayResult(7, 0, "idle_timeout")
     assert 0.3 <= time.monotonic() - started < 1.5
     assert recv_exactly(server, 8) == b"request"      # and then the FIN
 
@@ -102,7 +123,7 @@ def test_half_closed_limit_replaces_idle_once_a_direction_ended(pair):
 def test_half_closed_limit_does_not_apply_before_a_direction_ended(pair):
     client, c, u, server = pair
     started = time.monotonic()
-    assert run_relay(UserspaceRelay(), c, u, idle=0.6, half_closed=0.1) == RelayResult(0, 0, "idle_timeout")
+    assert relay_once(c, u, idle=0.6, half_closed=0.1) == RelayResult(0, 0, "idle_timeout")
     assert 0.6 <= time.monotonic() - started < 2
 
 
@@ -112,13 +133,7 @@ def test_reset_is_an_outcome(pair):
     # SO_LINGER 0: close() sends an RST instead of a FIN.
     server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     gevent.spawn_later(0.1, server.close)
-    assert run_relay(UserspaceRelay(), c, u, idle=10) == RelayResult(3, 0, "reset")
-
-
-def run_with_handoff(c, u, handoff: Handoff) -> RelayResult:
-    done = []
-    UserspaceRelay(buffer_size=16 * 1024).start(c, u, Limits(10), done.append, handoff=handoff)
-    return hub_wait_until(lambda: done, what="the handoff")[0]
+    assert relay_once(c, u, idle=10) == RelayResult(3, 0, "reset")
 
 
 def read_until_stopped(sock: socket.socket, stop: threading.Event) -> bytes:
@@ -146,7 +161,7 @@ def test_handoff_by_bytes_holds_no_byte_back(pair):
     server.sendall(b"greeting")
     stop = threading.Event()
     reader = Background(read_until_stopped, server, stop)
-    result = run_with_handoff(c, u, Handoff(MiB, 60))
+    result = relay_once(c, u, idle=10, handoff=Handoff(MiB, 60))
     stop.set()
     delivered = reader.join()
     assert result.outcome == "handoff" and result.up + result.down >= MiB and result.down in (0, 8)
@@ -161,7 +176,7 @@ def test_handoff_by_age_of_a_quiet_pair(pair):
     client, c, u, server = pair
     client.sendall(b"early")
     started = time.monotonic()
-    assert run_with_handoff(c, u, Handoff(1 << 40, 0.1)) == RelayResult(5, 0, "handoff")
+    assert relay_once(c, u, idle=10, handoff=Handoff(1 << 40, 0.1)) == RelayResult(5, 0, "handoff")
     assert 0.1 <= time.monotonic() - started < 1.5
     assert recv_exactly(server, 5) == b"early"
     client.sendall(b"later")
@@ -229,16 +244,23 @@ def test_chain_hands_off_and_the_counts_add_up(pair):
     assert then.befores == [None]          # handed off by bytes: no pace to pass on
 
 
+def test_chain_with_a_zero_handoff_starts_in_then(pair):
+    first, then = Recording(), Then()
+    result = bulk_both_ways(Chain(first, then, Handoff(0, 0)), pair, MiB, 2 * MiB)
+    assert result == RelayResult(MiB, 2 * MiB, "done")
+    assert (first.results, then.befores, then.results) == ([], [None], [result])
+
+
 def test_chain_passes_progress_of_a_pair_handed_off_by_age(pair):
     client, c, u, server = pair
     client.sendall(b"hi")
     then = Then()
     started = time.monotonic()
-    result = run_relay(Chain(UserspaceRelay(), then, Handoff(1 << 30, 0.1)), c, u, idle=0.5)
+    result = relay_once(c, u, idle=0.5, relay=Chain(UserspaceRelay(), then, Handoff(1 << 30, 0.1)))
     assert result == RelayResult(2, 0, "idle_timeout")
     [progress] = then.befores
     assert isinstance(progress, Progress) and progress.moved == 2 and 0.1 <= progress.seconds < 1
-    assert 0.6 <= time.monotonic() - started < 2.5
+    assert 0.5 <= time.monotonic() - started < 2.5
 
 
 def test_chain_takes_a_declined_pair_back_to_first(pair):
