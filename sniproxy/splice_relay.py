@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 
 from .relay import Limits, OnDone
 from .userspace_relay import UserspacePair, UserspaceRelay, _Direction
@@ -57,42 +56,22 @@ class SpliceRelay(UserspaceRelay):
                     os.close(fd)
             d.pipe = None
 
-    def _move(self, d: _Direction) -> bool:
-        """Move what can move now without waiting; True if anything did."""
-        r, w = d.pipe
-        moved = False
-        if d.pending is not None:
-            try:
-                d.pending -= os.splice(r, d.dst.fileno(), d.pending, flags=_FLAGS)
-            except BlockingIOError:
-                return False
-            moved = True
-            if d.pending:
-                return True
-            d.pending = None
-            if d.eof:
-                d.dst.shutdown(socket.SHUT_WR)
-        if d.eof:
-            return moved
-        for _ in range(self.READS_PER_TURN):
-            try:
-                n = os.splice(d.src.fileno(), w, PIPE_SIZE, flags=_FLAGS)
-            except BlockingIOError:
-                break
-            moved = True
-            if not n:
-                d.eof = True
-                d.dst.shutdown(socket.SHUT_WR)
-                break
-            d.count += n
-            try:
-                sent = os.splice(r, d.dst.fileno(), n, flags=_FLAGS)
-            except BlockingIOError:
-                sent = 0
-            if sent < n:
-                d.pending = n - sent
-                break
-        return moved
+    read_size = PIPE_SIZE
+
+    def _read(self, d: _Direction) -> int:
+        return os.splice(d.src.fileno(), d.pipe[1], PIPE_SIZE, flags=_FLAGS)
+
+    def _forward(self, d: _Direction, n: int) -> bool:
+        try:
+            sent = os.splice(d.pipe[0], d.dst.fileno(), n, flags=_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        if sent < n:
+            d.pending = n - sent    # waits in the pipe
+        return sent == n
+
+    def _flush(self, d: _Direction) -> None:
+        d.pending = (d.pending - os.splice(d.pipe[0], d.dst.fileno(), d.pending, flags=_FLAGS)) or None
 
     def close(self) -> None:
         for pipe in self._pool:

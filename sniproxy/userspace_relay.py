@@ -165,19 +165,18 @@ class UserspaceRelay:
         """Move what can move now without waiting; True if anything did."""
         if d.pending is not None:
             try:
-                sent = d.dst.send(d.pending, _NOWAIT)
+                self._flush(d)
             except BlockingIOError:
                 return False
-            d.pending = d.pending[sent:] if sent < len(d.pending) else None
             if d.pending is None and d.eof:
                 d.dst.shutdown(socket.SHUT_WR)
-            return True
+            return True      # a point with nothing in hand: where a Chain may hand the pair on
         if d.eof:
             return False
         moved = False
         for _ in range(self.READS_PER_TURN):
             try:
-                n = d.src.recv_into(self._buffer, 0, _NOWAIT)
+                n = self._read(d)
             except BlockingIOError:
                 break
             moved = True
@@ -186,16 +185,32 @@ class UserspaceRelay:
                 d.dst.shutdown(socket.SHUT_WR)
                 break
             d.count += n
-            try:
-                sent = d.dst.send(self._buffer[:n], _NOWAIT)
-            except BlockingIOError:
-                sent = 0
-            if sent < n:
-                d.pending = memoryview(bytes(self._buffer[sent:n]))
-                break
-            if n < len(self._buffer):
-                break        # the receive queue is empty now
+            if not self._forward(d, n) or n < self.read_size:
+                break        # the reader is full, or the receive queue is empty now
         return moved
+
+    # How a direction moves bytes: the splice relay moves them otherwise.
+
+    @property
+    def read_size(self) -> int:
+        return len(self._buffer)
+
+    def _read(self, d: _Direction) -> int:
+        return d.src.recv_into(self._buffer, 0, _NOWAIT)
+
+    def _forward(self, d: _Direction, n: int) -> bool:
+        """Send on the n bytes just read; keep what dst cannot take. False when it kept some."""
+        try:
+            sent = d.dst.send(self._buffer[:n], _NOWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < n:
+            d.pending = memoryview(bytes(self._buffer[sent:n]))
+        return sent == n
+
+    def _flush(self, d: _Direction) -> None:
+        sent = d.dst.send(d.pending, _NOWAIT)
+        d.pending = d.pending[sent:] if sent < len(d.pending) else None
 
     def close(self) -> None:
         pass
