@@ -195,12 +195,12 @@ def test_out_of_descriptors_the_worker_backs_off_and_recovers(proxy, plain):
             s.close()
 
 
-def test_alpn_route_takes_acme_challenges(proxy, backends, cert):
+def test_alpn_route_takes_acme_challenges(proxy, backends):
     """The same name, two routes: a hello offering acme-tls/1 reaches the responder,
     any other the web server (Python ssl as the client, real TLS backends)."""
     web, acme = backends("web", "acme")
     port = free_port()
-    p = proxy(make_config(port, [("example.com", web.address)]).replace(
+    proxy(make_config(port, [("example.com", web.address)]).replace(
         "[[table.default]]", f'[[table.default]]\nmatch = "example.com"\nbackend = "{acme.address}"\n'
                              'alpn = ["acme-tls/1"]\n\n[[table.default]]', 1), wait_ports=(port,))
 
@@ -227,7 +227,9 @@ def test_splice_policy_carries_every_byte_in_order(proxy, plain, tmp_path, hando
     wait_until(lambda: access_log.read_text().count("outcome=done") >= 3, what="three log lines")
     relays = [line.split(" relay=")[1].split()[0] for line in access_log.read_text().splitlines() if "up=" in line
               and "outcome=done" in line]
-    assert relays[-3:] == ["splice"] * 3    # the 300 kB greeting alone passes the handoff
+    # At once, every connection is spliced. After 64 KiB, a client whose FIN came before the
+    # handoff stays where it is (a half-closed pair is not handed on): the 8 MiB one never does.
+    assert relays[-3:] == ["splice"] * 3 if "= 0\n" in handoff else relays[-1] == "splice", relays
     assert stats(p)["relayed_splice"] == relays.count("splice")
 
 
