@@ -32,7 +32,7 @@ from .config import HostPort, ListenerConfig, TimeoutsConfig
 from .counters import CounterRow
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
 from .relay import Limits, Relay, RelayResult
-from .resolver import ResolveError, Resolver, is_public
+from .resolver import ResolveError, Resolver
 from .routing import Refusal, Router
 from .sourcefilter import SourceFilter
 
@@ -232,19 +232,10 @@ class Connection:
         self._connect(self._permitted(addresses))
 
     def _permitted(self, addresses: list[str]) -> list[str]:
-        """Where a "*" backend may lead: public addresses only (unless allow_private),
-        and never back into one of this proxy's own listeners."""
-        if not self.choice.public_only:
-            return addresses
-        port = self.choice.backend.port
-        addresses = [a for a in addresses if not self.ctx.router.loops_back(a, port)]
-        if not addresses:
-            raise Refused("loop", self.choice.host)
-        if not self.ctx.allow_private:
-            addresses = [a for a in addresses if is_public(a)]
-            if not addresses:
-                raise Refused("private_address", self.choice.host)
-        return addresses
+        permitted = self.ctx.router.permitted(self.choice, addresses, self.ctx.allow_private)
+        if isinstance(permitted, Refusal):
+            raise Refused(permitted.reason, permitted.detail)
+        return permitted
 
     def _connect(self, addresses: list[str]) -> None:
         self.addresses = list(addresses)   # ours to consume: the waiters of one DNS query share its list

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 from .config import Config, HostPort, ListenerConfig, RouteConfig, parse_hostport
 from .firstflight import FirstFlight
+from .resolver import is_public
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,22 @@ class Router:
         if route.resolves_requested_name:
             return Choice(route.backend, flight.name, True, fallback, route.proxy_protocol)
         return Choice(route.backend, route.backend.host, False, fallback, route.proxy_protocol)
+
+    def permitted(self, choice: Choice, addresses: list[str], allow_private: bool) -> list[str] | Refusal:
+        """Of a resolved name's addresses, those a connection may go to. For a "*" backend
+        (the requested name itself): public ones only, unless allow_private, and never one
+        of this proxy's own listeners."""
+        if not choice.public_only:
+            return addresses
+        port = choice.backend.port
+        addresses = [a for a in addresses if not self.loops_back(a, port)]
+        if not addresses:
+            return Refusal("loop", choice.host)
+        if not allow_private:
+            addresses = [a for a in addresses if is_public(a)]
+            if not addresses:
+                return Refusal("private_address", choice.host)
+        return addresses
 
     def loops_back(self, address: str, port: int) -> bool:
         """Is address:port one of this proxy's own listeners? (A "*" name that resolves

@@ -10,7 +10,8 @@ from test_proxy import make_config, stats
 
 from sniproxy import config
 from sniproxy.resolver import is_public
-from sniproxy.routing import Router
+from sniproxy.firstflight import FirstFlight
+from sniproxy.routing import Refusal, Router
 
 NOT_PUBLIC_V4 = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.1.1", "0.0.0.0", "100.64.0.1",
                  "100.127.255.254", "224.0.0.1", "239.1.1.1", "255.255.255.255", "240.0.0.1", "192.0.2.1",
@@ -69,3 +70,17 @@ def test_a_star_name_that_resolves_to_the_proxy_itself_is_refused(proxy, tmp_pat
         assert (counters["refused_loop"], counters["accepted"]) == (1, 2)   # the probe and the client
     finally:
         dns.close()
+
+
+def test_a_mixed_answer_keeps_only_the_public_addresses():
+    """Decided without connecting anywhere: Router.permitted filters what a "*" name
+    resolved to; a named backend's addresses are the operator's and pass as they are."""
+    router = Router(config.load(text='[[table.default]]\nmatch = "*.test"\nbackend = "*:443"\n'))
+    star = router.choose(config.load(text="").listener[0], FirstFlight("mixed.test"))
+    mixed = ["10.0.0.1", "8.8.8.8", "::ffff:192.168.1.1", "2606:4700::1111", "64:ff9b::a00:1", "100.64.0.9"]
+    assert router.permitted(star, mixed, allow_private=False) == ["8.8.8.8", "2606:4700::1111"]
+    assert router.permitted(star, mixed, allow_private=True) == mixed
+    assert router.permitted(star, ["10.0.0.1"], allow_private=False) == Refusal("private_address", "mixed.test")
+    named = Router(config.load(text='[[table.default]]\nmatch = "a.test"\nbackend = "origin.test:443"\n'))
+    choice = named.choose(config.load(text="").listener[0], FirstFlight("a.test"))
+    assert named.permitted(choice, ["10.0.0.1"], allow_private=False) == ["10.0.0.1"]
