@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
-from . import privileges, systemd
+from . import metrics, privileges, systemd
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
@@ -65,6 +65,11 @@ class Master:
     owner: tuple[int, int] | None = None   # (uid, gid) workers drop to: master.user, master.group
     ready_generation: int = -1             # the generation whose workers systemd was told are up
     worker_caps: set[int] = field(default_factory=set)   # the capabilities they keep
+    metrics_server: metrics.MetricsServer | None = None  # on metrics.address, if it could bind
+    worker_restarts: int = 0                             # what the metrics count, in the master
+    reloads_ok: int = 0
+    reloads_rejected: int = 0
+    last_reload_at: float = field(default_factory=time.time)   # the start counts as one
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -106,6 +111,7 @@ class Master:
         except BpfSetupError as e:
             raise StartError(str(e)) from None
         self._set_owner()
+        self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()
@@ -115,6 +121,9 @@ class Master:
         for w in self.workers.values():
             os.waitpid(w.pid, 0)
         self.workers.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
@@ -177,12 +186,19 @@ class Master:
         except (ConfigError, OSError, StartError) as e:
             reason = str(e).replace("\n", "; ")
             log.error("reload rejected, keeping the running config: %s", reason)
+            self.reloads_rejected += 1
             systemd.notify("READY=1", f"STATUS=reload rejected: {reason}")
             return
         for key in ("pin_path", "mode"):
             if getattr(cfg.bpf, key) != getattr(self.cfg.bpf, key):
                 log.warning("bpf.%s changed: takes effect at the next start", key)
         self.cfg = cfg
+        if self.metrics_server is None or self.metrics_server.address != cfg.metrics.address:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            self.metrics_server = metrics.start(cfg.metrics.address, self)
+        self.reloads_ok += 1
+        self.last_reload_at = time.time()
         self.bpf.reload(cfg)
         self._set_owner()
         self.generation += 1
@@ -266,8 +282,9 @@ class Master:
 
     def _fds_not_for(self, index: int) -> list[int]:
         """What a worker of slot index inherits and must close: the master's pipes,
-        the other workers' heartbeats, the other slots' listening sockets."""
+        the other workers' heartbeats, the other slots' listening sockets, the metrics socket."""
         fds = [self._wake_r, self._wake_w] + [w.heartbeat.fd for w in self.workers.values()]
+        fds += [self.metrics_server.fileno()] if self.metrics_server is not None else []
         fds += [sock.fileno() for (slot, _), sock in self.sockets.items() if slot != index]
         return fds + ([self.ready_fd] if self.ready_fd is not None else [])
 
@@ -294,6 +311,7 @@ class Master:
                 raise StartError(f"worker {w.index} failed to boot; see the log above")
             if not self.stopping and w.generation == self.generation:
                 log.warning("worker %d (pid %d) exited with %s; replacing it", w.index, pid, _describe_exit(code))
+                self.worker_restarts += 1
         if reaped:   # `status` must not list the dead
             self.write_state()
 

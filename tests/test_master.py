@@ -265,7 +265,7 @@ def test_reap_writes_state_after_a_death(make_master, children):
 
     master.reap_workers()
 
-    assert state_workers(master) == [{"pid": running.pid, "index": 1, "generation": 0}]
+    assert state_workers(master) == [{"pid": running.pid, "index": 1, "number": running.number, "generation": 0}]
 
 
 def test_reap_raises_start_error_when_a_worker_cannot_boot(make_master, children):
