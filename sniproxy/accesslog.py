@@ -33,4 +33,8 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    return text.replace(" ", "_") if text else "-"
+    # Names come from clients (SNI, Host, ALPN): one field, one line, whatever they sent.
+    return "".join(_SAFE.get(ch) or (ch if " " < ch < "\x7f" else f"\\x{ord(ch):02x}") for ch in text) or "-"
+
+
+_SAFE = {" ": "_", "\\": "\\\\"}

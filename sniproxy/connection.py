@@ -138,7 +138,8 @@ class Connection:
         loop = self.ctx.loop
         self.watcher, self.timer = loop.io(fd, event), loop.timer(timeout)
         self.watcher.start(self._step, on_ready)
-        self.timer.start(self._step, on_timeout)
+        # From now, not from the loop's cached time: a long iteration would shorten the deadline.
+        self.timer.start(self._step, on_timeout, update=True)
 
     def _stop_waiting(self) -> None:
         if self.watcher is not None:

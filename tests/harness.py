@@ -47,6 +47,18 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def serve_in_threads(listening: socket.socket, handle) -> None:
+    """Accept on listening until it closes, each connection handled in a thread of its own."""
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listening.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+
+
 class Backend:
     """A real server on loopback, plain TCP or TLS. An HTTP GET gets "backend=<label>"
     back; anything else is echoed byte for byte until the client half-closes."""
@@ -69,18 +81,13 @@ class Backend:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        serve_in_threads(self.sock, self._handle)
 
     def _handle(self, raw: socket.socket) -> None:
+        self.accepted += 1
+        self._answer(raw)
+
+    def _answer(self, raw: socket.socket) -> None:
         try:
             with (self.ctx.wrap_socket(raw, server_side=True) if self.ctx else raw) as conn:
                 if self.greeting:
