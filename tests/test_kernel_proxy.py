@@ -439,9 +439,11 @@ def test_reloads_under_load_lose_no_byte(proxy, backends, plain, pin_path, mode)
     for n in range(25):
         if n % 5 == 4:
             p.reload("[master]\nworkers = -1\n")          # rejected: the running config stays
-            # The last good routes (n - 1 is odd): once the old workers, which may still
+            # The last good routes (those of n - 1): once the old workers, which may still
             # take a connection from the slot's shared queue, have stopped accepting.
-            wait_until(lambda: https_get(port, "example.com") == "backend=a\n", timeout=15, what="routes of a")
+            last = "b" if (n - 1) % 2 == 0 else "a"
+            wait_until(lambda: https_get(port, "example.com") == f"backend={last}\n", timeout=15,
+                       what=f"routes of {last}")
         else:
             p.reload(config(b if n % 2 == 0 else a))
             time.sleep(0.1)
