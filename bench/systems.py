@@ -14,7 +14,7 @@ from bench.origins import SNI_NAME, Origins
 
 REPO = Path(__file__).resolve().parent.parent
 MASTER = REPO / ".venv/bin/sniproxy-master"
-PEERS = ("haproxy", "nginx", "sniproxy-debian")
+PEERS = ("haproxy", "haproxy-splice", "nginx", "sniproxy-debian")
 
 
 class System:
@@ -193,6 +193,16 @@ class Haproxy(ConnectionLimitedProxy):
         return text
 
 
+class HaproxySplice(Haproxy):
+    """HAProxy as a user who wants throughput runs it: splice(2) both ways, 1 MiB pipes."""
+    name = "haproxy-splice"
+
+    def config(self, workers: int) -> str:
+        return super().config(workers).replace(
+            "global\n", "global\n    tune.pipesize 1048576\n", 1).replace(
+            "defaults\n", "defaults\n    option splice-request\n    option splice-response\n", 1)
+
+
 class Nginx(ConnectionLimitedProxy):
     name = "nginx"
 
@@ -240,5 +250,6 @@ def all_systems(origins: Origins, workdir: Path, max_connections: int) -> list[S
             Sniproxy(origins, workdir, "off"),
             Sniproxy(origins, workdir, "off", policy="splice"),
             Haproxy(origins, workdir, max_connections),
+            HaproxySplice(origins, workdir, max_connections),
             Nginx(origins, workdir, max_connections),
             SniproxyDebian(origins, workdir)]

@@ -2,6 +2,7 @@
 One test, so that parallel workers never start two benchmark runs at once."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "nginx", "sniproxy-debian"}
+SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "haproxy-splice", "nginx",
+           "sniproxy-debian"}
 SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "worker_scaling"}
-WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "nginx"}
+WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "haproxy-splice", "nginx"}
 TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
 
@@ -31,6 +33,10 @@ def test_bench_smoke(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert all(name in report for name in SYSTEMS | SCENARIOS)
     assert "vs best peer" in report
+    cpu_model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    assert f"- CPU: {cpu_model}" in report and f"- kernel: {os.uname().release} " in report
+    assert "- CPU vulnerabilities" in report
     assert "## Targets" in report and "| added latency p50 <= 10 us |" in report
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ETA" in done.stdout and "elapsed" in done.stdout
