@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
+import termios
 
 from .relay import Limits, OnDone
 from .userspace_relay import UserspacePair, UserspaceRelay, _Direction
@@ -17,6 +19,11 @@ from .userspace_relay import UserspacePair, UserspaceRelay, _Direction
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+def _queued(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 class SpliceRelay(UserspaceRelay):
@@ -49,8 +56,10 @@ class SpliceRelay(UserspaceRelay):
         for d in (pair.up, pair.down):
             if d.pipe is None:
                 continue
-            if d.pending is None and len(self._pool) < self._pool_size:
-                self._pool.append(d.pipe)   # empty: reusable as it is
+            # Only a pipe that holds nothing goes back: a pair that ended on an error may
+            # have left bytes in it, and they must never reach another connection.
+            if len(self._pool) < self._pool_size and _queued(d.pipe[0]) == 0:
+                self._pool.append(d.pipe)
             else:
                 for fd in d.pipe:
                     os.close(fd)
