@@ -199,7 +199,8 @@ class HaproxySplice(Haproxy):
 
     def config(self, workers: int) -> str:
         return super().config(workers).replace(
-            "global\n", "global\n    tune.pipesize 1048576\n", 1).replace(
+            # Pipes take fds beside maxconn's two a connection: keep them within RLIMIT_NOFILE.
+            "global\n", "global\n    tune.pipesize 1048576\n    maxpipes 256\n", 1).replace(
             "defaults\n", "defaults\n    option splice-request\n    option splice-response\n", 1)
 
 
