@@ -193,12 +193,12 @@ class Master:
             if getattr(cfg.bpf, key) != getattr(self.cfg.bpf, key):
                 log.warning("bpf.%s changed: takes effect at the next start", key)
         self.cfg = cfg
+        self.reloads_ok += 1          # before a new metrics server can be scraped
+        self.last_reload_at = time.time()
         if self.metrics_server is None or self.metrics_server.address != cfg.metrics.address:
             if self.metrics_server is not None:
                 self.metrics_server.stop()
             self.metrics_server = metrics.start(cfg.metrics.address, self)
-        self.reloads_ok += 1
-        self.last_reload_at = time.time()
         self.bpf.reload(cfg)
         self._set_owner()
         self.generation += 1

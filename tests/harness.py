@@ -19,11 +19,20 @@ MASTER = [str(ROOT / ".venv/bin/sniproxy-master")] if (ROOT / ".venv/bin/sniprox
 CERT_NAMES = ("example.com", "*.example.com", "*.test", "*.wild.test", "localhost")
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, and one this process has not handed out before (the
+    kernel may offer a just-freed port twice in a row: two listeners of one test then clash)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
