@@ -116,7 +116,7 @@ def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
     a = backends("a")
     port = free_port()
     p = proxy(make_config(port, [("example.com", a.address)], fallback=a.address,
-                          extra="[timeouts]\nclient_hello = 0.5\n"), wait_ports=(port,))
+                          extra="[timeouts]\nclient_hello = 2.0\n"), wait_ports=(port,))
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(bytes.fromhex("160301000a") + b"\x02" + bytes(9))       # a ServerHello, not a ClientHello
         assert s.recv(100) == b""
@@ -124,12 +124,12 @@ def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
         s.sendall(bytes.fromhex("160301000a") + b"\x02")                  # its type byte alone decides
         start = time.monotonic()
         assert s.recv(100) == b""
-        assert time.monotonic() - start < 0.3                            # at once, not at client_hello
+        assert time.monotonic() - start < 1.0                            # at once, not at client_hello
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(bytes.fromhex("1603010200"))                           # a record header, then silence
         start = time.monotonic()
         assert s.recv(100) == b""
-        assert 0.3 < time.monotonic() - start < 3
+        assert 1.8 < time.monotonic() - start < 5
     counters = stats(p)
     assert counters["refused_malformed"] == 2 and counters["refused_client_hello_timeout"] == 1
     assert a.accepted == 0
