@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Backend, Proxy, make_cert, unique
+from harness import Backend, Haproxy, Proxy, make_cert, unique
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,22 @@ def backends(cert):
     yield make
     for b in made:
         b.close()
+
+
+@pytest.fixture
+def haproxy(tmp_path):
+    """haproxy(name, config, ports) -> a real HAProxy (harness.Haproxy), stopped after the test."""
+    made = []
+
+    def make(name, config, ports):
+        directory = tmp_path / name
+        directory.mkdir()
+        made.append(Haproxy(directory, config, ports))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
 
 
 @pytest.fixture

@@ -335,10 +335,14 @@ class Haproxy:
                              "  timeout client 30s\n  timeout server 30s\n" + config)
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.path)], stdout=open(self.log, "wb"),
                                      stderr=subprocess.STDOUT)
-        for port in ports:
-            wait_until(lambda: _accepting(port) or self.proc.poll() is not None, what=f"haproxy on {port}")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"haproxy failed: {self.log.read_text()}")
+        try:
+            for port in ports:
+                wait_until(lambda: _accepting(port) or self.proc.poll() is not None, what=f"haproxy on {port}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy failed: {self.log.read_text()}")
+        except BaseException:
+            self.close()
+            raise
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Haproxy, free_port, https_get, wait_until
+from harness import free_port, https_get, wait_until
 from test_proxy import make_config, stats
 
 from sniproxy.proxy_protocol import header
@@ -31,60 +31,51 @@ def test_v2_layout_with_the_authority_tlv():
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_haproxy_reads_the_client_address_and_name(proxy, backends, tmp_path, pin_path, version, mode):
+def test_haproxy_reads_the_client_address_and_name(proxy, backends, haproxy, pin_path, version, mode):
     """HAProxy with accept-proxy in front of the TLS backend logs the address of the
     client that connected to sniproxy (and, from v2, the name it asked for)."""
     a = backends("a")
     hp_port, port = free_port(), free_port()
-    haproxy = Haproxy(tmp_path, f"frontend fe\n  bind 127.0.0.1:{hp_port} accept-proxy\n"
-                                f'  log-format "client=%ci:%cp dst=%fi:%fp authority=%[fc_pp_authority]"\n'
-                                f"  default_backend be\nbackend be\n  server s1 {a.address}\n", (hp_port,))
-    try:
-        proxy(make_config(port, [("example.com", f"127.0.0.1:{hp_port}")], mode=mode, pin_path=pin_path,
-                          bpf="handoff_bytes = 0\nhandoff_after = 0.0\n").replace(
-            f'backend = "127.0.0.1:{hp_port}"', f'backend = "127.0.0.1:{hp_port}"\nproxy_protocol = "{version}"'),
-            wait_ports=(port,))
-        source = ("127.0.0.2", free_port("127.0.0.2"))
-        assert https_get(port, "example.com", source=source) == "backend=a\n"
-        wait_until(lambda: any(line.startswith("client=") for line in haproxy.lines()), what="haproxy's log line")
-        line = next(line for line in haproxy.lines() if line.startswith("client="))
-        fields = dict(field.split("=", 1) for field in line.split())
-        assert fields["client"] == "%s:%d" % source              # not sniproxy's own address
-        assert fields["dst"] == f"127.0.0.1:{port}"               # the address the client connected to
-        assert fields["authority"] == ("example.com" if version == "v2" else "-")
-    finally:
-        haproxy.close()
+    peer = haproxy("peer", f"frontend fe\n  bind 127.0.0.1:{hp_port} accept-proxy\n"
+                           f'  log-format "client=%ci:%cp dst=%fi:%fp authority=%[fc_pp_authority]"\n'
+                           f"  default_backend be\nbackend be\n  server s1 {a.address}\n", (hp_port,))
+    proxy(make_config(port, [("example.com", f"127.0.0.1:{hp_port}")], mode=mode, pin_path=pin_path,
+                      bpf="handoff_bytes = 0\nhandoff_after = 0.0\n").replace(
+        f'backend = "127.0.0.1:{hp_port}"', f'backend = "127.0.0.1:{hp_port}"\nproxy_protocol = "{version}"'),
+        wait_ports=(port,))
+    source = ("127.0.0.2", free_port("127.0.0.2"))
+    assert https_get(port, "example.com", source=source) == "backend=a\n"
+    wait_until(lambda: any(line.startswith("client=") for line in peer.lines()), what="haproxy's log line")
+    line = next(line for line in peer.lines() if line.startswith("client="))
+    fields = dict(field.split("=", 1) for field in line.split())
+    assert fields["client"] == "%s:%d" % source              # not sniproxy's own address
+    assert fields["dst"] == f"127.0.0.1:{port}"               # the address the client connected to
+    assert fields["authority"] == ("example.com" if version == "v2" else "-")
 
 
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
-def test_from_haproxy_through_sniproxy_to_haproxy_the_backend_sees_the_client(proxy, backends, tmp_path, send):
+def test_from_haproxy_through_sniproxy_to_haproxy_the_backend_sees_the_client(proxy, backends, haproxy, tmp_path, send):
     """Client -> HAProxy (an L4 balancer, send-proxy) -> sniproxy (accept_proxy) ->
     HAProxy (accept-proxy) -> TLS backend: the last one logs the real client's address,
     and sniproxy's access log names it too."""
     a = backends("a")
     lb_port, port, edge_port = free_port(), free_port(), free_port()
-    (tmp_path / "lb").mkdir()
-    (tmp_path / "edge").mkdir()
-    edge = Haproxy(tmp_path / "edge", f"frontend fe\n  bind 127.0.0.1:{edge_port} accept-proxy\n"
-                                      f'  log-format "client=%ci:%cp"\n  default_backend be\n'
-                                      f"backend be\n  server s1 {a.address}\n", (edge_port,))
+    edge = haproxy("edge", f"frontend fe\n  bind 127.0.0.1:{edge_port} accept-proxy\n"
+                           f'  log-format "client=%ci:%cp"\n  default_backend be\n'
+                           f"backend be\n  server s1 {a.address}\n", (edge_port,))
     access_log = tmp_path / "access.log"
     p = proxy(make_config(port, [("example.com", f"127.0.0.1:{edge_port}")], extra=f'[log]\naccess = "{access_log}"\n')
               .replace(f'backend = "127.0.0.1:{edge_port}"', f'backend = "127.0.0.1:{edge_port}"\nproxy_protocol = "v2"')
               .replace('fallback = ""', 'fallback = ""\naccept_proxy = true\ntrusted_sources = ["127.0.0.1/32"]'),
               wait_ports=())
-    lb = Haproxy(tmp_path / "lb", f"frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\n"
-                                  f"backend be\n  server s1 127.0.0.1:{port} {send}\n", (lb_port,))
-    try:
-        client = ("127.0.0.3", free_port("127.0.0.3"))
-        assert https_get(lb_port, "example.com", source=client) == "backend=a\n"
-        source = "%s:%d" % client
-        wait_until(lambda: any(line.startswith("client=") for line in edge.lines()), what="the edge's log line")
-        assert [line for line in edge.lines() if line.startswith("client=")] == [f"client={source}"]
-        wait_until(lambda: f"client={source} " in access_log.read_text(), what="sniproxy's access log line")
-    finally:
-        lb.close()
-        edge.close()
+    haproxy("lb", f"frontend fe\n  bind 127.0.0.1:{lb_port}\n  default_backend be\n"
+                  f"backend be\n  server s1 127.0.0.1:{port} {send}\n", (lb_port,))
+    client = ("127.0.0.3", free_port("127.0.0.3"))
+    assert https_get(lb_port, "example.com", source=client) == "backend=a\n"
+    source = "%s:%d" % client
+    wait_until(lambda: any(line.startswith("client=") for line in edge.lines()), what="the edge's log line")
+    assert [line for line in edge.lines() if line.startswith("client=")] == [f"client={source}"]
+    wait_until(lambda: f"client={source} " in access_log.read_text(), what="sniproxy's access log line")
     counters = stats(p)
     assert counters["refused_proxy_malformed"] == 0 and counters["refused_proxy_untrusted"] == 0
 
