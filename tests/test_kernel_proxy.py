@@ -2,7 +2,6 @@
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import threading

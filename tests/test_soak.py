@@ -7,7 +7,6 @@ import socket
 import ssl
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
