@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, kernel_btf
 from .kernel_abi import LAYOUT, LAYOUT_VALUE, LAYOUT_VERSION, PROGRAMS
 
 log = logging.getLogger("sniproxy.bpf")
@@ -298,6 +298,11 @@ def load(pin_path: str, programs=("relay",), cflags: Mapping[str, int] = {}) -> 
     master owns it (its pidfile).
     """
     pin_path = os.path.abspath(pin_path)
+    if "relay" in programs:
+        try:
+            cflags = {**kernel_btf.relay_offsets(), **cflags}
+        except kernel_btf.BtfError as e:
+            raise BpfLoadError(str(e)) from e
     flags = _cflags(cflags)
     _ensure_bpffs(pin_path)
     _replace_stale_pins(pin_path)

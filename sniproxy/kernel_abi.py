@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 # --- bpf/relay.c ---------------------------------------------------------------
 SOCK_MAP = "SOCK_MAP"              # sockhash: socket cookie -> socket; relay_verdict runs here
@@ -33,8 +33,11 @@ class Connection(NamedTuple):
     skbs: int
     passed: int      # received while paused: kept on the socket for userspace
     direction: int   # DIRECTION_UP or DIRECTION_DOWN
+    next_seq: int = 0  # TCP sequence number of the next new byte (once SEQ_KNOWN)
+    trimmed: int = 0   # bytes received twice and cut off by the verdict
+    flags: int = 0     # CONNECTION_SEQ_KNOWN | CONNECTION_BROKEN
 
-    LAYOUT = struct.Struct("<QQQQI4x")
+    LAYOUT = struct.Struct("<QQQQIIQI4x")
 
     def pack(self) -> bytes:
         return self.LAYOUT.pack(*self)
@@ -45,6 +48,7 @@ class Connection(NamedTuple):
 
 
 DIRECTION_UP, DIRECTION_DOWN = 1, 2   # enum relay_direction: client->upstream, upstream->client
+CONNECTION_SEQ_KNOWN, CONNECTION_BROKEN = 1, 2   # enum connection_flags
 
 
 class RelayControl(NamedTuple):
@@ -82,7 +86,8 @@ ARRAY_KEY_0 = struct.pack("=I", 0)
 
 # Per-CPU counter maps: their u64 fields, in the order of the C structs.
 PERCPU_COUNTERS = {
-    RELAY_STATS: ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes"),
+    RELAY_STATS: ("relayed_bytes", "relayed_skbs", "redirect_failures", "up_bytes", "down_bytes", "trimmed_bytes",
+                  "trim_failures"),
     XDP_STATS: ("passed", "dropped_deny", "dropped_not_allowed"),
 }
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from gevent.hub import Waiter
 
-from .kernel_abi import SO_COOKIE, Connection
+from .kernel_abi import CONNECTION_BROKEN, SO_COOKIE, Connection
 
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
 _TCP_INFO_SIZE = 232
@@ -40,13 +40,14 @@ class KernelCounts(NamedTuple):
     """What the verdict counted for one socket (its CONNECTION_MAP entry)."""
     redirected: int   # received and redirected to the peer
     passed: int       # received while paused: kept on the socket for userspace
+    broken: bool = False   # the verdict could not cut bytes received twice (CONNECTION_BROKEN)
 
     @classmethod
     def of(cls, raw: bytes | None) -> "KernelCounts":
         if not raw:
             return cls(0, 0)
         entry = Connection.unpack(raw)
-        return cls(entry.bytes, entry.passed)
+        return cls(entry.bytes, entry.passed, bool(entry.flags & CONNECTION_BROKEN))
 
 
 class Sample(NamedTuple):

@@ -26,6 +26,10 @@ Registration (nothing lost, nothing reordered):
     TCP_INFO's bytes_received tells whether any arrived; later ones run the
     verdict themselves.
 
+The verdict also cuts bytes TCP delivers twice: a retransmitted segment that
+overlaps bytes already received is queued whole, and the verdict is handed whole
+skbs (see trim_old_bytes in bpf/relay.c).
+
 A socket that already got its FIN cannot enter a sockmap, and full maps take no
 pair: then the relay ends with outcome "declined" and the Chain carries on in
 userspace. When only the last insertion failed, the finished direction is
@@ -361,7 +365,14 @@ class KernelRelay:
         return False
 
     def _reset_seen(self, pair: Pair) -> bool:
-        """A side closed with an error: reset the other one too."""
+        """A side closed with an error: reset the other one too. A side whose bytes the
+        verdict could not pass on intact (CONNECTION_BROKEN): reset both."""
+        for side in pair.sides:
+            if side.kernel.broken:
+                log.warning("kernel relay reset a pair: the verdict could not cut bytes received twice")
+                self._mirror_reset(side)
+                self._mirror_reset(pair.peer(side))
+                return True
         for side in pair.sides:
             if side.tcp.state == TCP_CLOSE and side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 self._mirror_reset(pair.peer(side))
@@ -417,7 +428,7 @@ class KernelRelay:
             pass  # the first check keeps the pace it was given
         elif sample != last:
             pair.last_activity = now
-            moved = sum(c.kernel) + sum(u.kernel) - sum(last.client) - sum(last.upstream)
+            moved = sum(k.redirected + k.passed for k in sample[:2]) - sum(k.redirected + k.passed for k in last[:2])
             rate = moved / max(now - pair.last_check, 1e-6)
             interval = self._check_interval(rate, worst_queued) if rate > 0 else MIN_CHECK_INTERVAL
         elif now - pair.last_activity >= limit:

@@ -11,7 +11,7 @@ from sniproxy import bpfload, bpfsys, kernel_abi
 from sniproxy.bpfsys import BpfError, PinnedMap
 from sniproxy.bpfsetup import PROGRAMS
 from sniproxy.config import load
-from sniproxy.kernel_abi import COOKIE, LAYOUT_VALUE, Connection
+from sniproxy.kernel_abi import COOKIE, LAYOUT_VALUE, PERCPU_COUNTERS, RELAY_STATS, Connection
 
 pytestmark = pytest.mark.bpf
 
@@ -38,7 +38,7 @@ def test_pinned_maps_and_program_have_the_right_kernel_types(relay_pins):
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_MAP")["type"] == "sockhash"
     assert bpftool("map", "show", "pinned", f"{pins}/SOCK_TARGETS")["type"] == "sockhash"
     connections = bpftool("map", "show", "pinned", f"{pins}/CONNECTION_MAP")
-    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, 40)
+    assert (connections["type"], connections["bytes_key"], connections["bytes_value"]) == ("hash", 8, Connection.LAYOUT.size)
     assert connections["max_entries"] == 1024  # the -D knob reached the C text
     assert bpftool("prog", "show", "pinned", f"{pins}/relay_verdict")["type"] == "sk_skb"
 
@@ -56,12 +56,14 @@ def test_verdict_is_attached_to_sock_map(relay_pins):
 def test_maps_carry_btf_field_names(relay_pins):
     pins = relay_pins.pin_path
     with PinnedMap.open(f"{pins}/CONNECTION_MAP") as connections:
-        connections.update(COOKIE.pack(7), Connection(peer=8, bytes=1234, skbs=5, passed=6, direction=2).pack())
+        connections.update(COOKIE.pack(7), Connection(peer=8, bytes=1234, skbs=5, passed=6, direction=2, next_seq=9,
+                                                      trimmed=10, flags=1).pack())
     dumped = bpftool("map", "dump", "pinned", f"{pins}/CONNECTION_MAP")
-    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {"peer": 8, "bytes": 1234, "skbs": 5, "passed": 6, "direction": 2}}]
+    assert [e["formatted"] for e in dumped] == [{"key": 7, "value": {
+        "peer": 8, "bytes": 1234, "skbs": 5, "passed": 6, "direction": 2, "next_seq": 9, "trimmed": 10, "flags": 1}}]
     stats = bpftool("map", "dump", "pinned", f"{pins}/RELAY_STATS")
     assert set(stats[0]["formatted"]["values"][0]["value"]) == {"relayed_bytes", "relayed_skbs", "redirect_failures",
-                                                           "up_bytes", "down_bytes"}
+                                                           "up_bytes", "down_bytes", "trimmed_bytes", "trim_failures"}
     layout = bpftool("map", "dump", "pinned", f"{pins}/LAYOUT")
     assert layout[0]["formatted"]["value"] == {"version": bpfload.LAYOUT_VERSION, "owner_pid": os.getpid()}
 
@@ -154,14 +156,14 @@ def test_forked_child_exiting_leaves_parent_pins_and_fds(relay_pins):
 
 def test_pinned_map_operations(relay_pins):
     with relay_pins.open_map("CONNECTION_MAP") as m:
-        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, 40)
+        assert (m.name, m.type_name, m.key_size, m.value_size) == ("CONNECTION_MAP", "hash", 8, Connection.LAYOUT.size)
         keys = [COOKIE.pack(i) for i in range(1, 6)]
         for i, key in enumerate(keys):
             m.update(key, Connection(i, i * 10, i * 100, 0, 1).pack())
         assert sorted(m.keys()) == sorted(keys)
         assert dict(m.items())[keys[2]] == Connection(2, 20, 200, 0, 1).pack()
         with pytest.raises(BpfError, match="CONNECTION_MAP.*File exists"):
-            m.update(keys[0], bytes(40), flags=bpfsys.BPF_NOEXIST)
+            m.update(keys[0], bytes(Connection.LAYOUT.size), flags=bpfsys.BPF_NOEXIST)
         assert m.delete(keys[0]) is True
         assert m.delete(keys[0]) is False
         assert m.lookup(keys[0]) is None
@@ -170,7 +172,7 @@ def test_pinned_map_operations(relay_pins):
         assert len(m) == 3
     with relay_pins.open_map("RELAY_STATS") as stats:
         per_cpu = stats.lookup_percpu(b"\0" * 4)
-        assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(40) for v in per_cpu)
+        assert len(per_cpu) == bpfsys.possible_cpus() and all(v == bytes(8 * len(PERCPU_COUNTERS[RELAY_STATS])) for v in per_cpu)
 
 
 def test_batch_lookup_reads_every_entry(relay_pins):

@@ -110,10 +110,9 @@ def test_a_minute_of_mixed_traffic_with_faults_leaves_nothing_behind(proxy, back
     run_clients(started + MEASURED[1])
     after = idle_state()
     print(f"soak tally: {tally}\nidle workers before the last {MEASURED[1] - MEASURED[0]} s: {before}\nafter: {after}")
-    # Intact or cut short, never altered. One transfer in ~1,400 came back altered (right
-    # length, wrong sha256) in one of six runs, with worker kills and reloads: an open bug,
-    # not understood yet. Tolerated once a run so that it is seen and counted, not hidden.
-    assert sum(v for k, v in tally.items() if k.endswith("_corrupt")) <= 1, tally
+    # Intact or cut short, never altered. (A stretch repeated once in a few thousand
+    # transfers until the verdict cut retransmitted bytes it had already relayed.)
+    assert sum(v for k, v in tally.items() if k.endswith("_corrupt")) == 0, tally
     assert sum(v for k, v in tally.items() if "_" not in k) >= 500, tally
     assert set(after) == set(before), "a worker died in the calm part"
     for pid, now in after.items():
