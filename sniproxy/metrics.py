@@ -89,6 +89,11 @@ class MasterCollector(Collector):
             relayed.add_metric(("down", "kernel"), stats["down_bytes"])
             yield _counter("kernel_redirect_failures", "Buffers (skbs) the verdict could not redirect, "
                            "having no pair or no peer: left on the socket for userspace.", stats["redirect_failures"])
+            yield _counter("kernel_trimmed_bytes", "Bytes TCP delivered twice (a retransmission overlapping "
+                           "bytes already received) that the verdict cut instead of relaying again.",
+                           stats["trimmed_bytes"])
+            yield _counter("kernel_trim_failures", "Buffers whose repeated bytes the verdict could not cut: "
+                           "their pairs were reset.", stats["trim_failures"])
             yield _gauge("kernel_map_pairs", "Pairs in the kernel's SOCK_MAP now (its entries / 2), as the "
                          "kernel sees them.", entries // 2)
             if xdp is not None:

@@ -189,6 +189,7 @@ def test_kernel_bytes_and_pairs(proxy, backends, pin_path):
     assert (sum(up.values()), sum(down.values())) == (len(first + payload), 2 * len(first + payload))
     assert get(m, "sniproxy_kernel_maps_full_total") == 0
     assert ("sniproxy_kernel_redirect_failures_total", ()) in m
+    assert m[("sniproxy_kernel_trim_failures_total", ())] == 0
     assert get(m, "sniproxy_relays_cut_total", reason="idle_timeout") == 0
     assert stats(p)["relayed_kernel"] == 1
 
