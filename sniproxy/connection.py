@@ -298,7 +298,7 @@ class Connection:
 
     def _relay(self) -> None:
         self.record["up"] = len(self.data)
-        self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed)
+        self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
 
     def _relayed(self, result: RelayResult) -> None:
         counters, data = self.ctx.counters, self.data

@@ -61,6 +61,10 @@ class RelayControl(NamedTuple):
     def pack(self) -> bytes:
         return self.LAYOUT.pack(*self)
 
+    @classmethod
+    def unpack(cls, raw: bytes) -> "RelayControl":
+        return cls._make(cls.LAYOUT.unpack(raw))
+
 
 MODE_PAUSED, MODE_RESUMING = 1, 2
 

@@ -19,6 +19,7 @@ TCP_ESTABLISHED, TCP_CLOSE = 1, 7
 # States after a FIN arrived (TCP_CLOSE counts when no error is pending:
 # a socket that finished both FINs while we held it ends there).
 _FIN_RECEIVED = {6, 8, 9, 11}  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_FIN_SENT = {4, 5, 6, 9, 11}   # FIN_WAIT1, FIN_WAIT2, TIME_WAIT, LAST_ACK, CLOSING
 
 
 class TcpCounters(NamedTuple):
@@ -94,6 +95,20 @@ class Side:
                 break
         self.consumed0, self.received0, self.state0 = now.received - inq, now.received, now.state
         self.written0 = now.acked + ioctl_int(self.fd, SIOCOUTQ)
+
+    _SAVED = ("early", "consumed0", "received0", "state0", "written0", "in_userspace")
+
+    def saved(self) -> dict:
+        """What a worker that adopts the pair needs of this side (keeper.py)."""
+        return {name: getattr(self, name) for name in self._SAVED}
+
+    def restore(self, saved: dict) -> None:
+        for name in self._SAVED:
+            setattr(self, name, saved[name])
+
+    def sent_fin(self) -> bool:
+        """We shut this socket's sending side down (a FIN carried to it)."""
+        return TcpCounters.of(self.sock).state in _FIN_SENT
 
     def may_hold_stranded_bytes(self) -> bool:
         """After its SOCK_MAP insertion: did bytes reach it that no verdict has seen?

@@ -64,6 +64,7 @@ import time
 import gevent
 import gevent.monkey
 
+from . import keeper
 from .bpfsys import PinnedMap
 from .kernel_abi import (CONNECTION_MAP, COOKIE, DIRECTION_DOWN, DIRECTION_UP, MODE_PAUSED, MODE_RESUMING,
                          RELAY_CONTROL, SOCK_MAP, SOCK_TARGETS, Connection, RelayControl)
@@ -125,9 +126,13 @@ class _Task:
 class KernelRelay:
     kind = "kernel"
 
-    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20, counters=None):
+    def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20, counters=None,
+                 keeper: socket.socket | None = None):
         self.max_queued, self.sndbuf = max_queued, sndbuf
         self.counters = counters   # the worker's CounterRow, if any
+        self.keeper = keeper       # the worker's end of its channel to the master (keeper.py)
+        self.kept = 0              # pairs watched here that the master holds copies of
+        self.adopted = 0           # of those, the ones that began in another worker
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections, self.control = (
@@ -163,30 +168,63 @@ class KernelRelay:
     # -- the relay interface ------------------------------------------------
 
     def start(self, client: socket.socket, upstream: socket.socket, limits: Limits, on_done: OnDone,
-              before: Progress | None = None) -> _Task:
+              before: Progress | None = None, record: dict | None = None) -> _Task:
         """The pair's watch runs in a greenlet of its own: it waits on its counters.
-        `before`, from a Chain, paces the first check of a pair handed off by age."""
+        `before`, from a Chain, paces the first check of a pair handed off by age.
+        `record`, the pair's access-log record so far, goes to the keeper with it."""
         first_check = MIN_CHECK_INTERVAL
         if before is not None:
             # A quiet pair, checked first at the pace its rate so far allows, as _pace paces
             # any pair. Checking thousands of idle pairs from MIN_CHECK_INTERVAL on kept the
             # worker busy and registrations behind.
             first_check = self._check_interval(before.moved / max(before.seconds, 1e-3), 0)
-        return _Task(gevent.spawn(self._relay, client, upstream, limits, on_done, first_check))
+        return _Task(gevent.spawn(self._relay, lambda: Pair(client, upstream), limits, on_done, first_check, record))
 
-    def _relay(self, client, upstream, limits: Limits, on_done: OnDone, first_check: float) -> None:
+    def adopt(self, state: dict, fds: list[int], limits: Limits, on_done: OnDone) -> None:
+        """Take over a pair the kernel relays for a worker that exited (keeper.py): the
+        sockets are already in the maps, and `state` holds what that worker knew."""
+        client, upstream = (socket.socket(fileno=fd) for fd in fds)
+        pair = Pair(client, upstream)
+        for side, saved in zip(pair.sides, state["sides"]):
+            side.restore(saved)
+        for side in pair.sides:
+            control = self.control.lookup(side.key)
+            side.kernel = KernelCounts.of(self.connections.lookup(side.key))
+            if control is not None:      # it was paused, or resuming: resume it in order
+                side.paused, side.forwarded = True, RelayControl.unpack(control).forwarded
+            else:                        # after a resume, everything kept was sent on
+                side.forwarded = side.kernel.passed
+        for side in pair.sides:
+            side.fin_sent = pair.peer(side).sent_fin()
+            self._pairs_by_fd[side.fd] = pair
+            self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
+
+        self.kept += 1
+        self.adopted += 1
+
+        def ended(result: RelayResult) -> None:
+            self.adopted -= 1
+            on_done(result)
+            client.close(), upstream.close()
+        gevent.spawn(self._relay, lambda: pair, limits, ended, MIN_CHECK_INTERVAL, state["record"], adopted=True)
+
+    def _relay(self, pair_of, limits: Limits, on_done: OnDone, first_check: float, record: dict | None,
+               adopted: bool = False) -> None:
         try:
-            result = self._relay_pair(client, upstream, limits, first_check)
+            result = self._relay_pair(pair_of(), limits, first_check, record, adopted)
         except Exception:  # noqa: BLE001 - the connection must still end
             log.exception("kernel relay failed")
             result = RelayResult(0, 0, "error", self.kind)
         on_done(result)
 
-    def _relay_pair(self, client, upstream, limits: Limits, first_check: float) -> RelayResult:
-        pair = Pair(client, upstream)
+    def _relay_pair(self, pair: Pair, limits: Limits, first_check: float, record: dict | None,
+                    adopted: bool) -> RelayResult:
         outcome = "error"
+        kept = adopted
         try:
-            self._register(pair)
+            if not adopted:
+                self._register(pair)
+                kept = self._keep(pair, record)
             pair.interval = first_check
             outcome = self._watch(pair, limits)
         except _Declined:
@@ -199,6 +237,8 @@ class KernelRelay:
                 outcome = "error"
         finally:
             (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
+            if kept:
+                self._drop(pair)
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
@@ -274,6 +314,29 @@ class KernelRelay:
                 self._drain_into(side, pair.peer(side))
             elif side.may_hold_stranded_bytes():
                 _kick(side.sock)
+
+    def _keep(self, pair: Pair, record: dict | None) -> bool:
+        """Give the master copies of both sockets (keeper.py): from now on the pair
+        outlives this worker. False when there is no keeper, or it could not take them."""
+        if self.keeper is None or record is None:
+            return False
+        state = {"key": COOKIE.unpack(pair.client.key)[0], "record": record,
+                 "sides": [side.saved() for side in pair.sides]}
+        try:
+            keeper.send(self.keeper, {"op": "keep", "key": state["key"], "state": state},
+                        (pair.client.fd, pair.upstream.fd))
+        except OSError as e:
+            log.warning("the master could not keep a kernel pair: %s", e)
+            return False
+        self.kept += 1
+        return True
+
+    def _drop(self, pair: Pair) -> None:
+        self.kept -= 1
+        try:
+            keeper.send(self.keeper, {"op": "drop", "key": COOKIE.unpack(pair.client.key)[0]})
+        except OSError as e:   # the master is gone: its copies went with it
+            log.debug("dropping a kept pair: %s", e)
 
     def _note_full(self) -> None:
         self.full += 1

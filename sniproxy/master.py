@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
-from . import metrics, privileges, systemd
+from . import keeper, metrics, privileges, systemd
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
+from .keeper import Keeper
 from .runtime import RuntimePaths, alive, read_pid
 from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker
 
@@ -70,6 +71,7 @@ class Master:
     reloads_ok: int = 0
     reloads_rejected: int = 0
     last_reload_at: float = field(default_factory=time.time)   # the start counts as one
+    keeper: Keeper | None = None   # copies of the kernel-relayed pairs' sockets (kernel relay only)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Master:
                 self.reap_workers()
                 if self.stopping and not self.workers:
                     return 0
+                self.keep_pairs()
                 sig = self.next_signal(timeout=1.0 if self.ready_generation == self.generation else 0.05)
                 if sig is not None:
                     getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}")()
@@ -93,6 +96,7 @@ class Master:
                 self.sweep_stale_pairs()
                 if not self.stopping:
                     self.manage_workers()
+                self.keep_pairs()
         finally:
             self.cleanup()
 
@@ -111,6 +115,8 @@ class Master:
         except BpfSetupError as e:
             raise StartError(str(e)) from None
         self._set_owner()
+        if self.bpf.relay_kind == "kernel":
+            self.keeper = Keeper()
         self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
@@ -121,6 +127,8 @@ class Master:
         for w in self.workers.values():
             os.waitpid(w.pid, 0)
         self.workers.clear()
+        if self.keeper is not None:   # stopping: the pairs it kept end with us
+            self.keeper.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
@@ -144,7 +152,7 @@ class Master:
 
     def next_signal(self, timeout: float) -> int | None:
         if not self.signals:
-            select.select([self._wake_r], [], [], timeout)
+            select.select([self._wake_r] + (self.keeper.fds() if self.keeper else []), [], [], timeout)
             try:
                 while os.read(self._wake_r, 4096):
                     pass
@@ -241,10 +249,12 @@ class Master:
         self.spawned += 1
         heartbeat = Heartbeat()
         listeners = [(lc, self.sockets[(index, lc.address)]) for lc in self.cfg.listener]
+        master_end, worker_end = keeper.channel() if self.keeper is not None else (None, None)
+        inherited = self._fds_not_for(index) + ([master_end.fileno()] if master_end is not None else [])
         worker = Worker(self.cfg, index, self.spawned, Slot(listeners), relay_kind=self.bpf.relay_kind,
                         bpf_pins=self.bpf.pins_for_workers, heartbeat=heartbeat,
-                        counters_path=self.counters_path, inherited=self._fds_not_for(index),
-                        owner=self.owner, caps=self.worker_caps)
+                        counters_path=self.counters_path, inherited=inherited,
+                        owner=self.owner, caps=self.worker_caps, keeper=worker_end)
         # Until the child has its own handlers, a signal would run the master's, which
         # only queue it in the child's copy of the master: a worker stopped while
         # booting would never stop. Blocked, it waits for the worker's handlers.
@@ -260,6 +270,9 @@ class Master:
                 os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[pid] = WorkerProcess(pid, index, self.spawned, self.generation, heartbeat)
+        if self.keeper is not None:
+            worker_end.close()
+            self.keeper.add_worker(pid, master_end)
 
     def _set_owner(self) -> None:
         self.owner = privileges.ids(self.cfg.master.user, self.cfg.master.group)
@@ -286,7 +299,17 @@ class Master:
         fds = [self._wake_r, self._wake_w] + [w.heartbeat.fd for w in self.workers.values()]
         fds += [self.metrics_server.fileno()] if self.metrics_server is not None else []
         fds += [sock.fileno() for (slot, _), sock in self.sockets.items() if slot != index]
+        fds += self.keeper.kept_fds() if self.keeper is not None else []
         return fds + ([self.ready_fd] if self.ready_fd is not None else [])
+
+    def keep_pairs(self) -> None:
+        """Take the workers' keeps and drops; hand the pairs of exited workers to live
+        ones at once (the kernel relays them meanwhile, but nothing watches them)."""
+        if self.keeper is None:
+            return
+        self.keeper.poll()
+        if not self.stopping:
+            self.keeper.hand_over([w.pid for w in self.workers.values() if w.generation == self.generation])
 
     def signal_workers(self, sig: int) -> None:
         for w in self.workers.values():
@@ -305,6 +328,8 @@ class Master:
             if w is None:
                 continue
             w.heartbeat.close()
+            if self.keeper is not None:
+                self.keeper.worker_exited(pid)
             reaped = True
             code = os.waitstatus_to_exitcode(status)
             if code == BOOT_ERROR:

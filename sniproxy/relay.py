@@ -88,8 +88,8 @@ class Chain:
         self.first, self.then, self.handoff = first, then, handoff
         self.kind = then.kind
 
-    def start(self, client, upstream, limits: Limits, on_done: OnDone) -> "_Chained":
-        chained = _Chained(self, client, upstream, limits, on_done)
+    def start(self, client, upstream, limits: Limits, on_done: OnDone, record: dict | None = None) -> "_Chained":
+        chained = _Chained(self, client, upstream, limits, on_done, record)
         if self.handoff == (0, 0):   # `then` from the start
             chained.handed_off(RelayResult(0, 0, "handoff"))
         else:
@@ -107,10 +107,11 @@ class Chain:
 
 class _Chained:
     """One pair's way through a Chain: the relay that holds it now."""
-    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "started", "handle", "stage")
+    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "stage")
 
-    def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone):
+    def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone, record: dict | None):
         self.chain, self.client, self.upstream, self.limits, self.on_done = chain, client, upstream, limits, on_done
+        self.record = record   # the access-log record so far, for a pair that may end in another worker
         self.started = time.monotonic()
         self.handle = None
         self.stage = 0
@@ -130,7 +131,10 @@ class _Chained:
         # A pair handed off by age is quiet: the next relay may pace itself by the rate so far.
         by_age = moved < self.chain.handoff.bytes
         progress = Progress(moved, time.monotonic() - self.started) if by_age else None
-        self.run(self.chain.then, lambda result: self.declined(result.after(before)), before=progress)
+        record = None if self.record is None else dict(   # what the log line says if it ends elsewhere
+            self.record, up=self.record.get("up", 0) + before.up, down=before.down,
+            started_at=time.time() - (time.monotonic() - self.started))
+        self.run(self.chain.then, lambda result: self.declined(result.after(before)), before=progress, record=record)
 
     def declined(self, result: RelayResult) -> None:
         if result.outcome != "declined":

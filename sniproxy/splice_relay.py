@@ -34,7 +34,8 @@ class SpliceRelay(UserspaceRelay):
         self._pool: list[tuple[int, int]] = []   # empty pipes, for the next pairs
         self._pool_size = pool_size
 
-    def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff=None, before=None) -> UserspacePair:
+    def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff=None, before=None,
+              record=None) -> UserspacePair:
         for sock in (client, upstream):
             # splice(2) follows the socket's own O_NONBLOCK, not SPLICE_F_NONBLOCK.
             sock.setblocking(False)

@@ -155,7 +155,8 @@ class UserspaceRelay:
         self._buffer = memoryview(bytearray(buffer_size))
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone,
-              handoff: Handoff | None = None) -> UserspacePair:
+              handoff: Handoff | None = None, record: dict | None = None) -> UserspacePair:
+        """record: the access-log record, for relays whose pairs may end elsewhere (unused here)."""
         return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
 
     def _release(self, pair: UserspacePair) -> None:

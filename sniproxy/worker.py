@@ -86,7 +86,7 @@ def _bpf_fds() -> list[int]:
 class Worker:
     def __init__(self, cfg: Config, index: int, number: int, slot: Slot, *, relay_kind: str,
                  bpf_pins: str | None, heartbeat: Heartbeat, counters_path: str, inherited: list[int],
-                 owner: tuple[int, int] | None = None, caps: set[int] = frozenset()):
+                 owner: tuple[int, int] | None = None, caps: set[int] = frozenset(), keeper=None):
         self.cfg = cfg
         self.index = index           # slot, stable across respawns and reloads
         self.number = number         # spawn number, unique for the master's life
@@ -98,6 +98,7 @@ class Worker:
         self.inherited = inherited   # the master's fds this child must not keep
         self.owner = owner           # (uid, gid) to drop to, or None (master.user, master.group)
         self.caps = caps             # the capabilities it keeps then
+        self.keeper = keeper         # its end of the channel to the master's keeper (kernel relay only)
         self.master_pid = os.getpid()   # __init__ runs in the master
         self.alive = True
         self.held = False            # full (master.max_connections): not accepting for now
@@ -151,6 +152,8 @@ class Worker:
             resolver=self._resolver(),
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
+        if self.keeper is not None:
+            self.loop.io(self.keeper.fileno(), 1).start(self._on_keeper)
         if self.owner is not None:   # before the first client byte is read
             from .privileges import drop
             drop(self.owner, set(self.caps))
@@ -210,7 +213,8 @@ class Worker:
             policy = "kernel" if self.relay_kind == "kernel" else "copy"
         if policy == "kernel" and self.relay_kind == "kernel":
             from .kernel_relay import KernelRelay
-            then = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters)
+            then = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
+                               keeper=self.keeper)
         elif policy == "splice":
             from .splice_relay import SpliceRelay
             then = SpliceRelay()
@@ -261,20 +265,60 @@ class Worker:
             self._accept_all(lc, listening)
 
     def _stop_gracefully(self) -> None:
-        """Serve what is in flight until graceful_timeout, then leave."""
+        """Serve what is in flight until graceful_timeout, then leave. Pairs the master
+        keeps (kernel-relayed) do not hold us: another worker adopts them."""
         self.alive = False
         timeout = self.cfg.master.graceful_timeout
         deadline = time.monotonic() + timeout
-        while self.connections and time.monotonic() < deadline:
+        while len(self.connections) > self._kept_connections() and time.monotonic() < deadline:
             # Not a latch: the last connection may have left before the ones accepted at
             # TERM arrived (a probe that closed at once), and those must be served too.
             self.all_ended.clear()
-            self.all_ended.wait(deadline - time.monotonic())
+            self.all_ended.wait(min(deadline - time.monotonic(), 0.1 if self.keeper is not None else math.inf))
         if self.connections:
             log.warning("worker %d: %d connections still open after %.0fs, closing them",
                         self.index, len(self.connections), timeout)
         self.relay.close()
         os._exit(0)
+
+    def _kernel_relay(self):
+        then = getattr(self.relay, "then", None)
+        return then if getattr(then, "kind", None) == "kernel" else None
+
+    def _kept_connections(self) -> int:
+        """Our Connections whose pairs the master keeps (not the ones we adopted)."""
+        kernel = self._kernel_relay()
+        return kernel.kept - kernel.adopted if kernel is not None and self.keeper is not None else 0
+
+    def _on_keeper(self) -> None:
+        """Pairs of a worker that exited, handed to us by the master (keeper.py)."""
+        from . import keeper
+        while True:
+            try:
+                got = keeper.receive(self.keeper)
+            except (EOFError, OSError):
+                return
+            if got is None:
+                return
+            message, fds = got
+            kernel = self._kernel_relay()
+            if message.get("op") != "adopt" or kernel is None or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            record = message["state"]["record"]
+            kernel.adopt(message["state"], fds, self.ctx.limits, lambda result, r=record: self._adopted_ended(r, result))
+
+    def _adopted_ended(self, record: dict, result) -> None:
+        """The end of a pair that began in another worker: its counters and log line."""
+        counters = self.counters
+        counters.add(f"relayed_{result.kind}")
+        counters.add("bytes_up_userspace", result.up - result.kernel_up)
+        counters.add("bytes_down_userspace", result.down - result.kernel_down)
+        started_at = record.pop("started_at", time.time())
+        record.update(up=record.get("up", 0) + result.up, down=record.get("down", 0) + result.down,
+                      relay=result.kind, outcome=result.outcome, duration=time.time() - started_at)
+        self.access_log.write(record)
 
     def _watch_listeners(self) -> None:
         for (lc, listening), acceptor in zip(self.slot.listeners, self.acceptors):

@@ -66,7 +66,7 @@ class FakeRelay:
     def __init__(self):
         self.started = []
 
-    def start(self, client, upstream, limits, on_done):
+    def start(self, client, upstream, limits, on_done, record=None):
         pair = SimpleNamespace(client=client, upstream=upstream, limits=limits, on_done=on_done,
                                cancel=lambda: pytest.fail("a Connection never cancels its relay"))
         self.started.append(pair)

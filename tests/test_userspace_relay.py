@@ -208,7 +208,7 @@ class Then:
         self.relay, self.decline_after = UserspaceRelay(buffer_size=16 * 1024), decline_after
         self.befores, self.results = [], []
 
-    def start(self, client, upstream, limits, on_done, before=None):
+    def start(self, client, upstream, limits, on_done, before=None, record=None):
         self.befores.append(before)
 
         def ended(result: RelayResult) -> None:
@@ -230,7 +230,7 @@ class Recording(UserspaceRelay):
         super().__init__(buffer_size=16 * 1024)
         self.results = []
 
-    def start(self, client, upstream, limits, on_done, handoff=None):
+    def start(self, client, upstream, limits, on_done, handoff=None, record=None):
         return super().start(client, upstream, limits, lambda r: (self.results.append(r), on_done(r)), handoff)
 
 

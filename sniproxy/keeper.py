@@ -1,0 +1,136 @@
+"""Kernel-relayed pairs outlive their worker: the master keeps a copy of both
+sockets of every pair the kernel relays, so a worker that exits (reloaded,
+crashed, killed with SIGKILL) closes only its own copies, the kernel goes on
+relaying, and the master hands the pair to a live worker, which takes over
+watching it (half-closes, the end, max_queued, the idle limit, the log line).
+
+Each worker has a SOCK_SEQPACKET socketpair with the master. Messages are JSON,
+with the pair's two sockets as SCM_RIGHTS on "keep" and "adopt":
+  worker -> master  {"op": "keep", "key": K, "state": {...}}  + client, upstream
+  worker -> master  {"op": "drop", "key": K}      the pair ended: close the copies
+  master -> worker  {"op": "adopt", "state": {...}} + client, upstream
+A pair's sockets stay open while any copy does: a socket that must reset
+(SO_LINGER 0) does so when the master closes the last copy on "drop".
+"""
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+
+log = logging.getLogger("sniproxy.keeper")
+_MAX_MESSAGE = 1 << 16
+_FDS = array.array("i")
+
+
+def channel() -> tuple[socket.socket, socket.socket]:
+    """(master's end, worker's end), made before the fork."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master.setblocking(False)
+    return master, worker
+
+
+def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
+    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+
+
+def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    """The next message and the fds it carried; None when none waits; EOFError when
+    the other end closed."""
+    try:   # not socket.recv_fds: before 3.12 it drops its flags, and would wait
+        data, ancillary, _, _ = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(2 * _FDS.itemsize), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    if not data:
+        raise EOFError
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return json.loads(data), list(fds)
+
+
+class Keeper:
+    """The master's side: the kept pairs, by worker, and the orphans of dead workers
+    waiting for a live one."""
+
+    def __init__(self):
+        self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
+        self.kept: dict[int, dict[int, tuple[dict, list[int]]]] = {}   # pid -> key -> (state, fds)
+        self.orphans: list[tuple[dict, list[int]]] = []
+        self.adopted = 0   # pairs handed from a dead worker to a live one
+
+    def add_worker(self, pid: int, master_end: socket.socket) -> None:
+        self.channels[pid] = master_end
+        self.kept[pid] = {}
+
+    def fds(self) -> list[int]:
+        """The master's ends of the channels (what its loop waits on)."""
+        return [s.fileno() for s in self.channels.values()]
+
+    def kept_fds(self) -> list[int]:
+        """Everything a new worker inherits from us and must close: the channels and
+        the kept sockets (a copy in a worker would outlive the pair's end)."""
+        return self.fds() + [fd for pairs in self.kept.values() for _, fds in pairs.values() for fd in fds] + \
+            [fd for _, fds in self.orphans for fd in fds]
+
+    def poll(self) -> None:
+        """Take every waiting message of every worker."""
+        for pid, sock in list(self.channels.items()):
+            while True:
+                try:
+                    got = receive(sock)
+                except (EOFError, OSError):
+                    break      # the worker is gone: worker_exited() hands its pairs on
+                if got is None:
+                    break
+                message, fds = got
+                if message["op"] == "keep":
+                    self.kept[pid][message["key"]] = (message["state"], fds)
+                elif message["op"] == "drop":
+                    _close(self.kept[pid].pop(message["key"], (None, []))[1])
+                else:
+                    _close(fds)
+
+    def worker_exited(self, pid: int) -> None:
+        """Its pairs still relay in the kernel: they wait for a live worker."""
+        self.poll()   # its last keeps and drops first
+        sock = self.channels.pop(pid, None)
+        if sock is not None:
+            sock.close()
+        self.orphans += self.kept.pop(pid, {}).values()
+
+    def hand_over(self, pids: list[int]) -> None:
+        """Give the orphans to live workers, in turn."""
+        while self.orphans and pids:
+            state, fds = self.orphans.pop()
+            pid = pids[len(self.orphans) % len(pids)]
+            try:
+                send(self.channels[pid], {"op": "adopt", "state": state}, fds)
+            except OSError as e:
+                log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
+                _close(fds)
+                continue
+            self.kept[pid][state["key"]] = (state, fds)
+            self.adopted += 1
+            log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
+
+    def close(self) -> None:
+        for pairs in self.kept.values():
+            for _, fds in pairs.values():
+                _close(fds)
+        for _, fds in self.orphans:
+            _close(fds)
+        for sock in self.channels.values():
+            sock.close()
+        self.kept.clear(), self.orphans.clear(), self.channels.clear()
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

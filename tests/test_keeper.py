@@ -1,0 +1,92 @@
+"""Kernel-relayed connections outlive their worker (sniproxy/keeper.py): the master
+keeps a copy of both sockets of every kernel-relayed pair, and hands the pair to a
+live worker when its own exits."""
+import hashlib
+import os
+import random
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from harness import free_port, wait_until
+from test_kernel_proxy import _owner, entries
+
+pytestmark = pytest.mark.bpf
+GiB, CHUNK = 1 << 30, 1 << 20
+
+
+def _config(port: int, echo, pin_path: str, access_log) -> str:
+    return (f'[master]\nworkers = 2\ngraceful_timeout = 5.0\n'
+            f'[bpf]\nmode = "require"\npin_path = "{pin_path}"\n'
+            f'[log]\naccess = "{access_log}"\n'
+            f'[[listener]]\naddress = "127.0.0.1:{port}"\nfallback = "{echo.address}"\n')
+
+
+def _watcher(client: socket.socket, p) -> int | None:
+    try:
+        return _owner(client, p.worker_pids())
+    except AssertionError:   # none for a moment: the master hands it on
+        return None
+
+
+def _master_fds(p) -> int:
+    return len(os.listdir(f"/proc/{p.proc.pid}/fd"))
+
+
+def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, pin_path, tmp_path):
+    """Both ways at once, paced so that the faults fall across it: every second a
+    SIGKILL of the worker that watches the pair, or a reload. The bytes arrive intact,
+    each kill hands the pair to another worker, and once it ends its log line counts
+    every byte and the master keeps nothing."""
+    echo = plain("echo")
+    port, access_log = free_port(), tmp_path / "access.log"
+    p = proxy(_config(port, echo, pin_path, access_log), wait_ports=(port,))
+    fds_before = _master_fds(p)
+    block = os.urandom(CHUNK)
+    sent, received, got = hashlib.sha256(), hashlib.sha256(), [0]
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    chunks = [b"\x00" + block[1:]] + [block[i % 997:] + block[:i % 997] for i in range(1, 2 * GiB // CHUNK)]
+
+    def read_back():
+        while got[0] < 2 * GiB and (data := client.recv(CHUNK)):
+            received.update(data)
+            got[0] += len(data)
+    reader = threading.Thread(target=read_back, daemon=True)
+    reader.start()
+    faults = ["kill", "reload"] * 10
+    random.Random(7).shuffle(faults)
+    kills = 0
+    started = time.monotonic()
+    try:
+        for i, chunk in enumerate(chunks):
+            client.sendall(chunk)
+            sent.update(chunk)
+            due = started + i * 22.0 / len(chunks)      # about 22 s in all
+            time.sleep(max(0.0, due - time.monotonic()))
+            if faults and time.monotonic() - started > 21 - len(faults):   # one a second from 1 s
+                fault = faults.pop()
+                if fault == "kill":   # the worker that watches it (once one adopted it)
+                    owner = wait_until(lambda: _watcher(client, p), timeout=5, what="a worker to watch the pair")
+                    os.kill(owner, signal.SIGKILL)
+                    kills += 1
+                else:
+                    p.reload()
+        client.shutdown(socket.SHUT_WR)
+        reader.join(60)
+        assert not reader.is_alive(), f"the echo stalled at {got[0]} of {2 * GiB} bytes"
+        assert (got[0], received.hexdigest()) == (2 * GiB, sent.hexdigest())
+        assert client.recv(1) == b""     # the end carried too
+    finally:
+        client.close()
+    assert not faults and kills == 10
+    assert p.output().count("adopted a kernel pair") >= kills
+    wait_until(lambda: f"up={2 * GiB} down={2 * GiB}" in access_log.read_text(), timeout=10,
+               what="the pair's log line, with every byte")
+    line = next(line for line in access_log.read_text().splitlines() if f"up={2 * GiB}" in line)
+    assert "relay=kernel outcome=done" in line, line
+    wait_until(lambda: entries(pin_path, "SOCK_MAP") == 0 and entries(pin_path, "CONNECTION_MAP") == 0,
+               timeout=10, what="the maps to empty")
+    wait_until(lambda: _master_fds(p) == fds_before, timeout=10, what="the master to close its copies")
