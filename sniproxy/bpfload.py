@@ -127,6 +127,15 @@ def read_layout(pin_path: str) -> int | None:
     return LAYOUT_VALUE.unpack(value)[0] if value else None
 
 
+def reuse(pin_path: str) -> "LoadedBpf":
+    """What another image of this master pinned at pin_path, taken as it is (an upgrade:
+    pairs relay through these maps now); BpfLoadError unless its layout is this code's."""
+    found = read_layout(pin_path)
+    if found != LAYOUT_VERSION:
+        raise BpfLoadError(f"the pins at {pin_path} have layout {found}, this code uses {LAYOUT_VERSION}")
+    return LoadedBpf(pin_path)
+
+
 def unpin(pin_path: str) -> None:
     """Remove every pin under pin_path and the directory itself."""
     if not os.path.isdir(pin_path):

@@ -30,7 +30,9 @@ class BpfSetup:
         self.skipped: list[str] = []
         self._suspects: set[bytes] = set()         # relay entries with no socket at the last sweep
 
-    def start(self) -> None:
+    def start(self, reuse_pins: dict[str, int] | None = None) -> None:
+        """reuse_pins, after an upgrade: the pins are live (pairs relay through them), so
+        take them as they are; it maps the interfaces XDP is attached to to their flags."""
         bpf = self.cfg.bpf
         if bpf.mode == "off":
             log.info("bpf.mode = off: relaying in userspace")
@@ -40,7 +42,8 @@ class BpfSetup:
             problems = bpfload.probe(bpf.pin_path).problems()
             if problems:
                 raise bpfload.BpfLoadError("; ".join(problems))
-            self.loaded = bpfload.load(bpf.pin_path, PROGRAMS, cflags=self._cflags())
+            self.loaded = bpfload.reuse(bpf.pin_path) if reuse_pins is not None else \
+                bpfload.load(bpf.pin_path, PROGRAMS, cflags=self._cflags())
         except bpfload.BpfLoadError as e:
             if bpf.mode == "require":
                 raise BpfSetupError(f"bpf.mode = require, but the kernel relay is unavailable: {e}") from None
@@ -51,7 +54,15 @@ class BpfSetup:
         self.pins_for_workers = bpf.pin_path
         self._load_access_rules(self.cfg)
         for ifname in bpf.xdp_interfaces:
-            self._attach_xdp(ifname)
+            if ifname in (reuse_pins or {}):
+                self.xdp_attached[ifname] = reuse_pins[ifname]
+            else:
+                self._attach_xdp(ifname)
+
+    def layout_version(self) -> int | None:
+        """The layout of the maps pinned now (None: nothing pinned)."""
+        from . import bpfload
+        return bpfload.read_layout(self.cfg.bpf.pin_path) if self.loaded is not None else None
 
     def _cflags(self) -> dict[str, int]:
         return map_sizes(self.cfg.bpf.max_pairs, self.cfg.resolver.cache_size)

@@ -17,7 +17,8 @@ EPILOG = """\
 Without -c, the built-in default configuration is used (the same as etc/sniproxy.toml):
 a TLS listener on 127.0.0.1:8443 that routes example.com to 127.0.0.1:9443.
 
-Signals to the master: TERM/INT graceful stop, QUIT fast stop, HUP reload, USR1 reopen logs.
+Signals to the master: TERM/INT graceful stop, QUIT fast stop, HUP reload, USR1 reopen logs,
+USR2 upgrade.
 """
 
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     command("stop", "Stop gracefully: stop accepting, let connections finish until master.graceful_timeout.")
     command("reload", "Reload the config (as SIGHUP): new routes for new connections; live ones go on.")
+    command("upgrade", "Re-execute the master with the code now on disk (as SIGUSR2), keeping its pid, the "
+            "listening sockets, the BPF pins and the kernel-relayed connections.")
     command("status", "Say whether the master runs, its workers and its relay kind.")
     command("check", "Validate the config only; print every error.", config_required=True)
     stats = command("stats", "Counters from the pinned BPF maps and the workers.")
@@ -164,6 +167,14 @@ def cmd_reload(cfg: Config, args) -> int:
     return 0
 
 
+def cmd_upgrade(cfg: Config, args) -> int:
+    pid = _signal_master(cfg, args, signal.SIGUSR2)
+    if pid is None:
+        return 1
+    print(f"sniproxy-master: upgrade requested (pid {pid}); its log says when it is done")
+    return 0
+
+
 def _state(cfg: Config, args) -> dict | None:
     if _master_pid(cfg, args) is None:
         return None
@@ -209,7 +220,7 @@ def cmd_maps(cfg: Config, args) -> int:
     return 0
 
 
-COMMANDS = {"start": cmd_start, "stop": cmd_stop, "reload": cmd_reload, "status": cmd_status,
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "reload": cmd_reload, "upgrade": cmd_upgrade, "status": cmd_status,
             "check": cmd_check, "stats": cmd_stats, "maps": cmd_maps}
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class Master:
     spawned: int = 0
     signals: list[int] = field(default_factory=list)
     stopping: bool = False
+    upgrading: bool = False   # SIGUSR2: once the workers are gone, re-execute (see handle_usr2)
     next_sweep: float = 0.0
     owner: tuple[int, int] | None = None   # (uid, gid) workers drop to: master.user, master.group
     ready_generation: int = -1             # the generation whose workers systemd was told are up
@@ -85,6 +86,8 @@ class Master:
         try:
             while True:
                 self.reap_workers()
+                if self.upgrading and not self.workers:
+                    self._exec_upgrade()
                 if self.stopping and not self.workers:
                     return 0
                 self.keep_pairs()
@@ -108,15 +111,24 @@ class Master:
         CounterTable(self.paths.counters, create=True)
         self.counters_path = str(self.paths.counters)
         self._install_signals()
+        upgraded = _take_upgrade_state()
+        if upgraded is not None:   # what the image before this one handed over
+            self.sockets = {(slot, address): socket.socket(fileno=fd) for slot, address, fd in upgraded["sockets"]}
+            self.spawned, self.generation = upgraded["spawned"], upgraded["generation"] + 1
         self.bind_listeners(self.cfg)
         self.bpf = BpfSetup(self.cfg)
         try:
-            self.bpf.start()
+            self.bpf.start(reuse_pins=upgraded["xdp"] if upgraded is not None else None)
         except BpfSetupError as e:
             raise StartError(str(e)) from None
         self._set_owner()
         if self.bpf.relay_kind == "kernel":
             self.keeper = Keeper()
+            if upgraded is not None:
+                self.keeper.orphans = [(state, fds) for state, fds in upgraded["kept"]]
+        if upgraded is not None:
+            log.info("upgraded: master %d now runs the code on disk, with %d kept pairs", os.getpid(),
+                     len(upgraded["kept"]))
         self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
@@ -181,6 +193,58 @@ class Master:
         self.stopping = True
         self.stop_deadline = time.monotonic() + KILL_GRACE
         self.signal_workers(signal.SIGQUIT)
+
+    def handle_usr2(self) -> None:
+        """Upgrade: re-execute this master with the code now on disk, keeping its pid,
+        the listening sockets (connections wait in their queues), the pins and the
+        kernel-relayed pairs (keeper.py). The workers stop first, as on a stop; pairs
+        the master keeps go on relaying meanwhile, and the new workers adopt them."""
+        if self.stopping:
+            return
+        problem = self._upgrade_problem()
+        if problem:
+            log.error("upgrade refused: %s", problem)
+            return
+        log.info("upgrading: stopping the workers, then re-executing")
+        self.stopping = self.upgrading = True
+        self.stop_deadline = time.monotonic() + self.cfg.master.graceful_timeout
+        systemd.notify("RELOADING=1", "STATUS=upgrading")
+        self.signal_workers(signal.SIGTERM)
+
+    def _upgrade_problem(self) -> str | None:
+        """Why the code on disk cannot take over: it fails to start, reads another
+        config, or lays out the pinned maps differently."""
+        import subprocess
+        import sys
+        argv = [sys.executable, "-c", "from sniproxy.kernel_abi import LAYOUT_VERSION; print(LAYOUT_VERSION)"]
+        try:
+            version = int(subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout)
+            config_mod.load(self.config_path)
+        except (OSError, ValueError, subprocess.SubprocessError, ConfigError) as e:
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        pinned = self.bpf.layout_version()
+        if pinned is not None and version != pinned:
+            return f"the pinned maps have layout {pinned}, the code on disk uses {version}: stop and start instead"
+        return None
+
+    def _exec_upgrade(self) -> None:
+        import sys
+        fds = [sock.fileno() for sock in self.sockets.values()]
+        kept = self.keeper.orphans if self.keeper is not None else []
+        state = {"sockets": [[slot, address, sock.fileno()] for (slot, address), sock in self.sockets.items()],
+                 "kept": [[s, fds_] for s, fds_ in kept], "xdp": self.bpf.xdp_attached,
+                 "spawned": self.spawned, "generation": self.generation}
+        for fd in fds + [fd for _, fds_ in kept for fd in fds_]:
+            os.set_inheritable(fd, True)
+        path = self.paths.state.with_suffix(".upgrade")
+        path.write_text(json.dumps(state))
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        os.environ[UPGRADE_ENV] = str(path)
+        argv = [sys.executable, "-m", "sniproxy.cli", "start", "--foreground"]
+        argv += ["-c", self.config_path] if self.config_path else []
+        log.info("re-executing %s", " ".join(argv))
+        os.execv(sys.executable, argv)
 
     def handle_usr1(self) -> None:
         self.signal_workers(signal.SIGUSR1)
@@ -404,6 +468,21 @@ class Master:
             os.write(self.ready_fd, message.encode() + b"\n")
             os.close(self.ready_fd)
             self.ready_fd = None
+
+
+UPGRADE_ENV = "SNIPROXY_UPGRADE_STATE"
+
+
+def _take_upgrade_state() -> dict | None:
+    """The state a master handed over when it re-executed itself (handle_usr2)."""
+    path = os.environ.pop(UPGRADE_ENV, None)
+    if path is None:
+        return None
+    try:
+        state = json.loads(Path(path).read_text())
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return state
 
 
 def _reuseport_socket(address: str) -> socket.socket:

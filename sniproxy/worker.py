@@ -26,7 +26,7 @@ log = logging.getLogger("sniproxy.worker")
 
 # Every signal the master handles, and a worker too. The master blocks them
 # across fork, so a worker takes each one with its own handler, never the master's.
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
 
 # A worker that cannot boot exits with this, so the master halts instead of
 # respawning it forever.
@@ -174,7 +174,8 @@ class Worker:
         import gevent
         handlers = {signal.SIGTERM: self._on_term, signal.SIGQUIT: lambda: os._exit(0),
                     signal.SIGUSR1: self.access_log.reopen}
-        defaults = {signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_DFL, signal.SIGCHLD: signal.SIG_DFL}
+        defaults = {signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_DFL, signal.SIGUSR2: signal.SIG_IGN,
+                    signal.SIGCHLD: signal.SIG_DFL}
         assert set(handlers) | set(defaults) == set(SIGNALS)
         for sig, action in defaults.items():
             signal.signal(sig, action)

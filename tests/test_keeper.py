@@ -6,11 +6,13 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
+from test_bpf_load import bpftool
 from harness import free_port, wait_until
 from test_kernel_proxy import _owner, entries
 
@@ -32,22 +34,24 @@ def _watcher(client: socket.socket, p) -> int | None:
         return None
 
 
-def _master_fds(p) -> int:
-    return len(os.listdir(f"/proc/{p.proc.pid}/fd"))
+def _holders(client_address: str) -> str:
+    """ss -p lines of the proxy's sockets that still face client_address."""
+    return subprocess.run(["ss", "-tanpH", "dst", client_address], capture_output=True, text=True).stdout
 
 
-def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, pin_path, tmp_path):
+def test_a_2_gib_transfer_survives_10_worker_kills_10_reloads_and_an_upgrade(proxy, plain, pin_path, tmp_path):
     """Both ways at once, paced so that the faults fall across it: every second a
-    SIGKILL of the worker that watches the pair, or a reload. The bytes arrive intact,
+    SIGKILL of the worker that watches the pair, a reload, or (once) an upgrade, which
+    re-executes the master itself. The bytes arrive intact,
     each kill hands the pair to another worker, and once it ends its log line counts
     every byte and the master keeps nothing."""
     echo = plain("echo")
     port, access_log = free_port(), tmp_path / "access.log"
     p = proxy(_config(port, echo, pin_path, access_log), wait_ports=(port,))
-    fds_before = _master_fds(p)
     block = os.urandom(CHUNK)
     sent, received, got = hashlib.sha256(), hashlib.sha256(), [0]
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client_address = "%s:%d" % client.getsockname()
     chunks = [b"\x00" + block[1:]] + [block[i % 997:] + block[:i % 997] for i in range(1, 2 * GiB // CHUNK)]
 
     def read_back():
@@ -56,8 +60,9 @@ def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, 
             got[0] += len(data)
     reader = threading.Thread(target=read_back, daemon=True)
     reader.start()
-    faults = ["kill", "reload"] * 10
+    faults = ["kill", "reload"] * 10 + ["upgrade"]
     random.Random(7).shuffle(faults)
+    master, sock_map_id = p.proc.pid, bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
     kills = 0
     started = time.monotonic()
     try:
@@ -72,8 +77,12 @@ def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, 
                     owner = wait_until(lambda: _watcher(client, p), timeout=5, what="a worker to watch the pair")
                     os.kill(owner, signal.SIGKILL)
                     kills += 1
-                else:
+                elif fault == "reload":
                     p.reload()
+                else:
+                    upgraded = p.output().count("upgraded:")
+                    assert p.cli("upgrade").returncode == 0
+                    wait_until(lambda: p.output().count("upgraded:") > upgraded, timeout=15, what="the upgrade")
         client.shutdown(socket.SHUT_WR)
         reader.join(60)
         assert not reader.is_alive(), f"the echo stalled at {got[0]} of {2 * GiB} bytes"
@@ -82,6 +91,9 @@ def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, 
     finally:
         client.close()
     assert not faults and kills == 10
+    # The same master process, now running the code on disk, over the same maps.
+    assert p.proc.pid == master and p.proc.poll() is None
+    assert bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"] == sock_map_id
     assert p.output().count("adopted a kernel pair") >= kills
     wait_until(lambda: f"up={2 * GiB} down={2 * GiB}" in access_log.read_text(), timeout=10,
                what="the pair's log line, with every byte")
@@ -89,4 +101,23 @@ def test_a_2_gib_transfer_survives_10_worker_kills_and_10_reloads(proxy, plain, 
     assert "relay=kernel outcome=done" in line, line
     wait_until(lambda: entries(pin_path, "SOCK_MAP") == 0 and entries(pin_path, "CONNECTION_MAP") == 0,
                timeout=10, what="the maps to empty")
-    wait_until(lambda: _master_fds(p) == fds_before, timeout=10, what="the master to close its copies")
+    wait_until(lambda: f"pid={p.proc.pid}," not in _holders(client_address), timeout=10,
+               what="the master to close its copies")
+
+
+def test_an_upgrade_with_a_bad_config_is_refused_and_changes_nothing(proxy, plain, pin_path, tmp_path):
+    echo = plain("echo")
+    port = free_port()
+    good = _config(port, echo, pin_path, tmp_path / "access.log")
+    p = proxy(good, wait_ports=(port,))
+    workers = p.worker_pids()
+    p.write(good + "[nonsense]\n")
+    refused = p.cli("upgrade")     # the command checks the config first
+    assert refused.returncode == 1 and "nonsense" in refused.stderr
+    p.signal(signal.SIGUSR2)       # and so does the master, for a signal sent by hand
+    wait_until(lambda: "upgrade refused" in p.output(), timeout=30, what="the refusal")
+    assert "nonsense" in p.output().split("upgrade refused", 1)[1].splitlines()[0]
+    assert p.worker_pids() == workers and "upgrading" not in p.output()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"\x00still served")
+        assert c.recv(100) == b"\x00still served"

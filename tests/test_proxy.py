@@ -497,9 +497,10 @@ def test_workers_take_their_signals_once_booted(proxy, backends):
         return {key: {sig for sig in SIGNALS if mask & (1 << (sig - 1))} for key, mask in masks.items()}
 
     # The worker's: its own handlers for SIGTERM, SIGQUIT, SIGUSR1; SIGINT ignored (the
-    # terminal's ^C goes to the master); SIGHUP and SIGCHLD back to their defaults.
-    # The master catches all six.
-    worker = {"SigBlk": set(), "SigIgn": {signal.SIGINT}, "SigCgt": {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1}}
+    # terminal's ^C goes to the master), and SIGUSR2 (the master's upgrade); SIGHUP and
+    # SIGCHLD back to their defaults. The master catches all seven.
+    worker = {"SigBlk": set(), "SigIgn": {signal.SIGINT, signal.SIGUSR2},
+              "SigCgt": {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1}}
     assert dispositions(p.proc.pid) == {"SigBlk": set(), "SigIgn": set(), "SigCgt": set(SIGNALS)}
     pids = p.worker_pids()
     assert len(pids) == 2
