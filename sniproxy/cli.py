@@ -159,20 +159,19 @@ def cmd_stop(cfg: Config, args) -> int:
     return 1
 
 
-def cmd_reload(cfg: Config, args) -> int:
-    pid = _signal_master(cfg, args, signal.SIGHUP)
-    if pid is None:
-        return 1
-    print(f"sniproxy-master: reload requested (pid {pid})")
-    return 0
+def _request(sig: int, what: str):
+    """A command that signals the master and leaves it to carry on."""
+    def command(cfg: Config, args) -> int:
+        pid = _signal_master(cfg, args, sig)
+        if pid is None:
+            return 1
+        print(f"sniproxy-master: {what} requested (pid {pid}); its log says when it is done")
+        return 0
+    return command
 
 
-def cmd_upgrade(cfg: Config, args) -> int:
-    pid = _signal_master(cfg, args, signal.SIGUSR2)
-    if pid is None:
-        return 1
-    print(f"sniproxy-master: upgrade requested (pid {pid}); its log says when it is done")
-    return 0
+cmd_reload = _request(signal.SIGHUP, "reload")
+cmd_upgrade = _request(signal.SIGUSR2, "upgrade")
 
 
 def _state(cfg: Config, args) -> dict | None:
