@@ -28,6 +28,7 @@ NAMES = (
     "bytes_up_userspace", "bytes_down_userspace", "slow_reader", "idle_timeout", "closed_early", "errors",
 ) + tuple(f"refused_{r}" for r in REFUSAL_REASONS) + (
     "kernel_maps_full",    # pairs the kernel relay could not take (bpf.max_pairs): relayed in userspace
+    "dns_cache_hits", "dns_cache_misses",   # names of "*" or named backends: answered from the cache, or not
 )
 # Gauges: what a worker holds now, set (not added) once a second; read per live worker.
 GAUGES = (

@@ -67,6 +67,12 @@ class MasterCollector(Collector):
             refusals.add_metric((r,), c[f"refused_{r}"])
         yield refusals
         yield _counter("fallback_connections", "Connections sent to their listener's fallback.", c["fallback"])
+        lookups = CounterMetricFamily("sniproxy_dns_cache_lookups", "Names of backends looked up (named or "
+                                      "\"*\" backends), by result: hit (the shared DNS cache answered) or miss.",
+                                      labels=("result",))
+        lookups.add_metric(("hit",), c["dns_cache_hits"])
+        lookups.add_metric(("miss",), c["dns_cache_misses"])
+        yield lookups
         cut = CounterMetricFamily(
             "sniproxy_relays_cut", "Relayed connections the proxy ended itself: idle_timeout (nothing moved "
             "for timeouts.idle or half_closed) or slow_reader (a side left too much unread).", labels=("reason",))

@@ -55,9 +55,10 @@ def is_public(address: str) -> bool:
 
 
 class Resolver:
-    def __init__(self, cfg: ResolverConfig, cache, timeout: float = 5.0):
+    def __init__(self, cfg: ResolverConfig, cache, timeout: float = 5.0, counters=None):
         self.order = _ORDER[cfg.mode]
         self.cache = cache
+        self.counters = counters  # the worker's CounterRow: cache hits and misses
         self.queries = 0          # sent to a DNS server; the tests count these
         self._inflight: dict[str, gevent.event.AsyncResult] = {}
         self._dns = dns.resolver.Resolver(configure=not cfg.nameservers)
@@ -69,14 +70,21 @@ class Resolver:
         self._dns.lifetime = timeout
 
     def cached(self, name: str) -> list[str] | None:
-        """Addresses for name known without a query, else None."""
+        """Addresses for name known without a query, else None (a cache hit or miss:
+        a connection asks this first, and resolve() only on a miss)."""
+        known = self._known(name)
+        if self.counters is not None:
+            self.counters.add("dns_cache_hits" if known is not None else "dns_cache_misses")
+        return known
+
+    def _known(self, name: str) -> list[str] | None:
         if name in _LOCALHOST:
             return [a for fam in self.order for a in _LOCALHOST[name] if (":" in a) == (fam == "AAAA")]
         return self.cache.get(name)
 
     def resolve(self, name: str) -> list[str]:
         """Addresses for name, in the configured family order; raise ResolveError."""
-        cached = self.cached(name)
+        cached = self._known(name)
         if cached is not None:
             return cached
         pending = self._inflight.get(name)

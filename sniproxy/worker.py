@@ -203,7 +203,7 @@ class Worker:
             cache = PinnedDnsCache(self.bpf_pins)
         else:
             cache = LocalDnsCache(self.cfg.resolver.cache_size)
-        return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect)
+        return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect, counters=self.counters)
 
     def _open_relay(self, counters):
         """relay.policy: every connection starts in the copy relay; a Chain hands it on."""

@@ -171,6 +171,8 @@ def test_dns_cache_is_shared_by_the_workers(proxy, backends, pin_path, tmp_path)
             assert https_get(port, "shared.example.com") == "backend=resolved\n"
         assert dns.queries("shared.example.com") == 1
         assert entries(pin_path, "DNS_CACHE") == 1
+        counted = stats(p)   # the one query was the one miss; the other eleven hit the cache
+        assert (counted["dns_cache_misses"], counted["dns_cache_hits"]) == (1, 11)
         # Both workers served some of the connections, so the second one used the shared entry.
         assert len(p.worker_pids()) == 2
     finally:
