@@ -14,6 +14,7 @@ from bench import procs
 SNI_NAME = "origin.bench.test"
 BIG_FILE = "big"
 SMALL_FILE = "small"
+OBJECTS = {"16k": 16 << 10, "256k": 256 << 10}   # what many keep-alive clients fetch (scenario "active")
 
 NGINX_ORIGIN = """\
 worker_processes 2;
@@ -65,6 +66,8 @@ def start(workdir: Path, download_bytes: int, nofile: int) -> Origins:
     with open(www / BIG_FILE, "wb") as big:
         big.truncate(download_bytes)  # sparse: reads come from the zero page, not the disk
     (www / SMALL_FILE).write_bytes(b"x" * 128)
+    for name, size in OBJECTS.items():
+        (www / name).write_bytes(b"x" * size)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", f"/CN={SNI_NAME}", "-addext", f"subjectAltName=DNS:{SNI_NAME}",
                     "-keyout", str(workdir / "origin.key"), "-out", str(workdir / "origin.crt")],

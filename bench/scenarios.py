@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import measure, procs, tools
+from bench.origins import OBJECTS
 from bench.systems import System
 
 HIGHER, LOWER = "higher", "lower"
@@ -292,4 +293,38 @@ def restart(system: System, workers: int) -> dict[str, float]:
     return {}
 
 
-SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), WorkerScaling()]
+class ActiveConnections(Scenario):
+    """Many active keep-alive TLS connections (h2load --h1 -c 1000) fetching 16 KiB and
+    256 KiB objects from the TLS origin: requests/s, p50 and p99, and the system's CPU
+    (user and kernel, its own processes) per request."""
+    name = "active"
+
+    @staticmethod
+    def connections(settings) -> int:
+        return min(1000, settings.idle_connections)   # the smoke run: 100
+
+    def metrics(self, system, settings):
+        own = [Metric(f"{o}_cpu_us_per_req", "us", LOWER) for o in OBJECTS] if system.has_processes else []
+        return [Metric(f"{o}_{m}", unit, better) for o in OBJECTS
+                for m, unit, better in (("req_per_s", "req/s", HIGHER), ("p50_ms", "ms", LOWER),
+                                        ("p99_ms", "ms", LOWER), ("total_cpu_us_per_req", "us", LOWER))] + own
+
+    def estimate(self, settings):
+        return len(OBJECTS) * (settings.seconds + 2 + self.connections(settings) / 500)
+
+    def measure(self, system, ctx):
+        values = {}
+        for name in OBJECTS:
+            meter = measure.CpuMeter(system.pids())
+            result = tools.h2load_keepalive(system.address("tls"), name, self.connections(ctx.settings),
+                                            ctx.settings.seconds, ctx.settings.slack,
+                                            ctx.workdir / f"h2load-{system.name}-{name}.log")
+            own, total = meter.read()   # over the warm-up too: per request of the whole run, a bound
+            values |= {f"{name}_req_per_s": result.per_s, f"{name}_p50_ms": result.p50_ms,
+                       f"{name}_p99_ms": result.p99_ms, f"{name}_total_cpu_us_per_req": total * 1e6 / result.count}
+            if system.has_processes:
+                values[f"{name}_cpu_us_per_req"] = own * 1e6 / result.count
+        return values
+
+
+SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), ActiveConnections(), WorkerScaling()]

@@ -108,3 +108,32 @@ def h2load_connections(address: tuple[str, int], requests: int, timeout: float, 
         raise RuntimeError(f"h2load: {succeeded} of {requests} requests succeeded "
                            f"({failed} failed, {errored} errored, {timed_out} timed out)")
     return float(rate.group(1))
+
+
+@dataclass(frozen=True)
+class Requests:
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    count: int
+
+
+def h2load_keepalive(address: tuple[str, int], path: str, connections: int, seconds: int, slack: float,
+                     log_path) -> Requests:
+    """HTTP/1.1 requests over `connections` keep-alive TLS connections for `seconds`:
+    requests per second, and the p50 and p99 of the request times h2load logs."""
+    host, port = address
+    out = procs.run(["h2load", "--h1", "-c", str(connections), "-D", str(seconds), "-t", "1",
+                     "--warm-up-time=1", f"--log-file={log_path}", f"--connect-to={host}:{port}",
+                     f"https://{SNI_NAME}/{path}"], seconds + 1 + slack + connections / 100)
+    rate = _H2LOAD_RATE.search(out)
+    counts = _H2LOAD_RESULT.search(out)
+    if not rate or not counts:
+        raise RuntimeError(f"h2load printed no result: {_tail(out)}")
+    if int(counts.group(2)) or int(counts.group(3)):
+        raise RuntimeError(f"h2load: {counts.group(0)}")
+    times = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())   # start, status, us
+    if not times:
+        raise RuntimeError("h2load logged no request")
+    return Requests(float(rate.group(1)), times[len(times) // 2] / 1e3, times[int(len(times) * 0.99)] / 1e3,
+                    len(times))

@@ -15,14 +15,17 @@ A pair's sockets stay open while any copy does: a socket that must reset
 from __future__ import annotations
 
 import array
+import collections
 import json
 import logging
 import os
+import resource
 import socket
 
 log = logging.getLogger("sniproxy.keeper")
 _MAX_MESSAGE = 1 << 16
 _FDS = array.array("i")
+FD_HEADROOM = 512   # fds the master keeps for itself (workers' channels, logs, state, metrics)
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
@@ -52,6 +55,44 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
     return json.loads(data), list(fds)
 
 
+class Link:
+    """The worker's end. Messages go out in order; while the channel is full (the master
+    busy) they wait here, with copies of their fds, and go once it drains: the worker's
+    event loop never blocks on the master."""
+
+    def __init__(self, sock: socket.socket, loop):
+        sock.setblocking(False)
+        self.sock = sock
+        self.waiting: collections.deque = collections.deque()
+        self._writable = loop.io(sock.fileno(), 2)
+
+    def send(self, message: dict, fds: tuple[int, ...] = ()) -> None:
+        if not self.waiting:
+            try:
+                return send(self.sock, message, fds)
+            except BlockingIOError:
+                pass
+        self.waiting.append((message, [os.dup(fd) for fd in fds]))   # the pair may end before they go
+        if not self._writable.active:
+            self._writable.start(self._flush)
+
+    def _flush(self) -> None:
+        while self.waiting:
+            message, fds = self.waiting[0]
+            try:
+                send(self.sock, message, fds)
+            except BlockingIOError:
+                return
+            except OSError:     # the master is gone, and its copies with it
+                for _, fds in self.waiting:
+                    _close(fds)
+                self.waiting.clear()
+                break
+            self.waiting.popleft()
+            _close(fds)
+        self._writable.stop()
+
+
 class Keeper:
     """The master's side: the kept pairs, by worker, and the orphans of dead workers
     waiting for a live one."""
@@ -61,6 +102,14 @@ class Keeper:
         self.kept: dict[int, dict[int, tuple[dict, list[int]]]] = {}   # pid -> key -> (state, fds)
         self.orphans: list[tuple[dict, list[int]]] = []
         self.adopted = 0   # pairs handed from a dead worker to a live one
+        self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
+        self.holding = 0   # kept sockets' fds open here
+        self.capacity = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_HEADROOM
+
+    def take_over(self, kept: list) -> None:
+        """The pairs the image before this one kept (an upgrade): orphans until a worker is up."""
+        self.orphans = [(state, fds) for state, fds in kept]
+        self.holding += sum(len(fds) for _, fds in self.orphans)
 
     def add_worker(self, pid: int, master_end: socket.socket) -> None:
         self.channels[pid] = master_end
@@ -87,10 +136,18 @@ class Keeper:
                 if got is None:
                     break
                 message, fds = got
-                if message["op"] == "keep":
+                if message["op"] == "keep" and (len(fds) != 2 or self.holding >= self.capacity):
+                    # Truncated by our file limit, or close to it: the master needs fds of its own.
+                    self.refused += 1
+                    if self.refused == 1:
+                        log.warning("cannot keep more kernel pairs (the master's file limit, %d): further "
+                                    "ones end with their worker", self.capacity + FD_HEADROOM)
+                    _close(fds)
+                elif message["op"] == "keep":
                     self.kept[pid][message["key"]] = (message["state"], fds)
+                    self.holding += 2
                 elif message["op"] == "drop":
-                    _close(self.kept[pid].pop(message["key"], (None, []))[1])
+                    self._close(self.kept[pid].pop(message["key"], (None, []))[1])
                 else:
                     _close(fds)
 
@@ -111,18 +168,22 @@ class Keeper:
                 send(self.channels[pid], {"op": "adopt", "state": state}, fds)
             except OSError as e:
                 log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
-                _close(fds)
+                self._close(fds)
                 continue
             self.kept[pid][state["key"]] = (state, fds)
             self.adopted += 1
             log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
 
+    def _close(self, fds) -> None:
+        _close(fds)
+        self.holding -= len(fds)
+
     def close(self) -> None:
         for pairs in self.kept.values():
             for _, fds in pairs.values():
-                _close(fds)
+                self._close(fds)
         for _, fds in self.orphans:
-            _close(fds)
+            self._close(fds)
         for sock in self.channels.values():
             sock.close()
         self.kept.clear(), self.orphans.clear(), self.channels.clear()

@@ -127,10 +127,10 @@ class KernelRelay:
     kind = "kernel"
 
     def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20, counters=None,
-                 keeper: socket.socket | None = None):
+                 keeper: keeper.Link | None = None):
         self.max_queued, self.sndbuf = max_queued, sndbuf
         self.counters = counters   # the worker's CounterRow, if any
-        self.keeper = keeper       # the worker's end of its channel to the master (keeper.py)
+        self.keeper = keeper       # the worker's link to the master's keeper (keeper.py)
         self.kept = 0              # pairs watched here that the master holds copies of
         self.adopted = 0           # of those, the ones that began in another worker
         self._maps: list[PinnedMap] = []
@@ -323,8 +323,7 @@ class KernelRelay:
         state = {"key": COOKIE.unpack(pair.client.key)[0], "record": record,
                  "sides": [side.saved() for side in pair.sides]}
         try:
-            keeper.send(self.keeper, {"op": "keep", "key": state["key"], "state": state},
-                        (pair.client.fd, pair.upstream.fd))
+            self.keeper.send({"op": "keep", "key": state["key"], "state": state}, (pair.client.fd, pair.upstream.fd))
         except OSError as e:
             log.warning("the master could not keep a kernel pair: %s", e)
             return False
@@ -334,7 +333,7 @@ class KernelRelay:
     def _drop(self, pair: Pair) -> None:
         self.kept -= 1
         try:
-            keeper.send(self.keeper, {"op": "drop", "key": COOKIE.unpack(pair.client.key)[0]})
+            self.keeper.send({"op": "drop", "key": COOKIE.unpack(pair.client.key)[0]})
         except OSError as e:   # the master is gone: its copies went with it
             log.debug("dropping a kept pair: %s", e)
 

@@ -125,7 +125,7 @@ class Master:
         if self.bpf.relay_kind == "kernel":
             self.keeper = Keeper()
             if upgraded is not None:
-                self.keeper.orphans = [(state, fds) for state, fds in upgraded["kept"]]
+                self.keeper.take_over(upgraded["kept"])
         if upgraded is not None:
             log.info("upgraded: master %d now runs the code on disk, with %d kept pairs", os.getpid(),
                      len(upgraded["kept"]))
@@ -164,7 +164,11 @@ class Master:
 
     def next_signal(self, timeout: float) -> int | None:
         if not self.signals:
-            select.select([self._wake_r] + (self.keeper.fds() if self.keeper else []), [], [], timeout)
+            # poll, not select: with thousands of kept sockets, channel fds pass FD_SETSIZE.
+            waiting = select.poll()
+            for fd in [self._wake_r] + (self.keeper.fds() if self.keeper else []):
+                waiting.register(fd, select.POLLIN)
+            waiting.poll(timeout * 1000)
             try:
                 while os.read(self._wake_r, 4096):
                     pass

@@ -140,6 +140,9 @@ class Worker:
         self.Connection = Connection     # imported here, not on the first connection
         self.loop = gevent.get_hub().loop
         self.counters = counters = CounterTable(self.counters_path).row(self.number)
+        if self.keeper is not None:   # the channel to the master's keeper, as a non-blocking link
+            from .keeper import Link
+            self.keeper = Link(self.keeper, self.loop)
         self.relay = self._open_relay(counters)
         self.connections: set = set()   # live Connections
         self.acceptors: list = []
@@ -153,7 +156,7 @@ class Worker:
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
         if self.keeper is not None:
-            self.loop.io(self.keeper.fileno(), 1).start(self._on_keeper)
+            self.loop.io(self.keeper.sock.fileno(), 1).start(self._on_keeper)
         if self.owner is not None:   # before the first client byte is read
             from .privileges import drop
             drop(self.owner, set(self.caps))
@@ -296,7 +299,7 @@ class Worker:
         from . import keeper
         while True:
             try:
-                got = keeper.receive(self.keeper)
+                got = keeper.receive(self.keeper.sock)
             except (EOFError, OSError):
                 return
             if got is None:

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = {"direct", "sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "haproxy-splice", "nginx",
            "sniproxy-debian"}
-SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "worker_scaling"}
+SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "active", "worker_scaling"}
 WITH_WORKERS = {"sniproxy-ebpf", "sniproxy-userspace", "sniproxy-splice", "haproxy", "haproxy-splice", "nginx"}
 TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
@@ -63,6 +63,9 @@ def check_measurements_are_real(rows):
         assert rows[(system, "concurrency", "connections")]["median"] == 100
         latency = [rows[(system, "latency", m)]["median"] for m in ("p50_us", "p99_us")]
         assert 0 < latency[0] <= latency[1]
+        for size in ("16k", "256k"):
+            assert rows[(system, "active", f"{size}_req_per_s")]["median"] > 0
+            assert 0 < rows[(system, "active", f"{size}_p50_ms")]["median"] <= rows[(system, "active", f"{size}_p99_ms")]["median"]
         assert rows[(system, "worker_scaling", "conn_per_s_1worker")]["median"] > 0
         if system in WITH_WORKERS:
             assert rows[(system, "worker_scaling", "conn_per_s_2workers")]["median"] > 0
