@@ -29,7 +29,7 @@ import gevent
 from . import proxy_protocol
 from .accesslog import AccessLog
 from .config import HostPort, ListenerConfig, TimeoutsConfig
-from .counters import CounterRow
+from .counters import CounterRow, listener_counter
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
 from .relay import Limits, Relay, RelayResult
 from .resolver import ResolveError, Resolver
@@ -73,6 +73,7 @@ class Context:
     access_log: AccessLog
     ended: Callable[["Connection"], None]
     trusted: dict[str, SourceFilter] = field(default_factory=dict)   # accept_proxy listener -> its senders
+    listener_slots: dict[str, int] = field(default_factory=dict)     # listener address -> its counters' slot
 
 
 class Refused(Exception):
@@ -104,7 +105,13 @@ class Connection:
 
     def start(self) -> None:
         self.ctx.counters.add("accepted")
+        self._count_listener("accepted")
         self._step(self._begin)
+
+    def _count_listener(self, what: str) -> None:
+        slot = self.ctx.listener_slots.get(self.lc.address)
+        if slot is not None:
+            self.ctx.counters.add(listener_counter(slot, what))
 
     # --- steps ----------------------------------------------------------------
 
@@ -116,6 +123,7 @@ class Connection:
             return
         except Refused as r:
             counters.add(f"refused_{r.reason}")
+            self._count_listener("refused")
             self.record["outcome"] = f"refused:{r}"
             answer = ANSWERS.get((self.lc.protocol, r.reason))
             if answer:
@@ -303,6 +311,7 @@ class Connection:
     def _relayed(self, result: RelayResult) -> None:
         counters, data = self.ctx.counters, self.data
         counters.add(f"relayed_{result.kind}")
+        self._count_listener("relayed")
         # The kernel counts what it redirected (RELAY_STATS); these count the rest.
         counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
         counters.add("bytes_down_userspace", result.down - result.kernel_down)

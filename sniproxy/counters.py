@@ -36,9 +36,19 @@ GAUGES = (
     "live_kernel_pairs",   # pairs the kernel relay watches, each with a greenlet
     "loop_watchers",       # active event-loop watchers: io and timers
 )
+# By listener, in the order of the config's [[listener]] tables (the first LISTENER_SLOTS).
+LISTENER_SLOTS = 16
+PER_LISTENER = ("accepted", "relayed", "refused")
+
+
+def listener_counter(slot: int, what: str) -> str:
+    return f"listener{slot}_{what}"
+
+
 ROWS = 256
-_WIDTH = 64                       # counters per row, room to grow without a new layout
-_INDEX = {name: i for i, name in enumerate(NAMES + GAUGES)}
+_WIDTH = 128                      # counters per row, room to grow without a new layout
+_INDEX = {name: i for i, name in enumerate(
+    NAMES + GAUGES + tuple(listener_counter(i, w) for i in range(LISTENER_SLOTS) for w in PER_LISTENER))}
 assert len(_INDEX) <= _WIDTH
 
 
@@ -61,6 +71,11 @@ class CounterTable:
 
     def totals(self) -> dict[str, int]:
         return {name: sum(self._cells[r * _WIDTH + _INDEX[name]] for r in range(ROWS)) for name in NAMES}
+
+    def listener_totals(self, count: int) -> list[dict[str, int]]:
+        """PER_LISTENER counts of the first `count` listeners."""
+        return [{what: sum(self._cells[r * _WIDTH + _INDEX[listener_counter(i, what)]] for r in range(ROWS))
+                 for what in PER_LISTENER} for i in range(min(count, LISTENER_SLOTS))]
 
     def gauges(self, number: int) -> dict[str, int]:
         base = (number % ROWS) * _WIDTH

@@ -50,6 +50,15 @@ class MasterCollector(Collector):
         c = self.table.totals()
 
         yield _counter("connections_accepted", "Connections accepted by the workers.", c["accepted"])
+        by_listener = CounterMetricFamily(
+            "sniproxy_listener_connections", "Connections by listener (the first 16 [[listener]] tables, by their "
+            "place in the config) and result: accepted, relayed (ended after a relay) or refused.",
+            labels=("listener", "result"))
+        listeners = m.cfg.listener
+        for lc, counts in zip(listeners, self.table.listener_totals(len(listeners))):
+            for result, value in counts.items():
+                by_listener.add_metric((lc.address, result), value)
+        yield by_listener
         ended = CounterMetricFamily(
             "sniproxy_connections", "Connections that ended, by outcome: relayed (relay = kernel, splice or userspace, "
             "whichever carried the bulk), refused (reasons in sniproxy_refusals_total), closed_early (the "

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config, ListenerConfig
-from .counters import CounterTable
+from .counters import CounterTable, listener_counter
 
 log = logging.getLogger("sniproxy.worker")
 
@@ -154,7 +154,8 @@ class Worker:
             source_filter=self._source_filter(), trusted=self._trusted(), router=self._router(),
             resolver=self._resolver(),
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
-            allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended)
+            allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended,
+            listener_slots={lc.address: i for i, lc in enumerate(self.cfg.listener)})
         if self.keeper is not None:
             self.loop.io(self.keeper.sock.fileno(), 1).start(self._on_keeper)
         if self.owner is not None:   # before the first client byte is read
@@ -317,6 +318,8 @@ class Worker:
         """The end of a pair that began in another worker: its counters and log line."""
         counters = self.counters
         counters.add(f"relayed_{result.kind}")
+        if (slot := self.ctx.listener_slots.get(record.get("listener"))) is not None:
+            counters.add(listener_counter(slot, "relayed"))
         counters.add("bytes_up_userspace", result.up - result.kernel_up)
         counters.add("bytes_down_userspace", result.down - result.kernel_down)
         started_at = record.pop("started_at", time.time())

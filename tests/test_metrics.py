@@ -62,10 +62,11 @@ def socket_holders(port: int, peer_port: int | None = None) -> set[int]:
     return holders
 
 
-def test_counts_match_the_traffic_and_reloads_restarts_rebind(proxy, backends):
-    a = backends("a")
-    port, mport, mport2 = free_port(), free_port(), free_port()
-    config = make_config(port, [("example.com", a.address)])
+def test_counts_match_the_traffic_and_reloads_restarts_rebind(proxy, backends, plain):
+    a, echo = backends("a"), plain("echo")
+    port, port2, mport, mport2 = free_port(), free_port(), free_port(), free_port()
+    config = make_config(port, [("example.com", a.address)]) + \
+        f'[[listener]]\naddress = "127.0.0.1:{port2}"\nfallback = "{echo.address}"\n'
     p = proxy(config + metrics_config(mport), wait_ports=(port,))
     assert socket_holders(mport) == {p.proc.pid}          # no worker inherited the metrics socket
     for _ in range(3):
@@ -76,17 +77,27 @@ def test_counts_match_the_traffic_and_reloads_restarts_rebind(proxy, backends):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:    # not TLS, no fallback
         s.sendall(b"hello there\r\n")
         assert s.recv(100) == b""
+    with socket.create_connection(("127.0.0.1", port2), timeout=5) as s:   # the second listener's fallback
+        s.sendall(b"\x00echo")
+        assert s.recv(100) == b"\x00echo"
 
     m = wait_until(lambda: (m := scrape(mport)) and get(m, "sniproxy_live_connections") == 0
-                   and get(m, "sniproxy_connections_total", outcome="refused", relay="none") == 3 and m,
+                   and get(m, "sniproxy_connections_total", outcome="refused", relay="none") == 3
+                   and get(m, "sniproxy_connections_total", outcome="relayed", relay="userspace") == 4 and m,
                    what="the connections to end")
     ended = {(o, r): get(m, "sniproxy_connections_total", outcome=o, relay=r) for o, r in
              [("relayed", "kernel"), ("relayed", "userspace"), ("refused", "none"), ("closed_early", "none"),
               ("error", "none")]}
-    assert ended[("relayed", "userspace")] == 3 and ended[("relayed", "kernel")] == 0
+    assert ended[("relayed", "userspace")] == 4 and ended[("relayed", "kernel")] == 0
     assert ended[("error", "none")] == 0
     # Every accepted connection ended one way: the rest are the harness's port probes.
-    assert get(m, "sniproxy_connections_accepted_total") == sum(ended.values()) == 6 + ended[("closed_early", "none")]
+    assert get(m, "sniproxy_connections_accepted_total") == sum(ended.values()) == 7 + ended[("closed_early", "none")]
+    by_listener = {(listener, result): get(m, "sniproxy_listener_connections_total", listener=listener, result=result)
+                   for listener in (f"127.0.0.1:{port}", f"127.0.0.1:{port2}") for result in ("accepted", "relayed", "refused")}
+    assert by_listener == {(f"127.0.0.1:{port}", "accepted"): 6 + ended[("closed_early", "none")],
+                           (f"127.0.0.1:{port}", "relayed"): 3, (f"127.0.0.1:{port}", "refused"): 3,
+                           (f"127.0.0.1:{port2}", "accepted"): 1, (f"127.0.0.1:{port2}", "relayed"): 1,
+                           (f"127.0.0.1:{port2}", "refused"): 0}
     refusals = {labels[0][1]: v for (name, labels), v in m.items() if name == "sniproxy_refusals_total"}
     assert refusals.pop("no_route") == 2 and refusals.pop("not_protocol") == 1
     assert set(refusals.values()) == {0}
@@ -110,7 +121,7 @@ def test_counts_match_the_traffic_and_reloads_restarts_rebind(proxy, backends):
     m = wait_until(lambda: _try_scrape(mport2), what="metrics on the new address")
     assert [get(m, "sniproxy_reloads_total", result=r) for r in ("ok", "rejected")] == [1, 0]
     assert get(m, "sniproxy_last_reload_success_timestamp_seconds") > started
-    assert get(m, "sniproxy_connections_total", outcome="relayed", relay="userspace") == 3
+    assert get(m, "sniproxy_connections_total", outcome="relayed", relay="userspace") == 4
     with pytest.raises(urllib.error.URLError):
         scrape(mport)
     wait_until(lambda: len(p.worker_pids()) == 2, what="the old workers to leave")
