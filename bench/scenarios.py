@@ -309,17 +309,21 @@ class ActiveConnections(Scenario):
                 for m, unit, better in (("req_per_s", "req/s", HIGHER), ("p50_ms", "ms", LOWER),
                                         ("p99_ms", "ms", LOWER), ("total_cpu_us_per_req", "us", LOWER))] + own
 
+    requests_per_connection = {"16k": 20, "256k": 4}
+
     def estimate(self, settings):
-        return len(OBJECTS) * (settings.seconds + 2 + self.connections(settings) / 500)
+        return len(OBJECTS) * (2 + self.connections(settings) / 200)
 
     def measure(self, system, ctx):
         values = {}
         for name in OBJECTS:
             meter = measure.CpuMeter(system.pids())
-            result = tools.h2load_keepalive(system.address("tls"), name, self.connections(ctx.settings),
-                                            ctx.settings.seconds, ctx.settings.slack,
+            connections = self.connections(ctx.settings)
+            result = tools.h2load_keepalive(system.address("tls"), name, connections,
+                                            connections * self.requests_per_connection[name],
+                                            3 * ctx.settings.slack + connections / 50,
                                             ctx.workdir / f"h2load-{system.name}-{name}.log")
-            own, total = meter.read()   # over the warm-up too: per request of the whole run, a bound
+            own, total = meter.read()   # the handshakes included
             values |= {f"{name}_req_per_s": result.per_s, f"{name}_p50_ms": result.p50_ms,
                        f"{name}_p99_ms": result.p99_ms, f"{name}_total_cpu_us_per_req": total * 1e6 / result.count}
             if system.has_processes:

@@ -45,10 +45,17 @@ def listener_counter(slot: int, what: str) -> str:
     return f"listener{slot}_{what}"
 
 
+# The kernel relay's registration time (seconds), as a histogram: per-bucket counts (the
+# last is +Inf) and the sum in microseconds.
+REGISTRATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+REGISTRATION = tuple(f"registration_bucket{i}" for i in range(len(REGISTRATION_BUCKETS) + 1)) + \
+    ("registration_sum_us",)
+
 ROWS = 256
 _WIDTH = 128                      # counters per row, room to grow without a new layout
 _INDEX = {name: i for i, name in enumerate(
-    NAMES + GAUGES + tuple(listener_counter(i, w) for i in range(LISTENER_SLOTS) for w in PER_LISTENER))}
+    NAMES + GAUGES + tuple(listener_counter(i, w) for i in range(LISTENER_SLOTS) for w in PER_LISTENER) +
+    REGISTRATION)}
 assert len(_INDEX) <= _WIDTH
 
 
@@ -69,8 +76,8 @@ class CounterTable:
     def row(self, number: int) -> "CounterRow":
         return CounterRow(self._cells, (number % ROWS) * _WIDTH)
 
-    def totals(self) -> dict[str, int]:
-        return {name: sum(self._cells[r * _WIDTH + _INDEX[name]] for r in range(ROWS)) for name in NAMES}
+    def totals(self, names: tuple[str, ...] = NAMES) -> dict[str, int]:
+        return {name: sum(self._cells[r * _WIDTH + _INDEX[name]] for r in range(ROWS)) for name in names}
 
     def listener_totals(self, count: int) -> list[dict[str, int]]:
         """PER_LISTENER counts of the first `count` listeners."""
@@ -90,6 +97,11 @@ class CounterRow:
 
     def add(self, name: str, n: int = 1) -> None:
         self._cells[self._base + _INDEX[name]] += n
+
+    def observe_registration(self, seconds: float) -> None:
+        bucket = next((i for i, le in enumerate(REGISTRATION_BUCKETS) if seconds <= le), len(REGISTRATION_BUCKETS))
+        self.add(REGISTRATION[bucket])
+        self.add("registration_sum_us", round(seconds * 1e6))
 
     def set(self, name: str, value: int) -> None:
         self._cells[self._base + _INDEX[name]] = value

@@ -223,7 +223,10 @@ class KernelRelay:
         kept = adopted
         try:
             if not adopted:
+                began = time.monotonic()
                 self._register(pair)
+                if self.counters is not None:
+                    self.counters.observe_registration(time.monotonic() - began)
                 kept = self._keep(pair, record)
             pair.interval = first_check
             outcome = self._watch(pair, limits)

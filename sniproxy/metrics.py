@@ -14,12 +14,12 @@ import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .config import parse_listen_address
-from .counters import REFUSAL_REASONS, CounterTable
+from .counters import REFUSAL_REASONS, REGISTRATION, REGISTRATION_BUCKETS, CounterTable
 from .kernel_abi import PERCPU_COUNTERS, RELAY_STATS, SOCK_MAP, XDP_STATS
 from .stats import percpu_totals
 
@@ -59,6 +59,14 @@ class MasterCollector(Collector):
             for result, value in counts.items():
                 by_listener.add_metric((lc.address, result), value)
         yield by_listener
+        reg = self.table.totals(REGISTRATION)
+        cumulative, buckets = 0, []
+        for le, name in zip((*map(str, REGISTRATION_BUCKETS), "+Inf"), REGISTRATION[:-1]):
+            cumulative += reg[name]
+            buckets.append((le, cumulative))
+        yield HistogramMetricFamily("sniproxy_kernel_registration_seconds", "Time the kernel relay took to register "
+                                    "a pair (drain, baselines, map updates, kick), in the worker.",
+                                    buckets=buckets, sum_value=reg["registration_sum_us"] / 1e6)
         ended = CounterMetricFamily(
             "sniproxy_connections", "Connections that ended, by outcome: relayed (relay = kernel, splice or userspace, "
             "whichever carried the bulk), refused (reasons in sniproxy_refusals_total), closed_early (the "

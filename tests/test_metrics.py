@@ -201,6 +201,10 @@ def test_kernel_bytes_and_pairs(proxy, backends, pin_path):
     assert get(m, "sniproxy_kernel_maps_full_total") == 0
     assert ("sniproxy_kernel_redirect_failures_total", ()) in m
     assert m[("sniproxy_kernel_trim_failures_total", ())] == 0
+    # One registration, in the histogram's +Inf bucket and in exactly one finite bucket and up.
+    assert get(m, "sniproxy_kernel_registration_seconds_count") == 1
+    assert get(m, "sniproxy_kernel_registration_seconds_bucket", le="+Inf") == 1
+    assert 0 < get(m, "sniproxy_kernel_registration_seconds_sum") < 1
     assert get(m, "sniproxy_relays_cut_total", reason="idle_timeout") == 0
     assert stats(p)["relayed_kernel"] == 1
 
