@@ -319,10 +319,11 @@ class ActiveConnections(Scenario):
         for name in OBJECTS:
             meter = measure.CpuMeter(system.pids())
             connections = self.connections(ctx.settings)
+            # Its per-request log is not a *.log: bench/run keeps those with the results.
             result = tools.h2load_keepalive(system.address("tls"), name, connections,
                                             connections * self.requests_per_connection[name],
                                             3 * ctx.settings.slack + connections / 50,
-                                            ctx.workdir / f"h2load-{system.name}-{name}.log")
+                                            ctx.workdir / f"h2load-{system.name}-{name}.requests")
             own, total = meter.read()   # the handshakes included
             values |= {f"{name}_req_per_s": result.per_s, f"{name}_p50_ms": result.p50_ms,
                        f"{name}_p99_ms": result.p99_ms, f"{name}_total_cpu_us_per_req": total * 1e6 / result.count}
