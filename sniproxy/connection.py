@@ -109,9 +109,7 @@ class Connection:
         self._step(self._begin)
 
     def _count_listener(self, what: str) -> None:
-        slot = self.ctx.listener_slots.get(self.lc.address)
-        if slot is not None:
-            self.ctx.counters.add(listener_counter(slot, what))
+        count_listener(self.ctx, self.lc.address, what)
 
     # --- steps ----------------------------------------------------------------
 
@@ -309,15 +307,7 @@ class Connection:
         self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
 
     def _relayed(self, result: RelayResult) -> None:
-        counters, data = self.ctx.counters, self.data
-        counters.add(f"relayed_{result.kind}")
-        self._count_listener("relayed")
-        # The kernel counts what it redirected (RELAY_STATS); these count the rest.
-        counters.add("bytes_up_userspace", len(data) + result.up - result.kernel_up)
-        counters.add("bytes_down_userspace", result.down - result.kernel_down)
-        if result.outcome in ("slow_reader", "idle_timeout"):
-            counters.add(result.outcome)
-        self.record.update(up=len(data) + result.up, down=result.down, relay=result.kind, outcome=result.outcome)
+        count_relayed(self.ctx, self.record, result, up_before=len(self.data))
         self._end()
 
     def _end(self) -> None:
@@ -331,6 +321,27 @@ class Connection:
         self.record["duration"] = time.monotonic() - self.started
         self.ctx.access_log.write(self.record)
         self.ctx.ended(self)
+
+
+def count_listener(ctx: Context, listener: str, what: str) -> None:
+    slot = ctx.listener_slots.get(listener)
+    if slot is not None:
+        ctx.counters.add(listener_counter(slot, what))
+
+
+def count_relayed(ctx: Context, record: dict, result: RelayResult, up_before: int, down_before: int = 0) -> None:
+    """Count a relayed connection and complete its log record; also for a pair that
+    began in another worker (keeper.py). up_before and down_before: bytes moved in
+    userspace before `result` began (the first flight at least)."""
+    counters = ctx.counters
+    counters.add(f"relayed_{result.kind}")
+    count_listener(ctx, record["listener"], "relayed")
+    # The kernel counts what it redirected (RELAY_STATS); these count the rest.
+    counters.add("bytes_up_userspace", up_before + result.up - result.kernel_up)
+    counters.add("bytes_down_userspace", down_before + result.down - result.kernel_down)
+    if result.outcome in ("slow_reader", "idle_timeout"):
+        counters.add(result.outcome)
+    record.update(up=up_before + result.up, down=down_before + result.down, relay=result.kind, outcome=result.outcome)
 
 
 def _send_quietly(sock: _socket.socket, data: bytes) -> None:

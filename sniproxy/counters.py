@@ -81,8 +81,9 @@ class CounterTable:
 
     def listener_totals(self, count: int) -> list[dict[str, int]]:
         """PER_LISTENER counts of the first `count` listeners."""
-        return [{what: sum(self._cells[r * _WIDTH + _INDEX[listener_counter(i, what)]] for r in range(ROWS))
-                 for what in PER_LISTENER} for i in range(min(count, LISTENER_SLOTS))]
+        slots = range(min(count, LISTENER_SLOTS))
+        totals = self.totals(tuple(listener_counter(i, what) for i in slots for what in PER_LISTENER))
+        return [{what: totals[listener_counter(i, what)] for what in PER_LISTENER} for i in slots]
 
     def gauges(self, number: int) -> dict[str, int]:
         base = (number % ROWS) * _WIDTH

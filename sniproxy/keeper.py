@@ -101,7 +101,6 @@ class Keeper:
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
         self.kept: dict[int, dict[int, tuple[dict, list[int]]]] = {}   # pid -> key -> (state, fds)
         self.orphans: list[tuple[dict, list[int]]] = []
-        self.adopted = 0   # pairs handed from a dead worker to a live one
         self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
         self.holding = 0   # kept sockets' fds open here
         self.capacity = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_HEADROOM
@@ -171,7 +170,6 @@ class Keeper:
                 self._close(fds)
                 continue
             self.kept[pid][state["key"]] = (state, fds)
-            self.adopted += 1
             log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
 
     def _close(self, fds) -> None:

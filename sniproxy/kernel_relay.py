@@ -131,8 +131,7 @@ class KernelRelay:
         self.max_queued, self.sndbuf = max_queued, sndbuf
         self.counters = counters   # the worker's CounterRow, if any
         self.keeper = keeper       # the worker's link to the master's keeper (keeper.py)
-        self.kept = 0              # pairs watched here that the master holds copies of
-        self.adopted = 0           # of those, the ones that began in another worker
+        self.kept = 0              # pairs begun here that the master holds copies of
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections, self.control = (
@@ -196,14 +195,9 @@ class KernelRelay:
                 side.forwarded = side.kernel.passed
         for side in pair.sides:
             side.fin_sent = pair.peer(side).sent_fin()
-            self._pairs_by_fd[side.fd] = pair
-            self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
-
-        self.kept += 1
-        self.adopted += 1
+            self._watch_ends(pair, side)
 
         def ended(result: RelayResult) -> None:
-            self.adopted -= 1
             on_done(result)
             client.close(), upstream.close()
         gevent.spawn(self._relay, lambda: pair, limits, ended, MIN_CHECK_INTERVAL, state["record"], adopted=True)
@@ -241,7 +235,7 @@ class KernelRelay:
         finally:
             (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
             if kept:
-                self._drop(pair)
+                self._drop(pair, begun_here=not adopted)
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
@@ -311,12 +305,16 @@ class KernelRelay:
             # receive queue. c's verdict already runs, so finish u -> c here.
             u.in_userspace = True
         for side in pair.sides:
-            self._pairs_by_fd[side.fd] = pair
-            self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
+            self._watch_ends(pair, side)
             if side.in_userspace:
                 self._drain_into(side, pair.peer(side))
             elif side.may_hold_stranded_bytes():
                 _kick(side.sock)
+
+    def _watch_ends(self, pair: Pair, side: Side) -> None:
+        """Wake the pair on side's FIN, hang-up or error (never on data: see the docstring)."""
+        self._pairs_by_fd[side.fd] = pair
+        self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
 
     def _keep(self, pair: Pair, record: dict | None) -> bool:
         """Give the master copies of both sockets (keeper.py): from now on the pair
@@ -333,8 +331,8 @@ class KernelRelay:
         self.kept += 1
         return True
 
-    def _drop(self, pair: Pair) -> None:
-        self.kept -= 1
+    def _drop(self, pair: Pair, begun_here: bool) -> None:
+        self.kept -= begun_here
         try:
             self.keeper.send({"op": "drop", "key": COOKIE.unpack(pair.client.key)[0]})
         except OSError as e:   # the master is gone: its copies went with it

@@ -99,7 +99,6 @@ class Master:
                 self.sweep_stale_pairs()
                 if not self.stopping:
                     self.manage_workers()
-                self.keep_pairs()
         finally:
             self.cleanup()
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config, ListenerConfig
-from .counters import CounterTable, listener_counter
+from .counters import CounterTable
 
 log = logging.getLogger("sniproxy.worker")
 
@@ -293,7 +293,7 @@ class Worker:
     def _kept_connections(self) -> int:
         """Our Connections whose pairs the master keeps (not the ones we adopted)."""
         kernel = self._kernel_relay()
-        return kernel.kept - kernel.adopted if kernel is not None and self.keeper is not None else 0
+        return kernel.kept if kernel is not None else 0
 
     def _on_keeper(self) -> None:
         """Pairs of a worker that exited, handed to us by the master (keeper.py)."""
@@ -315,16 +315,12 @@ class Worker:
             kernel.adopt(message["state"], fds, self.ctx.limits, lambda result, r=record: self._adopted_ended(r, result))
 
     def _adopted_ended(self, record: dict, result) -> None:
-        """The end of a pair that began in another worker: its counters and log line."""
-        counters = self.counters
-        counters.add(f"relayed_{result.kind}")
-        if (slot := self.ctx.listener_slots.get(record.get("listener"))) is not None:
-            counters.add(listener_counter(slot, "relayed"))
-        counters.add("bytes_up_userspace", result.up - result.kernel_up)
-        counters.add("bytes_down_userspace", result.down - result.kernel_down)
+        """The end of a pair that began in another worker: its counters and log line.
+        The record's up and down are what moved in userspace before the kernel took it."""
+        from .connection import count_relayed
         started_at = record.pop("started_at", time.time())
-        record.update(up=record.get("up", 0) + result.up, down=record.get("down", 0) + result.down,
-                      relay=result.kind, outcome=result.outcome, duration=time.time() - started_at)
+        count_relayed(self.ctx, record, result, up_before=record.get("up", 0), down_before=record.get("down", 0))
+        record["duration"] = time.time() - started_at
         self.access_log.write(record)
 
     def _watch_listeners(self) -> None:
