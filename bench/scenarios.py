@@ -4,6 +4,7 @@ for TLS clients, a listener's fallback for the others."""
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -151,15 +152,22 @@ class Latency(Scenario):
 
 
 class ConnRate(Scenario):
-    """New TLS connections per second (h2load, one request per connection) routed by SNI."""
+    """New TLS connections per second (h2load, one request per connection) routed by SNI,
+    and the system's own CPU (user and kernel) per connection."""
     name = "conn_rate"
 
     def metrics(self, system, settings):
-        return [Metric("conn_per_s", "conn/s", HIGHER)]
+        own = [Metric("cpu_us_per_conn", "us", LOWER)] if system.has_processes else []
+        return [Metric("conn_per_s", "conn/s", HIGHER)] + own
 
     def measure(self, system, ctx):
-        return {"conn_per_s": tools.h2load_new_connections(system.address("tls"), ctx.settings.seconds,
-                                                           ctx.settings.slack)}
+        address, seconds, slack = system.address("tls"), ctx.settings.seconds, ctx.settings.slack
+        count = tools.h2load_requests_for(address, seconds, slack)
+        meter = measure.CpuMeter(system.pids())
+        values = {"conn_per_s": tools.h2load_connections(address, count, seconds * 4 + slack)}
+        if system.has_processes:
+            values["cpu_us_per_conn"] = meter.read()[0] * 1e6 / count
+        return values
 
 
 class Concurrency(Scenario):
@@ -332,4 +340,51 @@ class ActiveConnections(Scenario):
         return values
 
 
-SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), ActiveConnections(), WorkerScaling()]
+class Mixed(Scenario):
+    """The loads at once: idle connections held (10,000 but 200 in full mode), 100 active
+    keep-alive TLS connections fetching 16 KiB objects, and two bulk streams. The active
+    ones' requests/s, p50 and p99, and the bulk streams' Gbit/s, with everything else going on."""
+    name = "mixed"
+    first_flight = Concurrency.first_flight
+
+    @staticmethod
+    def counts(settings) -> tuple[int, int]:
+        """(idle, active) connections: full mode 9,650 and 100, the smoke run 50 and 10."""
+        return settings.idle_connections - min(200, settings.idle_connections // 2), \
+            min(100, settings.idle_connections // 10)
+
+    def metrics(self, system, settings):
+        return [Metric("idle_connections", "conns", HIGHER), Metric("req_per_s", "req/s", HIGHER),
+                Metric("p50_ms", "ms", LOWER), Metric("p99_ms", "ms", LOWER), Metric("gbps_2streams", "Gbit/s", HIGHER)]
+
+    def estimate(self, settings):
+        return 2 * settings.seconds + 2.0 + settings.idle_connections / 500
+
+    def measure(self, system, ctx):
+        idle, active = self.counts(ctx.settings)
+        already = procs.established_count(ctx.hold_port)
+        established = partial(procs.established_count, ctx.hold_port)
+        held = []
+        try:
+            held = open_idle_connections(system.address("hold"), idle, self.first_flight,
+                                         deadline=time.monotonic() + 3 * ctx.settings.slack)
+            arrived = min(wait_for_count(established, already + len(held), stall=ctx.settings.slack) - already,
+                          len(held))
+            if arrived < 0.99 * idle:
+                raise RuntimeError(f"only {arrived} of {idle} idle connections reached the origin")
+            with ThreadPoolExecutor(1) as pool:
+                bulk = pool.submit(tools.iperf3, system.address("iperf"), ctx.settings.seconds, 2, False,
+                                   ctx.settings.slack)
+                result = tools.h2load_keepalive(system.address("tls"), "16k", active, active * 10 * ctx.settings.seconds,
+                                                3 * ctx.settings.slack, ctx.workdir / f"h2load-{system.name}-mixed.requests")
+                streams = bulk.result()
+            return {"idle_connections": float(arrived), "req_per_s": result.per_s, "p50_ms": result.p50_ms,
+                    "p99_ms": result.p99_ms, "gbps_2streams": streams.rate}
+        finally:
+            for sock in held:
+                sock.close()
+            wait_for_count(established, already, stall=ctx.settings.slack, falling=True)
+
+
+SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), ActiveConnections(), Mixed(),
+             WorkerScaling()]

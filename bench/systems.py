@@ -120,14 +120,15 @@ class Proxy(System):
 
 
 class Sniproxy(Proxy):
-    """This project's proxy, with the eBPF relay (bpf_mode "require"), or without BPF the
-    copy relay (policy "copy") or the splice relay (policy "splice")."""
+    """This project's proxy, by relay.policy: "auto" (the default, with BPF: each connection
+    in the relay that suits it), or one relay for every connection: "kernel" (with BPF),
+    "copy" or "splice" (without)."""
     stop_grace = 4.0
 
-    def __init__(self, origins: Origins, workdir: Path, bpf_mode: str, policy: str = "auto"):
+    def __init__(self, origins: Origins, workdir: Path, policy: str):
         super().__init__(origins, workdir)
-        self.name = "sniproxy-ebpf" if bpf_mode == "require" else \
-            "sniproxy-splice" if policy == "splice" else "sniproxy-userspace"
+        self.name = f"sniproxy-{policy}"
+        bpf_mode = "require" if policy in ("auto", "kernel") else "off"
         self.has_kernel_relay = bpf_mode == "require"
         self.bpf_mode, self.policy = bpf_mode, policy
         self._pin_path = ""
@@ -197,10 +198,16 @@ class HaproxySplice(Haproxy):
     """HAProxy as a user who wants throughput runs it: splice(2) both ways, 1 MiB pipes."""
     name = "haproxy-splice"
 
+    # Each pipe takes two fds beside maxconn's two a connection, and HAProxy refuses to start
+    # if they add up past RLIMIT_NOFILE (20,000 here, with 10,000 idle connections to hold):
+    # maxconn gives up the pipes' share of the 100 spare connections it is sized with.
+    maxpipes = 64
+
     def config(self, workers: int) -> str:
-        return super().config(workers).replace(
-            # Pipes take fds beside maxconn's two a connection: keep them within RLIMIT_NOFILE.
-            "global\n", "global\n    tune.pipesize 1048576\n    maxpipes 256\n", 1).replace(
+        text = super().config(workers).replace(
+            f"maxconn {self.max_connections}\n", f"maxconn {self.max_connections - self.maxpipes}\n", 1)
+        return text.replace(
+            "global\n", f"global\n    tune.pipesize 1048576\n    maxpipes {self.maxpipes}\n", 1).replace(
             "defaults\n", "defaults\n    option splice-request\n    option splice-response\n", 1)
 
 
@@ -247,9 +254,7 @@ class SniproxyDebian(Proxy):
 
 def all_systems(origins: Origins, workdir: Path, max_connections: int) -> list[System]:
     return [System(origins, workdir),
-            Sniproxy(origins, workdir, "require"),
-            Sniproxy(origins, workdir, "off"),
-            Sniproxy(origins, workdir, "off", policy="splice"),
+            *(Sniproxy(origins, workdir, policy) for policy in ("auto", "kernel", "copy", "splice")),
             Haproxy(origins, workdir, max_connections),
             HaproxySplice(origins, workdir, max_connections),
             Nginx(origins, workdir, max_connections),

@@ -76,18 +76,6 @@ _H2LOAD_RATE = re.compile(r"finished in [\d.]+m?s, ([\d.]+) req/s")
 CALIBRATION_CONNECTIONS = 200
 
 
-def h2load_new_connections(address: tuple[str, int], seconds: int, slack: float, connections: int = 16) -> float:
-    """TLS connections per second: one HTTP/1.1 request per connection (Connection: close).
-
-    h2load, not wrk: wrk waits for a TLS handshake by polling for writability, so it spins
-    until the ServerHello arrives and burns more CPU the slower a proxy answers, CPU the
-    proxy then lacks on a small machine. h2load waits for readability. Its -D mode hangs
-    when servers close connections, so a short run first sizes the request count to last
-    about `seconds`."""
-    requests = h2load_requests_for(address, seconds, slack, connections)
-    return h2load_connections(address, requests, seconds * 4 + slack, connections)
-
-
 def h2load_requests_for(address: tuple[str, int], seconds: int, slack: float, connections: int = 16) -> int:
     """How many connections a run of about `seconds` makes, from a short run."""
     rate = h2load_connections(address, CALIBRATION_CONNECTIONS, slack, connections)
@@ -95,11 +83,22 @@ def h2load_requests_for(address: tuple[str, int], seconds: int, slack: float, co
 
 
 def h2load_connections(address: tuple[str, int], requests: int, timeout: float, connections: int = 16) -> float:
-    """Connections per second of `requests` connections, one request each."""
+    """TLS connections per second of `requests` connections, one HTTP/1.1 request each
+    (Connection: close); h2load_requests_for sizes the count to a duration.
+
+    h2load, not wrk: wrk waits for a TLS handshake by polling for writability, so it spins
+    until the ServerHello arrives and burns more CPU the slower a proxy answers, CPU the
+    proxy then lacks on a small machine. h2load waits for readability. Its -D mode hangs
+    when servers close connections, hence a count."""
+    return _h2load(address, ["-n", str(requests), "-c", str(min(connections, requests)), "-H", "Connection: close"],
+                   SMALL_FILE, requests, timeout)
+
+
+def _h2load(address: tuple[str, int], args: list[str], path: str, requests: int, timeout: float) -> float:
+    """Run h2load over HTTP/1.1 to the TLS origin's `path` through address; its requests per
+    second, once every one of `requests` succeeded."""
     host, port = address
-    out = procs.run(["h2load", "--h1", "-n", str(requests), "-c", str(min(connections, requests)),
-                     "-H", "Connection: close", f"--connect-to={host}:{port}",
-                     f"https://{SNI_NAME}/{SMALL_FILE}"], timeout)
+    out = procs.run(["h2load", "--h1", *args, f"--connect-to={host}:{port}", f"https://{SNI_NAME}/{path}"], timeout)
     counts, rate = _H2LOAD_RESULT.search(out), _H2LOAD_RATE.search(out)
     if not counts or not rate:
         raise RuntimeError(f"h2load printed no result: {_tail(out)}")
@@ -123,18 +122,10 @@ def h2load_keepalive(address: tuple[str, int], path: str, connections: int, requ
     """`requests` HTTP/1.1 requests over `connections` keep-alive TLS connections:
     requests per second, and the p50 and p99 of the request times h2load logs. A count,
     not a duration: h2load's -D mode hung through every proxy at 1,000 connections."""
-    host, port = address
-    out = procs.run(["h2load", "--h1", "-c", str(connections), "-n", str(requests), "-t", "1",
-                     f"--log-file={log_path}", f"--connect-to={host}:{port}",
-                     f"https://{SNI_NAME}/{path}"], timeout)
-    rate = _H2LOAD_RATE.search(out)
-    counts = _H2LOAD_RESULT.search(out)
-    if not rate or not counts:
-        raise RuntimeError(f"h2load printed no result: {_tail(out)}")
-    if int(counts.group(2)) or int(counts.group(3)):
-        raise RuntimeError(f"h2load: {counts.group(0)}")
+    rate = _h2load(address, ["-c", str(connections), "-n", str(requests), "-t", "1", f"--log-file={log_path}"],
+                   path, requests, timeout)
     times = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())   # start, status, us
     if not times:
         raise RuntimeError("h2load logged no request")
-    return Requests(float(rate.group(1)), times[len(times) // 2] / 1e3, times[int(len(times) * 0.99)] / 1e3,
+    return Requests(rate, times[len(times) // 2] / 1e3, times[int(len(times) * 0.99)] / 1e3,
                     len(times))

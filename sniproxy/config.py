@@ -44,17 +44,28 @@ class BpfConfig(_Section):
     sndbuf: int = 32 << 20           # send/receive buffers of kernel-relayed sockets
     max_queued: int = 64 << 20       # bytes the kernel may queue toward a slow reader
     max_pairs: int = 32768           # pairs the kernel relay holds at once; more stay in userspace
-    # A pair starts in the userspace relay and moves to the kernel once this many bytes
-    # moved or it lived this long: registering costs more than relaying a short exchange.
+    # relay.policy kernel or splice: a pair starts in the copy relay and moves on once this
+    # many bytes moved or it lived this long: registering costs more than relaying a short exchange.
     handoff_bytes: int = 64 << 10
     handoff_after: float = 0.1
 
 
 class RelayConfig(_Section):
-    # Which relay carries a connection once it outgrows the first exchanges (bpf.handoff_*):
-    # kernel (the SK_SKB verdict), splice (zero-copy through pipes) or copy (recv/send) for
-    # its whole life. auto: the kernel where BPF is available, else copy.
+    # Which relay carries a connection. Every one starts in copy (recv/send). kernel (the
+    # SK_SKB verdict) or splice (zero-copy through pipes): it moves there once it outgrows
+    # the first exchanges (bpf.handoff_*). copy: it stays. auto: it moves by its rate over
+    # each window: at splice_rate or more to splice, and back once it falls below half of
+    # it; at kernel_rate or less (quiet, idle) to the kernel where BPF is available.
+    # Between the two, request/response traffic, it stays in copy.
+    # The defaults come from bench/results/2026-11-27-active and -bulk: copy led the 1,000
+    # keep-alive connections (16 KiB: the kernel relay 0.88x copy, splice 0.95x); splice and
+    # the kernel led one bulk stream (1.21x and 1.14x copy), and no keep-alive connection of
+    # that run (8.7 requests/s each, 0.14-2.2 MB/s) came near 64 MiB/s. Idle pairs go to the
+    # kernel, where they cost no wakeup and outlive their worker (keeper.py).
     policy: Literal["auto", "kernel", "splice", "copy"] = "auto"
+    window: float = 1.0               # seconds
+    splice_rate: int = 64 << 20       # bytes/s, both directions together
+    kernel_rate: int = 0              # bytes/s; -1: never to the kernel
 
 
 class AccessConfig(_Section):
@@ -256,6 +267,12 @@ def check(cfg: Config):
     for key in ("handoff_bytes", "handoff_after"):
         if getattr(cfg.bpf, key) < 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 (at once) or more")
+    if cfg.relay.window <= 0:
+        yield bad("relay.window", cfg.relay.window, "must be positive")
+    if cfg.relay.splice_rate <= 0:
+        yield bad("relay.splice_rate", cfg.relay.splice_rate, "must be positive")
+    if not -1 <= cfg.relay.kernel_rate < max(cfg.relay.splice_rate // 2, 1):
+        yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
     if cfg.resolver.cache_size <= 0:
         yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
     for kind in ("allow", "deny"):

@@ -29,6 +29,8 @@ NAMES = (
 ) + tuple(f"refused_{r}" for r in REFUSAL_REASONS) + (
     "kernel_maps_full",    # pairs the kernel relay could not take (bpf.max_pairs): relayed in userspace
     "dns_cache_hits", "dns_cache_misses",   # names of "*" or named backends: answered from the cache, or not
+    # relay.policy = "auto": pairs moved to a relay after the first (a pair may move several times)
+    "moved_to_copy", "moved_to_splice", "moved_to_kernel",
 )
 # Gauges: what a worker holds now, set (not added) once a second; read per live worker.
 GAUGES = (

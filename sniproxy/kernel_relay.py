@@ -167,8 +167,9 @@ class KernelRelay:
     # -- the relay interface ------------------------------------------------
 
     def start(self, client: socket.socket, upstream: socket.socket, limits: Limits, on_done: OnDone,
-              before: Progress | None = None, record: dict | None = None) -> _Task:
-        """The pair's watch runs in a greenlet of its own: it waits on its counters.
+              handoff=None, before: Progress | None = None, record: dict | None = None) -> _Task:
+        """The pair's watch runs in a greenlet of its own: it waits on its counters. It
+        holds the pair to its end: a handoff does not apply.
         `before`, from a Chain, paces the first check of a pair handed off by age.
         `record`, the pair's access-log record so far, goes to the keeper with it."""
         first_check = MIN_CHECK_INTERVAL

@@ -96,6 +96,13 @@ class MasterCollector(Collector):
         for reason in ("idle_timeout", "slow_reader"):
             cut.add_metric((reason,), c[reason])
         yield cut
+        moves = CounterMetricFamily(
+            "sniproxy_relay_moves", "Pairs moved to another relay by relay.policy = \"auto\", by the relay "
+            "they moved to: splice at a sustained high rate, the kernel when quiet, copy from splice when "
+            "the rate fell.", labels=("to",))
+        for to in ("copy", "splice", "kernel"):
+            moves.add_metric((to,), c[f"moved_to_{to}"])
+        yield moves
         yield _counter("kernel_maps_full", "Pairs the kernel relay could not take, its maps being full "
                        "(bpf.max_pairs): they were relayed in userspace.", c["kernel_maps_full"])
 

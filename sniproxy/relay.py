@@ -7,13 +7,15 @@ done, carrying half-close, and reports the byte counts:
 
 start() returns at once. on_done(RelayResult) runs in the hub once the pair is
 done; handle.cancel() stops the relay without it. The caller has sent the first
-flight, and closes both sockets after on_done. The kinds: the userspace relay
-(userspace_relay.py), the kernel relay (kernel_relay.py), and Chain, which starts
-a pair in one relay and hands it to the next.
+flight, and closes both sockets after on_done. The kinds: the userspace (copy)
+relay (userspace_relay.py), the splice relay (splice_relay.py), the kernel relay
+(kernel_relay.py), and Chain, which moves a pair from one to the next by what it
+does, as relay.policy says.
 """
 from __future__ import annotations
 
 import _socket
+import math
 import socket
 import time
 from typing import Callable, NamedTuple, Protocol
@@ -34,8 +36,8 @@ class Limits(NamedTuple):
 class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
-    # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one
-    # relay of a Chain: "handoff" (stopped for the next) | "declined" (could not take it)
+    # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
+    # of a Chain: "fast" | "quiet" (stopped for the next, see Handoff) | "declined"
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
     kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
@@ -47,10 +49,13 @@ class RelayResult(NamedTuple):
 
 
 class Handoff(NamedTuple):
-    """When the first relay of a Chain stops for the next: once this many bytes
-    moved, or the pair has lived this long, whichever comes first."""
-    bytes: int
+    """When the relay holding a pair in a Chain stops it for the next one: with outcome
+    "fast" once `bytes` moved within one window of `after` seconds, or "quiet" at the end
+    of a window in which at most `quiet` bytes moved. A busier window starts the next.
+    The default quiet (any count) makes `after` a plain age limit."""
+    bytes: float
     after: float
+    quiet: float = math.inf
 
 
 class Progress(NamedTuple):
@@ -77,69 +82,97 @@ class Relay(Protocol):
         """The worker is leaving: release what the relay holds."""
 
 
-class Chain:
-    """Start each pair in `first`, which stops with outcome "handoff" once the
-    handoff is due, at a point where no byte is in hand; `then` takes it from
-    there. Short exchanges end in `first` and never touch `then`. A pair that
-    `then` declines (it half-closed meanwhile, or the kernel's maps are full)
-    goes back to `first`, for good."""
+class Stage(NamedTuple):
+    """One relay of a Chain: when a pair leaves it, and where it goes next by outcome
+    ("fast", "quiet", or "declined" from a relay that could not take it)."""
+    relay: "Relay"
+    handoff: Handoff | None = None   # None: the pair stays to its end, unless declined
+    moves: dict[str, str] = {}
 
-    def __init__(self, first, then, handoff: Handoff):
-        self.first, self.then, self.handoff = first, then, handoff
-        self.kind = then.kind
+
+class Chain:
+    """A pair's way through several relays, as relay.policy sets it (worker.py). It
+    starts in the stage named `first`; a stage stops with "fast" or "quiet" at a point
+    where no byte is in hand, and its moves name the next. A stage whose handoff is
+    due at once (bytes <= 0) is passed straight through."""
+
+    def __init__(self, stages: dict[str, Stage], first: str, on_move: Callable[[str], None] | None = None):
+        self.stages, self.first = stages, first
+        self.on_move = on_move   # told the name of each stage a pair moves to after the first
+
+    @classmethod
+    def of(cls, first, then, handoff: Handoff) -> "Chain":
+        """`first` until the handoff, then `then`; a pair `then` declines (it half-closed
+        meanwhile, or the kernel's maps are full) goes back to `first` for good."""
+        return cls({"first": Stage(first, handoff, {"fast": "then", "quiet": "then"}),
+                    "then": Stage(then, None, {"declined": "rest"}),
+                    "rest": Stage(first)}, "first")
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, record: dict | None = None) -> "_Chained":
         chained = _Chained(self, client, upstream, limits, on_done, record)
-        if self.handoff == (0, 0):   # `then` from the start
-            chained.handed_off(RelayResult(0, 0, "handoff"))
-        else:
-            chained.run(self.first, chained.handed_off, handoff=self.handoff)
+        chained.enter(self.first, None)
         return chained
+
+    def _relays(self) -> list:
+        return list({id(s.relay): s.relay for s in self.stages.values()}.values())
+
+    def find(self, kind: str):
+        """The chain's relay of that kind, or None."""
+        return next((r for r in self._relays() if r.kind == kind), None)
 
     @property
     def live_pairs(self) -> int:
-        return getattr(self.then, "live_pairs", 0)
+        return sum(getattr(r, "live_pairs", 0) for r in self._relays())
 
     def close(self) -> None:
-        self.then.close()
-        self.first.close()
+        for relay in reversed(self._relays()):
+            relay.close()
 
 
 class _Chained:
-    """One pair's way through a Chain: the relay that holds it now."""
-    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "stage")
+    """One pair's way through a Chain: the relay that holds it now, and what the
+    relays before it moved."""
+    __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "turn", "so_far",
+                 "most")
 
     def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone, record: dict | None):
         self.chain, self.client, self.upstream, self.limits, self.on_done = chain, client, upstream, limits, on_done
         self.record = record   # the access-log record so far, for a pair that may end in another worker
         self.started = time.monotonic()
         self.handle = None
-        self.stage = 0
+        self.turn = 0
+        self.so_far = RelayResult(0, 0, "")
+        self.most = -1     # the most bytes one relay moved: its kind is the pair's
 
-    def run(self, relay, on_done: OnDone, **how) -> None:
-        """Start relay on the pair; its handle is the one to cancel, unless its on_done
-        already moved the pair on before start() returned."""
-        stage = self.stage = self.stage + 1
-        handle = relay.start(self.client, self.upstream, self.limits, on_done, **how)
-        if self.stage == stage:
+    def enter(self, name: str, progress: Progress | None) -> None:
+        stage = self.chain.stages[name]
+        if stage.handoff is not None and stage.handoff.bytes <= 0:
+            return self.left(name, RelayResult(0, 0, "fast"))
+        record = None if self.record is None else dict(   # what the log line says if it ends elsewhere
+            self.record, up=self.record.get("up", 0) + self.so_far.up, down=self.so_far.down,
+            started_at=time.time() - (time.monotonic() - self.started))
+        # The relay's handle is the one to cancel, unless its on_done already moved the
+        # pair on before start() returned.
+        turn = self.turn = self.turn + 1
+        handle = stage.relay.start(self.client, self.upstream, self.limits, lambda result: self.left(name, result),
+                                   handoff=stage.handoff, before=progress, record=record)
+        if self.turn == turn:
             self.handle = handle
 
-    def handed_off(self, before: RelayResult) -> None:
-        if before.outcome != "handoff":
-            return self.on_done(before)
-        moved = before.up + before.down
-        # A pair handed off by age is quiet: the next relay may pace itself by the rate so far.
-        by_age = moved < self.chain.handoff.bytes
-        progress = Progress(moved, time.monotonic() - self.started) if by_age else None
-        record = None if self.record is None else dict(   # what the log line says if it ends elsewhere
-            self.record, up=self.record.get("up", 0) + before.up, down=before.down,
-            started_at=time.time() - (time.monotonic() - self.started))
-        self.run(self.chain.then, lambda result: self.declined(result.after(before)), before=progress, record=record)
-
-    def declined(self, result: RelayResult) -> None:
-        if result.outcome != "declined":
-            return self.on_done(result)
-        self.run(self.chain.first, lambda rest: self.on_done(rest.after(result)))
+    def left(self, name: str, result: RelayResult) -> None:
+        kind = self.so_far.kind
+        if result.up + result.down >= self.most and result.outcome != "declined":
+            self.most, kind = result.up + result.down, result.kind
+        self.so_far = total = result.after(self.so_far)._replace(kind=kind)
+        following = self.chain.stages[name].moves.get(result.outcome)
+        if following is None:
+            return self.on_done(total)
+        if self.chain.on_move is not None and following != name:
+            self.chain.on_move(following)
+        # A quiet pair: the next relay may pace itself by the rate so far.
+        progress = Progress(total.up + total.down, time.monotonic() - self.started) \
+            if result.outcome == "quiet" else None
+        self.enter(following, progress)
 
     def cancel(self) -> None:
         self.handle.cancel()

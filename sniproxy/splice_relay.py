@@ -39,7 +39,7 @@ class SpliceRelay(UserspaceRelay):
         for sock in (client, upstream):
             # splice(2) follows the socket's own O_NONBLOCK, not SPLICE_F_NONBLOCK.
             sock.setblocking(False)
-        pair = super().start(client, upstream, limits, on_done, handoff)
+        pair = super().start(client, upstream, limits, on_done, handoff)   # the same pair, moved otherwise
         for d in (pair.up, pair.down):
             d.pipe = self._pool.pop() if self._pool else self._new_pipe()
         return pair

@@ -3,8 +3,8 @@
 Every pair is moved by event-loop callbacks in the hub, so no greenlet waits
 for a pair, and a wakeup moves only the direction it is for. What the reader
 cannot take yet is copied out of the shared buffer, so idle pairs hold none.
-With a Handoff (relay.Chain), it stops with outcome "handoff" once that is due,
-at a point where no byte is in hand and neither side has sent its FIN.
+With a Handoff (relay.Chain), it stops with outcome "fast" or "quiet" once that
+is due, at a point where no byte is in hand and neither side has sent its FIN.
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ class _Direction:
 class UserspacePair:
     """Both directions of a pair. A direction reads while it holds nothing; holding
     bytes its reader cannot take yet, it waits for the reader's socket to become
-    writable instead. One timer serves the idle limit and the handoff: it fires at
-    the earlier of the two, and activity in between only moves a timestamp."""
+    writable instead. One timer serves the idle limit and the handoff's window: it
+    fires at the earlier of the two, and activity in between only moves a timestamp."""
 
-    __slots__ = ("relay", "up", "down", "loop", "limits", "handoff", "handoff_due", "last", "on_done", "timer")
+    __slots__ = ("relay", "up", "down", "loop", "limits", "handoff", "handoff_due", "window_base", "due_outcome",
+                 "last", "on_done", "timer")
 
     def __init__(self, relay: "UserspaceRelay", c: _socket.socket, u: _socket.socket, limits: Limits,
                  handoff: Handoff | None, on_done: OnDone):
@@ -63,6 +64,8 @@ class UserspacePair:
         self.limits, self.handoff = limits, handoff
         self.last = time.monotonic()
         self.handoff_due = self.last + handoff.after if handoff is not None else math.inf
+        self.window_base = 0       # bytes moved before the current window
+        self.due_outcome = None    # "fast" | "quiet" once the handoff is due
         self.timer = None
         for d in (self.up, self.down):
             self._watch(d)
@@ -87,11 +90,23 @@ class UserspacePair:
     def _idle_due(self) -> float:
         return self.last + self.limits.idle_limit(self._half_closed())
 
-    def _handoff_ready(self, now: float) -> bool:
-        """Due, and at a point where no byte is in hand and neither side has sent its FIN."""
+    def _handoff_ready(self, now: float) -> str | None:
+        """The outcome to stop with, once the handoff is due, at a point where no byte is
+        in hand and neither side has sent its FIN."""
         up, down, handoff = self.up, self.down, self.handoff
-        return handoff is not None and not (up.eof or down.eof) and up.pending is None \
-            and down.pending is None and (up.count + down.count >= handoff.bytes or now >= self.handoff_due)
+        if handoff is None or up.eof or down.eof:
+            return None
+        if self.due_outcome is None:
+            moved = up.count + down.count - self.window_base
+            if moved >= handoff.bytes:
+                self.due_outcome = "fast"
+            elif now >= self.handoff_due:
+                if moved <= handoff.quiet:
+                    self.due_outcome = "quiet"
+                else:                  # a busy window: judge the next one
+                    self.window_base += moved
+                    self.handoff_due = now + handoff.after
+        return self.due_outcome if up.pending is None and down.pending is None else None
 
     def _set_timer(self, now: float) -> None:
         due = self._idle_due()
@@ -116,8 +131,8 @@ class UserspacePair:
             self.last = time.monotonic()
         if up.finished and down.finished:
             return self._end("done")
-        if self.handoff is not None and self._handoff_ready(time.monotonic()):
-            return self._end("handoff")
+        if self.handoff is not None and (outcome := self._handoff_ready(time.monotonic())):
+            return self._end(outcome)
         self._watch(d)
         if not was_half_closed and (up.eof or down.eof) and self.limits.half_closed is not None:
             self._set_timer(time.monotonic())   # the half-closed limit may be the shorter one
@@ -126,9 +141,9 @@ class UserspacePair:
         now = time.monotonic()
         if now >= self._idle_due():
             return self._end("idle_timeout")
-        if self._handoff_ready(now):
-            return self._end("handoff")
-        self._set_timer(now)   # woken early: there was activity, or a byte in hand at the handoff
+        if outcome := self._handoff_ready(now):
+            return self._end(outcome)
+        self._set_timer(now)   # woken early: activity, a busy window, or a byte in hand at the handoff
 
     def _end(self, outcome: str) -> None:
         self.cancel()
@@ -154,9 +169,9 @@ class UserspaceRelay:
         # take yet is copied out, so idle connections hold no buffer.
         self._buffer = memoryview(bytearray(buffer_size))
 
-    def start(self, client, upstream, limits: Limits, on_done: OnDone,
-              handoff: Handoff | None = None, record: dict | None = None) -> UserspacePair:
-        """record: the access-log record, for relays whose pairs may end elsewhere (unused here)."""
+    def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
+              before=None, record: dict | None = None) -> UserspacePair:
+        """before, record: what a Chain tells the relays whose pairs may end elsewhere (unused here)."""
         return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
 
     def _release(self, pair: UserspacePair) -> None:

@@ -210,22 +210,30 @@ class Worker:
         return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect, counters=self.counters)
 
     def _open_relay(self, counters):
-        """relay.policy: every connection starts in the copy relay; a Chain hands it on."""
-        from .relay import Chain, Handoff
+        """relay.policy, as a Chain: every connection starts in the copy relay."""
+        from .relay import Chain, Handoff, Stage
         from .userspace_relay import UserspaceRelay
-        bpf, policy = self.cfg.bpf, self.cfg.relay.policy
-        if policy == "auto":
-            policy = "kernel" if self.relay_kind == "kernel" else "copy"
-        if policy == "kernel" and self.relay_kind == "kernel":
+        bpf, relay, policy = self.cfg.bpf, self.cfg.relay, self.cfg.relay.policy
+        kernel = splice = None
+        if policy in ("auto", "kernel") and self.relay_kind == "kernel" and \
+                not (policy == "auto" and relay.kernel_rate < 0):
             from .kernel_relay import KernelRelay
-            then = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
-                               keeper=self.keeper)
-        elif policy == "splice":
+            kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
+                                 keeper=self.keeper)
+        if policy in ("auto", "splice"):
             from .splice_relay import SpliceRelay
-            then = SpliceRelay()
-        else:   # copy, or kernel without BPF (the master said so at start)
-            return UserspaceRelay()
-        return Chain(UserspaceRelay(), then, Handoff(bpf.handoff_bytes, bpf.handoff_after))
+            splice = SpliceRelay()
+        copy = UserspaceRelay()
+        if policy != "auto":   # kernel without BPF is copy (the master said so at start)
+            then = kernel or splice
+            return Chain.of(copy, then, Handoff(bpf.handoff_bytes, bpf.handoff_after)) if then else copy
+        fast = relay.splice_rate * relay.window
+        quiet = relay.kernel_rate * relay.window if kernel else -1
+        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet), {"fast": "splice", "quiet": "kernel"}),
+                  "splice": Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})}
+        if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
+            stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
+        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))
 
     def _heartbeat(self) -> None:
         """Beat every worker_timeout / 2; look for the master every second (a worker
@@ -287,8 +295,8 @@ class Worker:
         os._exit(0)
 
     def _kernel_relay(self):
-        then = getattr(self.relay, "then", None)
-        return then if getattr(then, "kind", None) == "kernel" else None
+        find = getattr(self.relay, "find", None)   # a Chain; the copy relay alone has no kernel relay
+        return find("kernel") if find is not None else None
 
     def _kept_connections(self) -> int:
         """Our Connections whose pairs the master keeps (not the ones we adopted)."""

@@ -22,7 +22,7 @@ GiB, CHUNK = 1 << 30, 1 << 20
 
 def _config(port: int, echo, pin_path: str, access_log) -> str:
     return (f'[master]\nworkers = 2\ngraceful_timeout = 5.0\n'
-            f'[bpf]\nmode = "require"\npin_path = "{pin_path}"\n'
+            f'[bpf]\nmode = "require"\npin_path = "{pin_path}"\n[relay]\npolicy = "kernel"\n'
             f'[log]\naccess = "{access_log}"\n'
             f'[[listener]]\naddress = "127.0.0.1:{port}"\nfallback = "{echo.address}"\n')
 

@@ -56,7 +56,7 @@ def relay(relay_pins):
 def chained(relay):
     """The kernel relay as a worker runs it: behind the userspace relay, which hands
     every pair over at once and takes back the pairs that the kernel declines."""
-    return Chain(UserspaceRelay(), relay, Handoff(0, 0))
+    return Chain.of(UserspaceRelay(), relay, Handoff(0, 0))
 
 
 def map_sizes_of(pins: str) -> dict[str, int]:
@@ -307,7 +307,7 @@ def test_quiet_pair_handed_off_by_age_is_checked_at_an_idle_pace(relay_pins):
     start (about once a second), not from the 2 ms of a busy one: thousands of them at
     once would otherwise keep a worker busy and its registrations behind."""
     kernel = KernelRelay(relay_pins.pin_path)
-    relay = Chain(UserspaceRelay(), kernel, Handoff(64 << 10, 0.05))
+    relay = Chain.of(UserspaceRelay(), kernel, Handoff(64 << 10, 0.05))
     client, c = tcp_pair()
     u, server = tcp_pair()
     try:
@@ -395,7 +395,7 @@ def test_a_pair_beyond_max_pairs_stays_in_userspace(pin_path):
     from sniproxy.kernel_abi import map_sizes
     loaded = bpfload.load(pin_path, programs=("relay",), cflags=map_sizes(max_pairs=1, dns_cache_size=16))
     kernel = KernelRelay(pin_path)
-    chained = Chain(UserspaceRelay(), kernel, Handoff(0, 0))
+    chained = Chain.of(UserspaceRelay(), kernel, Handoff(0, 0))
     pairs = [(tcp_pair(), tcp_pair()) for _ in range(2)]
     try:
         relayers = [gevent.spawn(run_relay, chained, c, u, 30) for (_, c), (u, _) in pairs]

@@ -22,9 +22,14 @@ from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, stream_through, c
 
 
 def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tls", host="127.0.0.1",
-                workers=2, pin_path=None, bpf=""):
+                workers=2, pin_path=None, bpf="", policy=None, relay=""):
+    """policy: relay.policy; by default "kernel" where BPF is on, so that a test of the kernel
+    relay hands every pair to it (after bpf.handoff_*), and absent (auto) elsewhere. relay:
+    more lines for the [relay] table."""
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    policy = policy or ("kernel" if mode != "off" else None)
     lines = [f"[master]\nworkers = {workers}\ngraceful_timeout = 10.0\n",
+             *([f'[relay]\npolicy = "{policy}"\n{relay}'] if policy else []),
              f'[bpf]\nmode = "{mode}"\n' + (f'pin_path = "{pin_path}"\n' if pin_path else "") + bpf,
              f'[[listener]]\naddress = "{listen}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n']
     for match, backend in routes:

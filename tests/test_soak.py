@@ -22,6 +22,7 @@ MEASURED = (38, 60)   # seconds of traffic, with no fault, between two idle snap
 def _config(port, echo_port, backend, echo, pin_path):
     return (f'[master]\nworkers = 2\ngraceful_timeout = 10.0\n'
             f'[bpf]\nmode = "require"\npin_path = "{pin_path}"\nhandoff_bytes = 65536\nhandoff_after = 0.1\n'
+            f'[relay]\npolicy = "kernel"\n'
             f'[timeouts]\nclient_hello = 2.0\n'
             f'[[listener]]\naddress = "127.0.0.1:{port}"\n'
             f'[[listener]]\naddress = "127.0.0.1:{echo_port}"\ntable = "none"\nfallback = "{echo.address}"\n'

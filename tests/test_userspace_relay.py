@@ -164,7 +164,7 @@ def test_handoff_by_bytes_holds_no_byte_back(pair):
     result = relay_once(c, u, idle=10, handoff=Handoff(MiB, 60))
     stop.set()
     delivered = reader.join()
-    assert result.outcome == "handoff" and result.up + result.down >= MiB and result.down in (0, 8)
+    assert result.outcome == "fast" and result.up + result.down >= MiB and result.down in (0, 8)
     assert len(delivered) == result.up
     rest = recv_exactly(c, len(payload))       # still queued for the next relay, up to the FIN
     sender.join()
@@ -176,12 +176,31 @@ def test_handoff_by_age_of_a_quiet_pair(pair):
     client, c, u, server = pair
     client.sendall(b"early")
     started = time.monotonic()
-    assert relay_once(c, u, idle=10, handoff=Handoff(1 << 40, 0.1)) == RelayResult(5, 0, "handoff")
+    assert relay_once(c, u, idle=10, handoff=Handoff(1 << 40, 0.1)) == RelayResult(5, 0, "quiet")
     assert 0.1 <= time.monotonic() - started < 1.5
     assert recv_exactly(server, 5) == b"early"
     client.sendall(b"later")
     gevent.sleep(0.05)
     assert recv_nowait(server) is None and recv_nowait(c) == b"later"   # the relay let go
+
+
+def test_a_busy_window_starts_the_next_and_the_first_quiet_one_ends_the_relay(pair):
+    """Handoff with quiet = 0, windows of 0.15 s: while bytes arrive every 0.1 s, each window
+    is followed by the next; only a whole window without a byte ends it, with "quiet"."""
+    client, c, u, server = pair
+
+    def trickle():
+        for i in range(6):
+            client.sendall(bytes([i]) * 100)
+            time.sleep(0.1)
+    sender = Background(trickle)
+    started = time.monotonic()
+    result = relay_once(c, u, idle=10, handoff=Handoff(1 << 40, 0.15, quiet=0))
+    elapsed = time.monotonic() - started
+    sender.join()
+    assert result == RelayResult(600, 0, "quiet")
+    assert elapsed >= 0.5 + 0.15          # a whole window after the last byte, at 0.5 s
+    assert recv_exactly(server, 600) == b"".join(bytes([i]) * 100 for i in range(6))
 
 
 def test_cancel_stops_without_on_done(pair):
@@ -208,11 +227,11 @@ class Then:
         self.relay, self.decline_after = UserspaceRelay(buffer_size=16 * 1024), decline_after
         self.befores, self.results = [], []
 
-    def start(self, client, upstream, limits, on_done, before=None, record=None):
+    def start(self, client, upstream, limits, on_done, handoff=None, before=None, record=None):
         self.befores.append(before)
 
         def ended(result: RelayResult) -> None:
-            if result.outcome == "handoff":
+            if result.outcome == "fast":
                 result = result._replace(outcome="declined")
             self.results.append(result)
             on_done(result)
@@ -230,23 +249,23 @@ class Recording(UserspaceRelay):
         super().__init__(buffer_size=16 * 1024)
         self.results = []
 
-    def start(self, client, upstream, limits, on_done, handoff=None, record=None):
+    def start(self, client, upstream, limits, on_done, handoff=None, before=None, record=None):
         return super().start(client, upstream, limits, lambda r: (self.results.append(r), on_done(r)), handoff)
 
 
 def test_chain_hands_off_and_the_counts_add_up(pair):
     first, then = Recording(), Then()
-    result = bulk_both_ways(Chain(first, then, Handoff(256 * 1024, 60)), pair, 5 * MiB, 3 * MiB)
+    result = bulk_both_ways(Chain.of(first, then, Handoff(256 * 1024, 60)), pair, 5 * MiB, 3 * MiB)
     assert result == RelayResult(5 * MiB, 3 * MiB, "done")
     [handed], [finished] = first.results, then.results
-    assert handed.outcome == "handoff" and handed.up + handed.down >= 256 * 1024
+    assert handed.outcome == "fast" and handed.up + handed.down >= 256 * 1024
     assert (handed.up + finished.up, handed.down + finished.down) == (5 * MiB, 3 * MiB)
     assert then.befores == [None]          # handed off by bytes: no pace to pass on
 
 
 def test_chain_with_a_zero_handoff_starts_in_then(pair):
     first, then = Recording(), Then()
-    result = bulk_both_ways(Chain(first, then, Handoff(0, 0)), pair, MiB, 2 * MiB)
+    result = bulk_both_ways(Chain.of(first, then, Handoff(0, 0)), pair, MiB, 2 * MiB)
     assert result == RelayResult(MiB, 2 * MiB, "done")
     assert (first.results, then.befores, then.results) == ([], [None], [result])
 
@@ -256,7 +275,7 @@ def test_chain_passes_progress_of_a_pair_handed_off_by_age(pair):
     client.sendall(b"hi")
     then = Then()
     started = time.monotonic()
-    result = relay_once(c, u, idle=0.5, relay=Chain(UserspaceRelay(), then, Handoff(1 << 30, 0.1)))
+    result = relay_once(c, u, idle=0.5, relay=Chain.of(UserspaceRelay(), then, Handoff(1 << 30, 0.1)))
     assert result == RelayResult(2, 0, "idle_timeout")
     [progress] = then.befores
     assert isinstance(progress, Progress) and progress.moved == 2 and 0.1 <= progress.seconds < 1
@@ -265,11 +284,11 @@ def test_chain_passes_progress_of_a_pair_handed_off_by_age(pair):
 
 def test_chain_takes_a_declined_pair_back_to_first(pair):
     first, then = Recording(), Then(decline_after=512 * 1024)
-    result = bulk_both_ways(Chain(first, then, Handoff(256 * 1024, 60)), pair, 4 * MiB, 2 * MiB)
+    result = bulk_both_ways(Chain.of(first, then, Handoff(256 * 1024, 60)), pair, 4 * MiB, 2 * MiB)
     assert result == RelayResult(4 * MiB, 2 * MiB, "done")
     handed, back = first.results                 # first twice: before the handoff, after the decline
     [declined] = then.results
-    assert (handed.outcome, declined.outcome, back.outcome) == ("handoff", "declined", "done")
+    assert (handed.outcome, declined.outcome, back.outcome) == ("fast", "declined", "done")
     assert declined.up + declined.down >= 512 * 1024
     assert sum(r.up for r in (handed, declined, back)) == 4 * MiB
     assert sum(r.down for r in (handed, declined, back)) == 2 * MiB

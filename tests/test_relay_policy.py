@@ -1,0 +1,117 @@
+"""relay.policy = "auto" in the real master: each connection moves between the copy,
+splice and kernel relays by what it does, and no move loses or reorders a byte."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from harness import free_port, sha, wait_until
+from test_proxy import make_config, stats, stats_json
+
+MiB = 1 << 20
+# Windows of 0.2 s: at 4 MiB/s or more (0.8 MiB in a window) a pair goes to splice, and
+# back to copy below half that; a window with no byte at all sends it to the kernel.
+AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\n"
+MOVES = ("moved_to_copy", "moved_to_splice", "moved_to_kernel")
+
+
+class Client:
+    """A plain TCP client of the echo backend through the proxy: what it sent, and every
+    byte that came back, read as it comes."""
+
+    def __init__(self, port: int, first_flight: bytes):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.sent = bytearray()
+        self.received = bytearray()
+        self.send(first_flight)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent += data
+
+    def stream(self, data: bytes, expected: int) -> None:
+        """Send data from a thread while reading until `expected` bytes came back in all,
+        slowly: the proxy then often holds bytes its reader cannot take yet."""
+        sender = threading.Thread(target=self.send, args=(data,))
+        sender.start()
+        self.read_until(expected, chunk=64 << 10, pause=0.001)
+        sender.join()
+
+    def read_until(self, total: int, chunk: int = MiB, pause: float = 0.0) -> None:
+        while len(self.received) < total:
+            got = self.sock.recv(chunk)
+            assert got, f"EOF after {len(self.received)} of {total} bytes"
+            self.received += got
+            time.sleep(pause)
+
+    def finish(self) -> bytes:
+        self.sock.shutdown(socket.SHUT_WR)
+        while chunk := self.sock.recv(MiB):
+            self.received += chunk
+        self.sock.close()
+        return bytes(self.received)
+
+
+def moves(p) -> dict[str, int]:
+    counted = stats(p)
+    return {name: counted[name] for name in MOVES}
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+def test_auto_moves_a_pair_by_its_rate_and_keeps_every_byte_in_order(proxy, plain, request, mode):
+    """Early bytes both ways (the backend speaks first, the client streams right behind its
+    first flight); a burst moves the pair to splice; a quiet spell moves it back to copy and,
+    with BPF, on to the kernel; a second burst goes through there. Both ways, every byte
+    arrives once and in order (sha256)."""
+    greeting = os.urandom(200_000)
+    b = plain("early", greeting=greeting)
+    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
+                          relay=AUTO), wait_ports=(port,))
+    kernel = mode == "require"
+    base = moves(p)
+    client = Client(port, b"\x00" + os.urandom(50_000))     # not TLS: the fallback, an echo
+    client.read_until(len(greeting) + len(client.sent))
+    client.stream(os.urandom(16 * MiB), len(greeting) + len(client.sent) + 16 * MiB)
+    wait_until(lambda: moves(p)["moved_to_splice"] > base["moved_to_splice"], what="a move to splice")
+    quiet = "moved_to_kernel" if kernel else "moved_to_copy"
+    wait_until(lambda: moves(p)[quiet] > base[quiet], timeout=10, what=f"{quiet} once quiet")
+    client.stream(os.urandom(16 * MiB), len(greeting) + len(client.sent) + 16 * MiB)
+    got = client.finish()
+    expected = greeting + bytes(client.sent)
+    assert len(got) == len(expected) and sha(got) == sha(expected)
+    after = moves(p)
+    assert after["moved_to_copy"] > base["moved_to_copy"]   # from splice, when the rate fell
+    if kernel:
+        assert stats_json(p)["relay_stats"]["relayed_bytes"] >= 2 * 16 * MiB   # the second burst, by the verdict
+    else:
+        assert after["moved_to_kernel"] == base["moved_to_kernel"]
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+def test_auto_keeps_request_response_traffic_in_copy(proxy, plain, request, tmp_path, mode):
+    """Small exchanges in every window, for several windows: never fast enough for splice,
+    never quiet enough for the kernel. The pair stays in copy, and the log says so."""
+    b = plain("echo")
+    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
+    port = free_port()
+    access_log = tmp_path / "access.log"
+    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
+                          relay=AUTO, extra=f'[log]\naccess = "{access_log}"\n'), wait_ports=(port,))
+    base = moves(p)
+    client = Client(port, b"\x00")
+    client.read_until(1)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.2:     # six windows, each with 20 exchanges of 2 KiB
+        client.send(os.urandom(2048))
+        client.read_until(len(client.sent))
+        time.sleep(0.01)
+    got = client.finish()
+    assert sha(got) == sha(bytes(client.sent))
+    wait_until(lambda: "outcome=done" in access_log.read_text(), what="the log line")
+    assert moves(p) == base
+    [line] = [line for line in access_log.read_text().splitlines() if "outcome=done" in line]
+    assert " relay=userspace " in line + " "
