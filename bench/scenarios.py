@@ -190,7 +190,7 @@ class Concurrency(Scenario):
                 [Metric("sock_mem_kib_per_conn", "KiB", LOWER), Metric("gbps_while_held", "Gbit/s", HIGHER)])
 
     def estimate(self, settings):
-        return settings.seconds + 1.0 + settings.idle_connections / 500
+        return settings.seconds + 1.0 + min(3.0, 1.5 * settings.seconds) + settings.idle_connections / 500
 
     def measure(self, system, ctx):
         wanted = ctx.settings.idle_connections
@@ -210,11 +210,14 @@ class Concurrency(Scenario):
             arrived = min(arrived, len(held))
             if arrived < 0.99 * wanted:
                 raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
-            time.sleep(0.2)  # let the system finish its bookkeeping for the last ones
             if system.has_kernel_relay:
-                # Each pair is handed to the kernel handoff_after into its life, and thousands
-                # of registrations take a while: measure once they are done.
+                # Each pair moves to the kernel once quiet for a while, and thousands of
+                # registrations take a while: measure once they are done.
                 wait_for_count(system.kernel_relayed_connections, relayed_before + arrived, stall=2.0)
+            # Idle means idle for a while: let every system settle into what it holds for an idle
+            # connection (the kernel relay's pairs leave their greenlets for the idle sweep after
+            # a few quiet seconds).
+            time.sleep(min(3.0, 1.5 * ctx.settings.seconds))
             values = {"connections": float(arrived),
                       "sock_mem_kib_per_conn": (measure.socket_memory_bytes() - mem_before) / 1024 / arrived}
             if system.has_kernel_relay:

@@ -304,10 +304,13 @@ class Connection:
 
     def _relay(self) -> None:
         self.record["up"] = len(self.data)
+        # What led here is not needed any more: a ClientHello (KiBs, with post-quantum key
+        # shares) would otherwise stay with the connection for as long as it lives.
+        self.data = self.unsent = self.addresses = self.choice = None
         self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
 
     def _relayed(self, result: RelayResult) -> None:
-        count_relayed(self.ctx, self.record, result, up_before=len(self.data))
+        count_relayed(self.ctx, self.record, result, up_before=self.record["up"])
         self._end()
 
     def _end(self) -> None:

@@ -95,19 +95,20 @@ class Link:
 
 class Keeper:
     """The master's side: the kept pairs, by worker, and the orphans of dead workers
-    waiting for a live one."""
+    waiting for a live one. A pair's state is kept as its JSON text, which takes a
+    fraction of the memory of the objects it decodes to (thousands of idle pairs)."""
 
     def __init__(self):
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
-        self.kept: dict[int, dict[int, tuple[dict, list[int]]]] = {}   # pid -> key -> (state, fds)
-        self.orphans: list[tuple[dict, list[int]]] = []
+        self.kept: dict[int, dict[int, tuple[bytes, list[int]]]] = {}   # pid -> key -> (state, fds)
+        self.orphans: list[tuple[bytes, list[int]]] = []
         self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
         self.holding = 0   # kept sockets' fds open here
         self.capacity = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_HEADROOM
 
     def take_over(self, kept: list) -> None:
         """The pairs the image before this one kept (an upgrade): orphans until a worker is up."""
-        self.orphans = [(state, fds) for state, fds in kept]
+        self.orphans = [(json.dumps(state).encode(), fds) for state, fds in kept]
         self.holding += sum(len(fds) for _, fds in self.orphans)
 
     def add_worker(self, pid: int, master_end: socket.socket) -> None:
@@ -143,7 +144,7 @@ class Keeper:
                                     "ones end with their worker", self.capacity + FD_HEADROOM)
                     _close(fds)
                 elif message["op"] == "keep":
-                    self.kept[pid][message["key"]] = (message["state"], fds)
+                    self.kept[pid][message["key"]] = (json.dumps(message["state"]).encode(), fds)
                     self.holding += 2
                 elif message["op"] == "drop":
                     self._close(self.kept[pid].pop(message["key"], (None, []))[1])
@@ -161,7 +162,8 @@ class Keeper:
     def hand_over(self, pids: list[int]) -> None:
         """Give the orphans to live workers, in turn."""
         while self.orphans and pids:
-            state, fds = self.orphans.pop()
+            text, fds = self.orphans.pop()
+            state = json.loads(text)
             pid = pids[len(self.orphans) % len(pids)]
             try:
                 send(self.channels[pid], {"op": "adopt", "state": state}, fds)
@@ -169,8 +171,12 @@ class Keeper:
                 log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
                 self._close(fds)
                 continue
-            self.kept[pid][state["key"]] = (state, fds)
+            self.kept[pid][state["key"]] = (text, fds)
             log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
+
+    def orphan_states(self) -> list[tuple[dict, list[int]]]:
+        """The orphans, decoded: what an upgrade passes on (take_over)."""
+        return [(json.loads(text), fds) for text, fds in self.orphans]
 
     def _close(self, fds) -> None:
         _close(fds)

@@ -5,6 +5,7 @@ kernel_relay.py registers pairs and runs the checks.
 from __future__ import annotations
 
 import fcntl
+import math
 import socket
 import struct
 from typing import NamedTuple
@@ -130,7 +131,7 @@ class Side:
 class Pair:
     """Both sides, the pace of the checks, and the sleep between them."""
     __slots__ = ("client", "upstream", "woken", "_waiter", "interval", "last_activity", "last_check",
-                 "sample", "quiet")
+                 "sample", "quiet", "idle_due", "parked")
 
     def __init__(self, client: socket.socket, upstream: socket.socket):
         self.client, self.upstream = Side(client), Side(upstream)
@@ -140,6 +141,8 @@ class Pair:
         self.last_activity = self.last_check = 0.0
         self.sample: Sample | None = None   # what the last full check saw
         self.quiet = False   # it found nothing queued, paused or waiting for a FIN
+        self.idle_due = math.inf   # in the idle sweep: when the sweep wakes it for its idle limit
+        self.parked = None   # parked in the idle sweep: the watch to resume (kernel_relay.py)
 
     @property
     def sides(self) -> tuple[Side, Side]:

@@ -47,7 +47,9 @@ A pair quiet for MAX_CHECK_INTERVAL stops checking itself and joins the idle
 sweep: once a second, one read of their CONNECTION_MAP entries (a batch read of
 the whole map once they are many) wakes those whose entries changed. Thousands
 of idle pairs then cost one pass a second, where each cost a timer, a greenlet
-switch and a check.
+switch and a check. Unless its idle limit is near, such a pair also parks: its
+greenlet ends, the sweep watches the limit too, and a wake (the sweep, or epoll)
+resumes the watch in a new greenlet. A parked pair holds no greenlet, no timer.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ import select
 import socket
 import struct
 import time
+from functools import partial
+from typing import Callable
 
 import gevent
 import gevent.monkey
@@ -112,15 +116,36 @@ class _Declined(Exception):
     """The kernel cannot take this pair; nothing of it is left in the maps."""
 
 
-class _Task:
-    """The handle of a pair's greenlet."""
-    __slots__ = ("greenlet",)
+PARKED = "parked"   # _watch's outcome for a pair that left its greenlet for the idle sweep
 
-    def __init__(self, greenlet):
-        self.greenlet = greenlet
+
+class _Task:
+    """A pair's watch, and its handle: the greenlet that runs it, or while the pair is
+    parked in the idle sweep, none, and how to resume it."""
+    __slots__ = ("greenlet", "on_done", "resume")
+
+    def __init__(self, on_done: OnDone):
+        self.greenlet = None
+        self.on_done = on_done
+        self.resume: Callable[..., RelayResult | None] | None = None
+
+    def take_resume(self):
+        resume, self.resume = self.resume, None
+        return resume
 
     def cancel(self) -> None:
-        self.greenlet.kill(block=False)
+        """End the watch without on_done. A kill raises GreenletExit where the watch
+        waits, and its cleanup runs; a parked pair (or one whose resume has not run
+        yet) is resumed to run the same cleanup."""
+        g, resume = self.greenlet, self.take_resume()
+        if g is not None:
+            g.kill(block=False)   # a greenlet killed before it ran never runs
+        if resume is not None:
+            gevent.spawn(resume, begin=_cancelled)
+
+
+def _cancelled() -> bool:
+    raise gevent.GreenletExit()
 
 
 class KernelRelay:
@@ -147,6 +172,7 @@ class KernelRelay:
         self.pauses = 0   # times a direction was paused for a slow reader
         self.checks = 0   # times a pair's counters were read (see _watch)
         self.sweeps = 0   # passes of the idle sweep (see _sweep)
+        self.on_park = None   # called when a pair parked in the idle sweep, letting its greenlet go
         self.full = 0     # pairs declined because the maps were full
         self._full_logged = -math.inf
         self._idle: dict[Pair, tuple[bytes | None, bytes | None]] = {}  # CONNECTION_MAP entries when it went idle
@@ -178,7 +204,14 @@ class KernelRelay:
             # any pair. Checking thousands of idle pairs from MIN_CHECK_INTERVAL on kept the
             # worker busy and registrations behind.
             first_check = self._check_interval(before.moved / max(before.seconds, 1e-3), 0)
-        return _Task(gevent.spawn(self._relay, lambda: Pair(client, upstream), limits, on_done, first_check, record))
+        task = _Task(on_done)
+
+        def run() -> RelayResult | None:
+            pair = Pair(client, upstream)
+            return self._run(task, pair, limits, kept=False, adopted=False,
+                             begin=lambda: self._begin(pair, first_check, record))
+        task.greenlet = gevent.spawn(self._relay, task, run)
+        return task
 
     def adopt(self, state: dict, fds: list[int], limits: Limits, on_done: OnDone) -> None:
         """Take over a pair the kernel relays for a worker that exited (keeper.py): the
@@ -197,34 +230,53 @@ class KernelRelay:
         for side in pair.sides:
             side.fin_sent = pair.peer(side).sent_fin()
             self._watch_ends(pair, side)
+        pair.interval = MIN_CHECK_INTERVAL
+        pair.last_activity = pair.last_check = time.monotonic()
 
         def ended(result: RelayResult) -> None:
             on_done(result)
             client.close(), upstream.close()
-        gevent.spawn(self._relay, lambda: pair, limits, ended, MIN_CHECK_INTERVAL, state["record"], adopted=True)
+        task = _Task(ended)
+        task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=True, adopted=True))
 
-    def _relay(self, pair_of, limits: Limits, on_done: OnDone, first_check: float, record: dict | None,
-               adopted: bool = False) -> None:
+    def _relay(self, task: _Task, run: Callable[[], RelayResult | None]) -> None:
+        """A greenlet of the pair's watch: it ends with the pair (on_done), or when the
+        pair parks (another greenlet resumes it)."""
         try:
-            result = self._relay_pair(pair_of(), limits, first_check, record, adopted)
+            result = run()
         except Exception:  # noqa: BLE001 - the connection must still end
             log.exception("kernel relay failed")
             result = RelayResult(0, 0, "error", self.kind)
-        on_done(result)
+        if result is not None:
+            task.on_done(result)
 
-    def _relay_pair(self, pair: Pair, limits: Limits, first_check: float, record: dict | None,
-                    adopted: bool) -> RelayResult:
-        outcome = "error"
-        kept = adopted
+    def _begin(self, pair: Pair, first_check: float, record: dict | None) -> bool:
+        """Register the pair, and have the master keep it; True if it does."""
+        began = time.monotonic()
+        self._register(pair)
+        if self.counters is not None:
+            self.counters.observe_registration(time.monotonic() - began)
+        pair.interval = first_check
+        pair.last_activity = pair.last_check = time.monotonic()
+        return self._keep(pair, record)
+
+    def _run(self, task: _Task, pair: Pair, limits: Limits, kept: bool, adopted: bool,
+             begin: Callable[[], bool] | None = None) -> RelayResult | None:
+        """Watch the pair until it ends, or parks (None): quiet long enough to join the idle
+        sweep, it lets its greenlet go, and the sweep or epoll resumes it (_wake)."""
+        outcome, parked = "error", False
         try:
-            if not adopted:
-                began = time.monotonic()
-                self._register(pair)
-                if self.counters is not None:
-                    self.counters.observe_registration(time.monotonic() - began)
-                kept = self._keep(pair, record)
-            pair.interval = first_check
+            if begin is not None:
+                kept = begin()
             outcome = self._watch(pair, limits)
+            if outcome == PARKED:
+                parked = True
+                if self.on_park is not None:
+                    self.on_park()
+                task.greenlet = None
+                task.resume = partial(self._run, task, pair, limits, kept, adopted)
+                pair.parked = task
+                return None
         except _Declined:
             return RelayResult(pair.client.early, pair.upstream.early, "declined")
         except OSError as e:
@@ -234,9 +286,11 @@ class KernelRelay:
                 log.warning("kernel relay failed: %s", e, exc_info=True)
                 outcome = "error"
         finally:
-            (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
-            if kept:
-                self._drop(pair, begun_here=not adopted)
+            if not parked:
+                pair.parked = None
+                (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
+                if kept:
+                    self._drop(pair, begun_here=not adopted)
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
@@ -378,8 +432,15 @@ class KernelRelay:
 
     # -- the watch: one check after each sleep, in named steps ------------------
 
+    def _wake(self, pair: Pair) -> None:
+        """Wake the pair's watch: end its sleep, or resume it in a new greenlet if it is
+        parked. Its resume stays with the task until that greenlet runs (see cancel)."""
+        pair.wake()
+        task, pair.parked = pair.parked, None
+        if task is not None and task.greenlet is None and task.resume is not None:
+            task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
+
     def _watch(self, pair: Pair, limits: Limits) -> str:
-        pair.last_activity = pair.last_check = time.monotonic()
         while True:
             woken = pair.sleep(self._loop, pair.interval)
             self._leave_idle(pair)
@@ -391,8 +452,9 @@ class KernelRelay:
             self._read_kernel_counts(pair)
             if pair.quiet and not woken and pair.client.kernel == pair.sample.client \
                     and pair.upstream.kernel == pair.sample.upstream:
-                if self._rest(pair, now, limit):
-                    return "idle_timeout"
+                rested = self._rest(pair, now, limit)
+                if rested is not None:
+                    return rested
                 continue
             pair.read_tcp()
             if self._reset_seen(pair):
@@ -411,22 +473,30 @@ class KernelRelay:
             side.entry = self.connections.lookup(side.key)
             side.kernel = KernelCounts.of(side.entry)
 
-    def _rest(self, pair: Pair, now: float, limit: float) -> bool:
+    def _rest(self, pair: Pair, now: float, limit: float) -> str | None:
         """A quiet pair whose counts did not move: no queue can have grown, and a FIN
         or a reset would have woken it through epoll. Idle pairs end here, checked
-        less and less often, then by the idle sweep. True when the idle limit passed."""
+        less and less often, then by the idle sweep. "idle_timeout" when the idle limit
+        passed; PARKED when the sweep takes the pair over."""
         if now - pair.last_activity >= limit:
-            return True
+            return "idle_timeout"
         pair.last_check = now
         interval = min(pair.interval * 2, MAX_CHECK_INTERVAL)
         if interval == MAX_CHECK_INTERVAL:
             # Quiet a while: the idle sweep watches its entries from now on (bytes
-            # redirected since they were read show there), and its own timer waits
-            # only for the idle limit.
-            self._enter_idle(pair, (pair.client.entry, pair.upstream.entry))
+            # redirected since they were read show there). With the idle limit far
+            # enough off for the sweep's pace, it watches the limit too, and the pair
+            # lets its greenlet go (an idle pair then costs a few hundred bytes, not
+            # the KiBs of a waiting greenlet); else its own timer waits for the limit.
+            due = pair.last_activity + limit
+            park = due - now > 2 * MAX_CHECK_INTERVAL
+            self._enter_idle(pair, (pair.client.entry, pair.upstream.entry), due if park else math.inf)
+            if park:
+                pair.interval = math.inf
+                return PARKED
             interval = math.inf
         pair.interval = max(min(interval, pair.last_activity + limit - now), MIN_CHECK_INTERVAL)
-        return False
+        return None
 
     def _reset_seen(self, pair: Pair) -> bool:
         """A side closed with an error: reset the other one too. A side whose bytes the
@@ -523,16 +593,19 @@ class KernelRelay:
             # The batch reads every worker's entries: worth it only for many idle pairs.
             lookup = self.connections.lookup_all().get if len(self._idle) >= SWEEP_BATCH_FROM \
                 else self.connections.lookup
+            now = time.monotonic()
             changed = [pair for pair, before in self._idle.items()
-                       if (lookup(pair.client.key), lookup(pair.upstream.key)) != before]
+                       if now >= pair.idle_due or (lookup(pair.client.key), lookup(pair.upstream.key)) != before]
         except OSError as e:   # then every idle pair checks itself once
             log.warning("idle sweep failed: %s", e)
             changed = list(self._idle)
         for pair in changed:
             self._leave_idle(pair)
-            pair.wake()
+            self._wake(pair)
 
-    def _enter_idle(self, pair: Pair, entries: tuple[bytes | None, bytes | None]) -> None:
+    def _enter_idle(self, pair: Pair, entries: tuple[bytes | None, bytes | None], due: float) -> None:
+        """due: when the sweep wakes the pair for its idle limit (inf: its own timer does)."""
+        pair.idle_due = due
         self._idle[pair] = entries
         if not self._sweeper.active:
             self._sweeper.start(self._sweep)
@@ -546,7 +619,7 @@ class KernelRelay:
             self.wakeups += 1
             pair = self._pairs_by_fd.get(fd)
             if pair is not None:
-                pair.wake()
+                self._wake(pair)
 
     # -- backpressure: see RELAY_CONTROL in bpf/relay.c -------------------------
 

@@ -233,7 +233,7 @@ class Master:
     def _exec_upgrade(self) -> None:
         import sys
         fds = [sock.fileno() for sock in self.sockets.values()]
-        kept = self.keeper.orphans if self.keeper is not None else []
+        kept = self.keeper.orphan_states() if self.keeper is not None else []
         state = {"sockets": [[slot, address, sock.fileno()] for (slot, address), sock in self.sockets.items()],
                  "kept": [[s, fds_] for s, fds_ in kept], "xdp": self.bpf.xdp_attached,
                  "spawned": self.spawned, "generation": self.generation}

@@ -32,6 +32,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 # respawning it forever.
 BOOT_ERROR = 3
 PARENT_CHECK_INTERVAL = 1.0
+TRIM_AFTER = 512   # connections ended or kernel pairs parked since memory was last given back
+
+
+def malloc_trim() -> None:
+    """glibc's malloc_trim(0): free pages of the heap go back to the system."""
+    import ctypes
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):   # not glibc
+        pass
 ACCEPT_RETRY = 0.1   # out of descriptors: how soon to try accepting again
 
 
@@ -145,6 +155,7 @@ class Worker:
             self.keeper = Link(self.keeper, self.loop)
         self.relay = self._open_relay(counters)
         self.connections: set = set()   # live Connections
+        self.freed = 0   # connections ended and kernel pairs parked since memory was last given back
         self.acceptors: list = []
         self.stopping = gevent.event.Event()
         self.all_ended = gevent.event.Event()
@@ -220,6 +231,7 @@ class Worker:
             from .kernel_relay import KernelRelay
             kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
                                  keeper=self.keeper)
+            kernel.on_park = self._freed_one
         if policy in ("auto", "splice"):
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
@@ -246,11 +258,24 @@ class Worker:
                 self.heartbeat.beat()
                 due = now + interval
             self._set_gauges()
+            self._trim_memory()
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master %d is gone, stopping", self.index, self.master_pid)
                 self._on_term()
                 return
             gevent.sleep(min(interval, PARENT_CHECK_INTERVAL))
+
+    def _trim_memory(self) -> None:
+        """Give freed memory back to the system once much was freed: TRIM_AFTER
+        connections ended, or kernel pairs parked (each let a greenlet's stack go).
+        glibc keeps freed memory for reuse otherwise, and a worker that once held
+        many busy connections would keep their peak for good."""
+        if self.freed >= TRIM_AFTER:
+            malloc_trim()
+            self.freed = 0
+
+    def _freed_one(self) -> None:
+        self.freed += 1
 
     def _set_gauges(self) -> None:
         self.counters.set("live_connections", len(self.connections))
@@ -383,6 +408,7 @@ class Worker:
 
     def connection_ended(self, connection) -> None:
         self.connections.discard(connection)
+        self._freed_one()
         if self.held and self.alive and len(self.connections) < self.cfg.master.max_connections:
             self.held = False
             self._watch_listeners()

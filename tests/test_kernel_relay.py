@@ -20,7 +20,7 @@ from sniproxy import kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
 from sniproxy.kernel_relay import KernelRelay
-from sniproxy.relay import Chain, Handoff
+from sniproxy.relay import Chain, Handoff, Limits
 from sniproxy.stats import percpu_totals
 from sniproxy.userspace_relay import UserspaceRelay
 
@@ -330,6 +330,8 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
     whose entries changed. Each round: a message both ways, then idleness, then a burst the
     sweep must notice."""
     monkeypatch.setattr(kernel_relay, "SWEEP_BATCH_FROM", batch_from)
+    parks = []
+    relay.on_park = lambda: parks.append(time.monotonic())
     client, c = tcp_pair()
     u, server = tcp_pair()
     relayer = gevent.spawn(run_relay, relay, c, u, 30)
@@ -345,6 +347,7 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
         gevent.sleep(2.1)
         assert relay.checks == checks, f"round {round_number}: the idle pair checked itself"
         assert relay.sweeps - sweeps >= 2
+        assert len(parks) == round_number + 1   # it let its greenlet go, and the sweep resumed it
         client.sendall(b"burst")
         assert server.recv(64) == b"burst"
         with gevent.Timeout(1.5):          # the next sweep sees the changed entry
@@ -354,6 +357,34 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
     assert relayer.get(timeout=10) == (24, 14, "done", "kernel", 24, 14)
     assert relay._idle == {} and not relay._sweeper.active   # the sweep stops with its last pair
     for s in (client, c, u, server):
+        s.close()
+
+
+def test_a_parked_pair_ends_at_its_idle_limit_and_a_cancel_cleans_it_up(relay, relay_pins):
+    """Idle far from its limit, a pair parks: no greenlet, no timer; the sweep then ends it at
+    its idle limit (within a sweep's second). A parked pair cancelled (its worker stops) leaves
+    nothing in the maps, and never reports."""
+    parks = []
+    relay.on_park = lambda: parks.append(time.monotonic())
+    (client, c), (u, server) = tcp_pair(), tcp_pair()
+    started = time.monotonic()
+    with gevent.Timeout(10):
+        result = run_relay(relay, c, u, idle=4.0)
+    assert result == (0, 0, "idle_timeout", "kernel", 0, 0)
+    assert len(parks) == 1 and parks[0] - started < 2.5
+    assert 4.0 <= time.monotonic() - started < 5.5
+    (client2, c2), (u2, server2) = tcp_pair(), tcp_pair()
+    done = []
+    handle = relay.start(c2, u2, Limits(60.0), done.append)
+    wait = time.monotonic() + 5
+    while len(parks) < 2 and time.monotonic() < wait:
+        gevent.sleep(0.05)
+    assert len(parks) == 2 and map_sizes_of(relay_pins.pin_path)["CONNECTION_MAP"] == 2
+    handle.cancel()
+    gevent.sleep(0.2)
+    assert map_sizes_of(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
+    assert done == [] and relay._idle == {} and relay.live_pairs == 0
+    for s in (client, c, u, server, client2, c2, u2, server2):
         s.close()
 
 
