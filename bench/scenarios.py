@@ -5,6 +5,7 @@ for TLS clients, a listener's fallback for the others."""
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -193,45 +194,54 @@ class Concurrency(Scenario):
         return settings.seconds + 1.0 + min(3.0, 1.5 * settings.seconds) + settings.idle_connections / 500
 
     def measure(self, system, ctx):
-        wanted = ctx.settings.idle_connections
-        already = procs.established_count(ctx.hold_port)
-        # Pairs of an earlier scenario may still be finishing; count only the ones held here.
-        relayed_before = wait_for_kernel_pairs_to_leave(system, ctx.settings.slack) if system.has_kernel_relay else 0
         pids = tuple(system.pids())
         rss_before = self._rss_unloaded.setdefault(pids, measure.rss_bytes(pids))
         mem_before = measure.socket_memory_bytes()
-        held = []
-        try:
-            held = open_idle_connections(system.address("hold"), wanted, self.first_flight,
-                                         deadline=time.monotonic() + 3 * ctx.settings.slack)
-            established = partial(procs.established_count, ctx.hold_port)
-            arrived = wait_for_count(established, already + len(held), stall=ctx.settings.slack) - already
-            # /proc/net/tcp read while it changes can list a socket twice: never count more than we opened.
-            arrived = min(arrived, len(held))
-            if arrived < 0.99 * wanted:
-                raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
-            if system.has_kernel_relay:
-                # Each pair moves to the kernel once quiet for a while, and thousands of
-                # registrations take a while: measure once they are done.
-                wait_for_count(system.kernel_relayed_connections, relayed_before + arrived, stall=2.0)
-            # Idle means idle for a while: let every system settle into what it holds for an idle
-            # connection (the kernel relay's pairs leave their greenlets for the idle sweep after
-            # a few quiet seconds).
-            time.sleep(min(3.0, 1.5 * ctx.settings.seconds))
+        with holding_idle(system, ctx, ctx.settings.idle_connections) as (arrived, relayed):
             values = {"connections": float(arrived),
                       "sock_mem_kib_per_conn": (measure.socket_memory_bytes() - mem_before) / 1024 / arrived}
             if system.has_kernel_relay:
-                values["kernel_relayed_conns"] = float(min(system.kernel_relayed_connections() - relayed_before,
-                                                           arrived))
+                values["kernel_relayed_conns"] = float(relayed)
             if system.has_processes:
                 values["rss_kib_per_conn"] = (measure.rss_bytes(pids) - rss_before) / 1024 / arrived
             values["gbps_while_held"] = tools.iperf3(system.address("iperf"), ctx.settings.seconds,
                                                      1, False, ctx.settings.slack).rate
             return values
-        finally:
-            for sock in held:
-                sock.close()
-            wait_for_count(established, already, stall=ctx.settings.slack, falling=True)
+
+
+@contextmanager
+def holding_idle(system, ctx, wanted: int):
+    """Hold `wanted` idle connections through the system, settled: (how many reached the
+    origin, how many of them are kernel-relayed). Closed, and gone at the origin, afterwards."""
+    already = procs.established_count(ctx.hold_port)
+    established = partial(procs.established_count, ctx.hold_port)
+    # Pairs of an earlier scenario may still be finishing; count only the ones held here.
+    relayed_before = wait_for_kernel_pairs_to_leave(system, ctx.settings.slack) if system.has_kernel_relay else 0
+    held = []
+    try:
+        held = open_idle_connections(system.address("hold"), wanted, Concurrency.first_flight,
+                                     deadline=time.monotonic() + 3 * ctx.settings.slack)
+        arrived = wait_for_count(established, already + len(held), stall=ctx.settings.slack) - already
+        # /proc/net/tcp read while it changes can list a socket twice: never count more than we opened.
+        arrived = min(arrived, len(held))
+        if arrived < 0.99 * wanted:
+            raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
+        relayed = 0
+        if system.has_kernel_relay:
+            # Each pair moves to the kernel once quiet for a while, and thousands of
+            # registrations take a while: go on once they are done.
+            wait_for_count(system.kernel_relayed_connections, relayed_before + arrived, stall=2.0)
+        # Idle means idle for a while: let every system settle into what it holds for an idle
+        # connection (the kernel relay's pairs leave their greenlets for the idle sweep after
+        # a few quiet seconds).
+        time.sleep(min(3.0, 1.5 * ctx.settings.seconds))
+        if system.has_kernel_relay:
+            relayed = min(system.kernel_relayed_connections() - relayed_before, arrived)
+        yield arrived, relayed
+    finally:
+        for sock in held:
+            sock.close()
+        wait_for_count(established, already, stall=ctx.settings.slack, falling=True)
 
 
 def wait_for_kernel_pairs_to_leave(system, timeout: float) -> int:
@@ -344,11 +354,10 @@ class ActiveConnections(Scenario):
 
 
 class Mixed(Scenario):
-    """The loads at once: idle connections held (10,000 but 200 in full mode), 100 active
+    """The loads at once: idle connections held and settled (9,650 in full mode), 100 active
     keep-alive TLS connections fetching 16 KiB objects, and two bulk streams. The active
     ones' requests/s, p50 and p99, and the bulk streams' Gbit/s, with everything else going on."""
     name = "mixed"
-    first_flight = Concurrency.first_flight
 
     @staticmethod
     def counts(settings) -> tuple[int, int]:
@@ -361,20 +370,11 @@ class Mixed(Scenario):
                 Metric("p50_ms", "ms", LOWER), Metric("p99_ms", "ms", LOWER), Metric("gbps_2streams", "Gbit/s", HIGHER)]
 
     def estimate(self, settings):
-        return 2 * settings.seconds + 2.0 + settings.idle_connections / 500
+        return 2 * settings.seconds + 2.0 + min(3.0, 1.5 * settings.seconds) + settings.idle_connections / 500
 
     def measure(self, system, ctx):
         idle, active = self.counts(ctx.settings)
-        already = procs.established_count(ctx.hold_port)
-        established = partial(procs.established_count, ctx.hold_port)
-        held = []
-        try:
-            held = open_idle_connections(system.address("hold"), idle, self.first_flight,
-                                         deadline=time.monotonic() + 3 * ctx.settings.slack)
-            arrived = min(wait_for_count(established, already + len(held), stall=ctx.settings.slack) - already,
-                          len(held))
-            if arrived < 0.99 * idle:
-                raise RuntimeError(f"only {arrived} of {idle} idle connections reached the origin")
+        with holding_idle(system, ctx, idle) as (arrived, _):
             with ThreadPoolExecutor(1) as pool:
                 bulk = pool.submit(tools.iperf3, system.address("iperf"), ctx.settings.seconds, 2, False,
                                    ctx.settings.slack)
@@ -383,10 +383,6 @@ class Mixed(Scenario):
                 streams = bulk.result()
             return {"idle_connections": float(arrived), "req_per_s": result.per_s, "p50_ms": result.p50_ms,
                     "p99_ms": result.p99_ms, "gbps_2streams": streams.rate}
-        finally:
-            for sock in held:
-                sock.close()
-            wait_for_count(established, already, stall=ctx.settings.slack, falling=True)
 
 
 SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), ActiveConnections(), Mixed(),

@@ -3,8 +3,11 @@ reference to the kernel's pages, and are never copied into Python.
 
 It drives pairs like the userspace relay (the same event-loop callbacks, limits,
 half-close and handoff) and differs only in how a direction moves: through a
-pipe of its own, 1 MiB, from a pool. What the reader cannot take yet waits in the
-pipe. Never on a socket that is in a sockmap (PLATFORM: the two do not mix).
+pipe, 1 MiB, from a pool. What the reader cannot take yet waits in the pipe. A
+direction holds a pipe only while bytes are in it, as HAProxy does: an idle pair
+holds none (two pipes a pair, four fds, would exhaust the file limit long before
+the connections do). Never on a socket that is in a sockmap (PLATFORM: the two do
+not mix).
 """
 from __future__ import annotations
 
@@ -39,10 +42,7 @@ class SpliceRelay(UserspaceRelay):
         for sock in (client, upstream):
             # splice(2) follows the socket's own O_NONBLOCK, not SPLICE_F_NONBLOCK.
             sock.setblocking(False)
-        pair = super().start(client, upstream, limits, on_done, handoff)   # the same pair, moved otherwise
-        for d in (pair.up, pair.down):
-            d.pipe = self._pool.pop() if self._pool else self._new_pipe()
-        return pair
+        return super().start(client, upstream, limits, on_done, handoff)   # the same pair, moved otherwise
 
     @staticmethod
     def _new_pipe() -> tuple[int, int]:
@@ -55,21 +55,37 @@ class SpliceRelay(UserspaceRelay):
 
     def _release(self, pair: UserspacePair) -> None:
         for d in (pair.up, pair.down):
-            if d.pipe is None:
-                continue
-            # Only a pipe that holds nothing goes back: a pair that ended on an error may
-            # have left bytes in it, and they must never reach another connection.
-            if len(self._pool) < self._pool_size and _queued(d.pipe[0]) == 0:
-                self._pool.append(d.pipe)
-            else:
-                for fd in d.pipe:
-                    os.close(fd)
-            d.pipe = None
+            if d.pipe is not None:
+                # A pair that ended on an error may have left bytes in it: they must
+                # never reach another connection.
+                self._give_back(d, empty=_queued(d.pipe[0]) == 0, ending=True)
+
+    def _give_back(self, d: _Direction, empty: bool = True, ending: bool = False) -> None:
+        """d's empty pipe goes back to the pool, if it has room. Else it stays with d while
+        the pair lives (more busy pairs than the pool holds: no pipe made per read), and
+        is closed at its end, as is a pipe with bytes left in it."""
+        if empty and len(self._pool) < self._pool_size:
+            self._pool.append(d.pipe)
+        elif empty and not ending:
+            return
+        else:
+            for fd in d.pipe:
+                os.close(fd)
+        d.pipe = None
 
     read_size = PIPE_SIZE
 
     def _read(self, d: _Direction) -> int:
-        return os.splice(d.src.fileno(), d.pipe[1], PIPE_SIZE, flags=_FLAGS)
+        if d.pipe is None:
+            d.pipe = self._pool.pop() if self._pool else self._new_pipe()
+        try:
+            n = os.splice(d.src.fileno(), d.pipe[1], PIPE_SIZE, flags=_FLAGS)
+        except BlockingIOError:
+            self._give_back(d)      # nothing came: the pipe is as empty as it was taken
+            raise
+        if not n:
+            self._give_back(d)      # the FIN
+        return n
 
     def _forward(self, d: _Direction, n: int) -> bool:
         try:
@@ -78,10 +94,14 @@ class SpliceRelay(UserspaceRelay):
             sent = 0
         if sent < n:
             d.pending = n - sent    # waits in the pipe
-        return sent == n
+            return False
+        self._give_back(d)          # empty: the pipe holds exactly the n bytes just read
+        return True
 
     def _flush(self, d: _Direction) -> None:
         d.pending = (d.pending - os.splice(d.pipe[0], d.dst.fileno(), d.pending, flags=_FLAGS)) or None
+        if d.pending is None:
+            self._give_back(d)
 
     def close(self) -> None:
         for pipe in self._pool:
