@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import measure, procs, tools
+from sniproxy.config import RelayConfig
 from bench.origins import OBJECTS
 from bench.systems import System
 
@@ -228,9 +229,10 @@ def holding_idle(system, ctx, wanted: int):
             raise RuntimeError(f"only {arrived} of {wanted} idle connections reached the origin")
         relayed = 0
         if system.has_kernel_relay:
-            # Each pair moves to the kernel once quiet for a while, and thousands of
-            # registrations take a while: go on once they are done.
-            wait_for_count(system.kernel_relayed_connections, relayed_before + arrived, stall=2.0)
+            # Each pair moves to the kernel once quiet for a window (by default), and thousands
+            # of registrations take a while: go on once they are done.
+            wait_for_count(system.kernel_relayed_connections, relayed_before + arrived,
+                           stall=RelayConfig().window + 2.0)
         # Idle means idle for a while: let every system settle into what it holds for an idle
         # connection (the kernel relay's pairs leave their greenlets for the idle sweep after
         # a few quiet seconds).

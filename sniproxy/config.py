@@ -61,9 +61,11 @@ class RelayConfig(_Section):
     # keep-alive connections (16 KiB: the kernel relay 0.88x copy, splice 0.95x); splice and
     # the kernel led one bulk stream (1.21x and 1.14x copy), and no keep-alive connection of
     # that run (8.7 requests/s each, 0.14-2.2 MB/s) came near 64 MiB/s. Idle pairs go to the
-    # kernel, where they cost no wakeup and outlive their worker (keeper.py).
+    # kernel, where they cost no wakeup and outlive their worker (keeper.py). A window of 1 s
+    # sent 245 of those 1,000 connections to the kernel (a second without a request, waiting
+    # their turn); one of 5 s sent none (bench/results/2026-11-27/ANALYSIS.md).
     policy: Literal["auto", "kernel", "splice", "copy"] = "auto"
-    window: float = 1.0               # seconds
+    window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
 
