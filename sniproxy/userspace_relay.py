@@ -92,7 +92,7 @@ class UserspacePair:
 
     def _handoff_ready(self, now: float) -> str | None:
         """The outcome to stop with, once the handoff is due, at a point where no byte is
-        in hand and neither side has sent its FIN."""
+        in hand and neither side has sent its FIN. A window that ends busy starts the next."""
         up, down, handoff = self.up, self.down, self.handoff
         if handoff is None or up.eof or down.eof:
             return None

@@ -33,6 +33,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 BOOT_ERROR = 3
 PARENT_CHECK_INTERVAL = 1.0
 TRIM_AFTER = 512   # connections ended or kernel pairs parked since memory was last given back
+ACCEPT_RETRY = 0.1   # out of descriptors: how soon to try accepting again
 
 
 def malloc_trim() -> None:
@@ -42,7 +43,6 @@ def malloc_trim() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):   # not glibc
         pass
-ACCEPT_RETRY = 0.1   # out of descriptors: how soon to try accepting again
 
 
 @dataclass
