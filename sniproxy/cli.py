@@ -189,7 +189,8 @@ def cmd_status(cfg: Config, args) -> int:
         print("sniproxy-master: not running")
         return 3
     pids = ", ".join(f"{w['index']}:{w['pid']}" for w in state["workers"])
-    print(f"sniproxy-master: running, pid {state['pid']}, relay {state['relay']}, workers {pids}")
+    booting = "" if state.get("ready", True) else " (booting)"
+    print(f"sniproxy-master: running, pid {state['pid']}, relay {state['relay']}, workers {pids}{booting}")
     for line in state.get("bpf", []):
         print(f"  {line}")
     return 0

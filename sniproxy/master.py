@@ -432,6 +432,7 @@ class Master:
         current = [w for w in self.workers.values() if w.generation == self.generation]
         if len(current) == worker_count(self.cfg) and all(w.heartbeat.booted for w in current):
             self.ready_generation = self.generation
+            self.write_state()
             systemd.notify("READY=1", f"STATUS={len(current)} workers, relay {self.bpf.relay_kind}, "
                                       f"listening on {', '.join(lc.address for lc in self.cfg.listener)}")
 
@@ -457,6 +458,7 @@ class Master:
     def write_state(self) -> None:
         state = {
             "pid": os.getpid(), "config": self.config_path, "relay": self.bpf.relay_kind,
+            "ready": self.ready_generation == self.generation,   # every current worker has booted
             "pin_path": self.cfg.bpf.pin_path, "counters": self.counters_path,
             "bpf": self.bpf.describe(),
             "workers": sorted(({"pid": w.pid, "index": w.index, "number": w.number, "generation": w.generation}

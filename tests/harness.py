@@ -36,13 +36,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """predicate()'s first true value; what names the wait, or is called for it (a
+    callable, so a timeout can say what was last seen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
@@ -222,6 +224,8 @@ class Proxy:
             raise RuntimeError(f"master exited with {self.proc.returncode}:\n{self.log.read_text()}")
         for port in wait_ports:
             wait_until(lambda: _accepting(port), timeout=30, what=f"port {port}")
+        if wait_ports:   # the master's sockets accept before every worker has booted (and dropped privileges)
+            wait_until(lambda: (self.state() or {}).get("ready"), timeout=60, what="every worker to boot")
         return self
 
     def state(self) -> dict | None:

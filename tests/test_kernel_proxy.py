@@ -525,8 +525,13 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
                 c.sendall(b"\x00held")
             assert len(clients) == n
             # The workers' own count (a gauge, once a second): every pair registered.
-            wait_until(lambda: sum(v["live_kernel_pairs"] for v in stats_json(p)["live"].values()) == n,
-                       timeout=60, interval=0.5, what="every pair in the kernel")
+            seen = {}
+
+            def counted() -> bool:
+                seen.update(live={pid: v["live_kernel_pairs"] for pid, v in stats_json(p)["live"].items()})
+                return sum(seen["live"].values()) == n
+            wait_until(counted, timeout=60, interval=0.5,
+                       what=lambda: f"every pair in the kernel; the workers counted {seen}; log:\n{p.output()[-3000:]}")
             assert sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) >= 2 * n
             for c in clients:
                 c.close()
