@@ -229,13 +229,15 @@ class PinnedMap:
             if value is not None:
                 yield key, value
 
-    def lookup_all(self, chunk: int = 4096) -> dict[bytes, bytes]:
-        """Every entry of a (non-per-CPU) map, read a chunk per syscall (BPF_MAP_LOOKUP_BATCH):
-        for one pass over thousands of entries, where a lookup each would cost a syscall each."""
-        lib, found = _lib(), {}
+    def batches(self, chunk: int = 4096):
+        """Every entry of a (non-per-CPU) map, a chunk per syscall (BPF_MAP_LOOKUP_BATCH),
+        as (keys, values, count): the chunk's keys and its values, each packed end to end.
+        A hash map's walk resumes from a bucket number, so a caller may do other work
+        between chunks; entries added or deleted meanwhile may be missed or seen twice."""
+        lib = _lib()
         keys = ct.create_string_buffer(chunk * self.key_size)
         values = ct.create_string_buffer(chunk * self.value_size)
-        token, count = ct.c_uint32(0), ct.c_uint32(0)   # a hash map's batch token is a bucket number
+        token, count = ct.c_uint32(0), ct.c_uint32(0)
         first = True
         while True:
             count.value = chunk
@@ -245,12 +247,20 @@ class PinnedMap:
             err = _errno_of(ret) if ret < 0 else 0
             if err not in (0, errno.ENOENT):
                 raise BpfError(err, f"batch lookup in {self.label}")
-            k, v = keys.raw, values.raw
-            for i in range(count.value):
-                found[k[i * self.key_size:(i + 1) * self.key_size]] = v[i * self.value_size:(i + 1) * self.value_size]
+            n = count.value
+            yield ct.string_at(keys, n * self.key_size), ct.string_at(values, n * self.value_size), n
             if err == errno.ENOENT:   # the walk is complete
-                return found
+                return
             first = False
+
+    def lookup_all(self, chunk: int = 4096) -> dict[bytes, bytes]:
+        """Every entry, read in batches: for one pass over thousands of entries, where a
+        lookup each would cost a syscall each."""
+        found, ks, vs = {}, self.key_size, self.value_size
+        for keys, values, n in self.batches(chunk):
+            found.update(zip([keys[i:i + ks] for i in range(0, n * ks, ks)],
+                             [values[i:i + vs] for i in range(0, n * vs, vs)]))
+        return found
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())

@@ -326,10 +326,11 @@ def test_quiet_pair_handed_off_by_age_is_checked_at_an_idle_pace(relay_pins):
 @pytest.mark.parametrize("batch_from", [1, kernel_relay.SWEEP_BATCH_FROM], ids=["batch read", "lookups"])
 def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
     """A pair quiet for a second or two stops checking itself: one sweep a second (a batch
-    read of CONNECTION_MAP once idle pairs are many) watches every idle pair, and wakes one
-    whose entries changed. Each round: a message both ways, then idleness, then a burst the
-    sweep must notice."""
+    read of CONNECTION_MAP once idle pairs are many, here an entry per loop turn) watches
+    every idle pair, and wakes one whose entries changed. Each round: a message both ways,
+    then idleness, then a burst the sweep must notice."""
     monkeypatch.setattr(kernel_relay, "SWEEP_BATCH_FROM", batch_from)
+    monkeypatch.setattr(kernel_relay, "SWEEP_CHUNK", 1)
     parks = []
     relay.on_park = lambda: parks.append(time.monotonic())
     client, c = tcp_pair()
