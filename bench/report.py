@@ -79,7 +79,9 @@ def _fmt(value: float | None) -> str:
 
 def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
     lines = ["# sniproxy benchmark", ""] + header + [
-        "", "Medians over the repeats; min and max beside them. Ratios are median / reference:",
+        "", "Medians over the repeats; min and max beside them. The run takes every system through one repeat",
+        "(each started fresh) before the next repeat, so a drift of the machine touches all alike.",
+        "Ratios are median / reference:",
         "`vs direct` against no proxy at all, `vs best peer` against the best of "
         f"{', '.join(PEERS)} for that metric (named). Whether higher or lower is better is given per metric.", "",
         "CPU per GB relayed: `cpu_proc` counts the proxy's own processes (master and workers); "

@@ -70,10 +70,12 @@ class Scenario:
         """One repeat of every metric."""
         raise NotImplementedError
 
-    def steps(self, system: System, ctx: Context) -> list[Step]:
-        repeats = ctx.settings.repeats
-        return [Step(f"repeat {i + 1}/{repeats}", self.estimate(ctx.settings),
-                     partial(self.measure, system, ctx)) for i in range(repeats)]
+    def steps(self, system: System, ctx: Context, repeat: int) -> list[Step]:
+        """The steps of one repeat (0-based): the run takes every system through repeat 0,
+        then every system through repeat 1, so that a drift of the machine over the run
+        shows in every system alike."""
+        return [Step(f"repeat {repeat + 1}/{ctx.settings.repeats}", self.estimate(ctx.settings),
+                     partial(self.measure, system, ctx))]
 
     def estimate(self, settings: Settings) -> float:
         return settings.seconds + 1.0
@@ -297,13 +299,13 @@ class WorkerScaling(Scenario):
         counts = (1, 2) if system.has_workers else (1,)
         return [Metric(f"conn_per_s_{n}worker{'s' if n > 1 else ''}", "conn/s", HIGHER) for n in counts]
 
-    def steps(self, system, ctx):
+    def steps(self, system, ctx, repeat):
         steps = []
         for metric, workers in zip(self.metrics(system, ctx.settings), (1, 2)):
             if workers > 1:
                 steps.append(Step(f"restart with {workers} workers", 3.0, partial(restart, system, workers)))
-            steps += [Step(f"{workers} worker(s) repeat {i + 1}/{ctx.settings.repeats}", self.estimate(ctx.settings),
-                           partial(self._rate, system, ctx, metric.name)) for i in range(ctx.settings.repeats)]
+            steps.append(Step(f"{workers} worker(s) repeat {repeat + 1}/{ctx.settings.repeats}",
+                              self.estimate(ctx.settings), partial(self._rate, system, ctx, metric.name)))
         return steps
 
     def _rate(self, system, ctx, metric_name):
