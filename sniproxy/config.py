@@ -56,7 +56,10 @@ class RelayConfig(_Section):
     # the first exchanges (bpf.handoff_*). copy: it stays. auto: it moves by its rate over
     # each window: at splice_rate or more to splice, and back once it falls below half of
     # it; at kernel_rate or less (quiet, idle) to the kernel where BPF is available.
-    # Between the two, request/response traffic, it stays in copy.
+    # Between the two, request/response traffic, it stays in copy, unless it is chatty:
+    # kernel_messages reads within a window, of 1 KiB or less on average (ping-pong), go to
+    # the kernel, which added the least latency on the bench machine (64-byte ping-pong:
+    # p50 34.6 us against copy's 47.7, nginx 42.8; bench/results/2026-11-28-latency).
     # The defaults come from bench/results/2026-11-27-active and -bulk: copy led the 1,000
     # keep-alive connections (16 KiB: the kernel relay 0.88x copy, splice 0.95x); splice and
     # the kernel led one bulk stream (1.21x and 1.14x copy), and no keep-alive connection of
@@ -68,6 +71,7 @@ class RelayConfig(_Section):
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
+    kernel_messages: int = 1000       # reads within a window; 0: never for that
 
 
 class AccessConfig(_Section):
@@ -275,6 +279,8 @@ def check(cfg: Config):
         yield bad("relay.splice_rate", cfg.relay.splice_rate, "must be positive")
     if not -1 <= cfg.relay.kernel_rate < max(cfg.relay.splice_rate // 2, 1):
         yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
+    if cfg.relay.kernel_messages < 0:
+        yield bad("relay.kernel_messages", cfg.relay.kernel_messages, "must be 0 (never) or more")
     if cfg.resolver.cache_size <= 0:
         yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
     for kind in ("allow", "deny"):

@@ -37,7 +37,7 @@ class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
     # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
-    # of a Chain: "fast" | "quiet" (stopped for the next, see Handoff) | "declined"
+    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined"
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
     kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
@@ -48,14 +48,19 @@ class RelayResult(NamedTuple):
         return self._replace(up=before.up + self.up, down=before.down + self.down)
 
 
+SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
+
+
 class Handoff(NamedTuple):
     """When the relay holding a pair in a Chain stops it for the next one: with outcome
-    "fast" once `bytes` moved within one window of `after` seconds, or "quiet" at the end
-    of a window in which at most `quiet` bytes moved. A busier window starts the next.
-    The default quiet (any count) makes `after` a plain age limit."""
+    "fast" once `bytes` moved within one window of `after` seconds; "chatty" once it made
+    `messages` reads within one, of SMALL_MESSAGE bytes or fewer on average (ping-pong);
+    or "quiet" at the end of a window in which at most `quiet` bytes moved. A busier
+    window starts the next. The default quiet (any count) makes `after` a plain age limit."""
     bytes: float
     after: float
     quiet: float = math.inf
+    messages: float = math.inf
 
 
 class Progress(NamedTuple):
@@ -84,7 +89,7 @@ class Relay(Protocol):
 
 class Stage(NamedTuple):
     """One relay of a Chain: when a pair leaves it, and where it goes next by outcome
-    ("fast", "quiet", or "declined" from a relay that could not take it)."""
+    ("fast", "chatty", "quiet", or "declined" from a relay that could not take it)."""
     relay: "Relay"
     handoff: Handoff | None = None   # None: the pair stays to its end, unless declined
     moves: dict[str, str] = {}
@@ -92,7 +97,7 @@ class Stage(NamedTuple):
 
 class Chain:
     """A pair's way through several relays, as relay.policy sets it (worker.py). It
-    starts in the stage named `first`; a stage stops with "fast" or "quiet" at a point
+    starts in the stage named `first`; a stage stops with a Handoff's outcome at a point
     where no byte is in hand, and its moves name the next. A stage whose handoff is
     due at once (bytes <= 0) is passed straight through."""
 

@@ -3,8 +3,9 @@
 Every pair is moved by event-loop callbacks in the hub, so no greenlet waits
 for a pair, and a wakeup moves only the direction it is for. What the reader
 cannot take yet is copied out of the shared buffer, so idle pairs hold none.
-With a Handoff (relay.Chain), it stops with outcome "fast" or "quiet" once that
-is due, at a point where no byte is in hand and neither side has sent its FIN.
+With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty" or
+"quiet") once that is due, at a point where no byte is in hand and neither side
+has sent its FIN.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import gevent
 
-from .relay import Handoff, Limits, OnDone, RelayResult, raw_socket
+from .relay import SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -27,7 +28,8 @@ _NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
 class _Direction:
     """Bytes from src to dst: what was read and not yet sent waits in `pending` (the
     bytes themselves, or for the splice relay how many wait in its pipe)."""
-    __slots__ = ("src", "dst", "pending", "eof", "count", "read_key", "write_key", "watcher", "watched", "pipe")
+    __slots__ = ("src", "dst", "pending", "eof", "count", "reads", "read_key", "write_key", "watcher", "watched",
+                 "pipe")
 
     def __init__(self, src: _socket.socket, dst: _socket.socket):
         self.src, self.dst = src, dst
@@ -35,6 +37,7 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None   # the splice relay's (read end, write end)
         self.eof = False     # src sent its FIN (carried to dst once pending is empty)
         self.count = 0
+        self.reads = 0       # reads that returned bytes: messages, for a Handoff's "chatty"
         self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
         self.watcher = self.watched = None   # the started watcher, and its (fd, event)
 
@@ -53,8 +56,8 @@ class UserspacePair:
     writable instead. One timer serves the idle limit and the handoff's window: it
     fires at the earlier of the two, and activity in between only moves a timestamp."""
 
-    __slots__ = ("relay", "up", "down", "loop", "limits", "handoff", "handoff_due", "window_base", "due_outcome",
-                 "last", "on_done", "timer")
+    __slots__ = ("relay", "up", "down", "loop", "limits", "handoff", "handoff_due", "window_base", "window_reads",
+                 "due_outcome", "last", "on_done", "timer")
 
     def __init__(self, relay: "UserspaceRelay", c: _socket.socket, u: _socket.socket, limits: Limits,
                  handoff: Handoff | None, on_done: OnDone):
@@ -65,7 +68,8 @@ class UserspacePair:
         self.last = time.monotonic()
         self.handoff_due = self.last + handoff.after if handoff is not None else math.inf
         self.window_base = 0       # bytes moved before the current window
-        self.due_outcome = None    # "fast" | "quiet" once the handoff is due
+        self.window_reads = 0      # and reads made
+        self.due_outcome = None    # the Handoff's outcome once it is due
         self.timer = None
         for d in (self.up, self.down):
             self._watch(d)
@@ -98,13 +102,17 @@ class UserspacePair:
             return None
         if self.due_outcome is None:
             moved = up.count + down.count - self.window_base
+            reads = up.reads + down.reads - self.window_reads
             if moved >= handoff.bytes:
                 self.due_outcome = "fast"
+            elif reads >= handoff.messages and moved <= reads * SMALL_MESSAGE:
+                self.due_outcome = "chatty"
             elif now >= self.handoff_due:
                 if moved <= handoff.quiet:
                     self.due_outcome = "quiet"
                 else:                  # a busy window: judge the next one
                     self.window_base += moved
+                    self.window_reads += reads
                     self.handoff_due = now + handoff.after
         return self.due_outcome if up.pending is None and down.pending is None else None
 
@@ -201,6 +209,7 @@ class UserspaceRelay:
                 d.dst.shutdown(socket.SHUT_WR)
                 break
             d.count += n
+            d.reads += 1
             if not self._forward(d, n) or n < self.read_size:
                 break        # the reader is full, or the receive queue is empty now
         return moved

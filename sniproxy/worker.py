@@ -241,7 +241,9 @@ class Worker:
             return Chain.of(copy, then, Handoff(bpf.handoff_bytes, bpf.handoff_after)) if then else copy
         fast = relay.splice_rate * relay.window
         quiet = relay.kernel_rate * relay.window if kernel else -1
-        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet), {"fast": "splice", "quiet": "kernel"}),
+        chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
+        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty),
+                                {"fast": "splice", "quiet": "kernel", "chatty": "kernel"}),
                   "splice": Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})}
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})

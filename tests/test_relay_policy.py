@@ -115,3 +115,36 @@ def test_auto_keeps_request_response_traffic_in_copy(proxy, plain, request, tmp_
     assert moves(p) == base
     [line] = [line for line in access_log.read_text().splitlines() if "outcome=done" in line]
     assert " relay=userspace " in line + " "
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+def test_auto_sends_a_chatty_pair_to_the_kernel(proxy, plain, request, tmp_path, mode):
+    """Ping-pong of 64-byte messages: 200 reads within a window move the pair to the kernel
+    (with BPF), where the rest of the exchanges go through the verdict; without BPF it stays
+    in copy. Every byte comes back, in order."""
+    b = plain("echo")
+    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
+    port = free_port()
+    access_log = tmp_path / "access.log"
+    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
+                          relay=AUTO + "kernel_messages = 200\n", extra=f'[log]\naccess = "{access_log}"\n'),
+              wait_ports=(port,))
+    kernel = mode == "require"
+    base = moves(p)
+    client = Client(port, b"\x00")
+    client.read_until(1)
+    for i in range(1000):
+        client.send(os.urandom(64))
+        client.read_until(len(client.sent))
+    got = client.finish()
+    assert sha(got) == sha(bytes(client.sent))
+    wait_until(lambda: "outcome=done" in access_log.read_text(), what="the log line")
+    after = moves(p)
+    assert after["moved_to_kernel"] - base["moved_to_kernel"] == (1 if kernel else 0)
+    assert after["moved_to_splice"] == base["moved_to_splice"]
+    [line] = [line for line in access_log.read_text().splitlines() if "outcome=done" in line]
+    if kernel:   # most of the 64,000 bytes each way went through the verdict
+        assert stats_json(p)["relay_stats"]["relayed_bytes"] >= 2 * 800 * 64
+        assert " relay=kernel " in line + " "
+    else:
+        assert " relay=userspace " in line + " "

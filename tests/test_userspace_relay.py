@@ -203,6 +203,27 @@ def test_a_busy_window_starts_the_next_and_the_first_quiet_one_ends_the_relay(pa
     assert recv_exactly(server, 600) == b"".join(bytes([i]) * 100 for i in range(6))
 
 
+@pytest.mark.parametrize("size, outcome", [(64, "chatty"), (4096, "quiet")])
+def test_a_chatty_pair_is_handed_on_after_so_many_small_messages(pair, size, outcome):
+    """Handoff(messages=40), windows of 1 s: 20 exchanges of 64 bytes (40 reads) end the
+    relay with "chatty" at the last one, before the window is out; 4 KiB exchanges average
+    more than SMALL_MESSAGE a read, and the relay waits for a quiet window instead."""
+    client, c, u, server = pair
+
+    def ping_pong():
+        for i in range(20):
+            client.sendall(bytes([i]) * size)
+            server.sendall(recv_exactly(server, size))
+            assert recv_exactly(client, size) == bytes([i]) * size
+    talker = Background(ping_pong)
+    started = time.monotonic()
+    result = relay_once(c, u, idle=10, handoff=Handoff(1 << 40, 1.0, quiet=0, messages=40))
+    elapsed = time.monotonic() - started
+    talker.join()
+    assert result == RelayResult(20 * size, 20 * size, outcome)
+    assert elapsed < 1.0 if outcome == "chatty" else elapsed >= 1.0
+
+
 def test_cancel_stops_without_on_done(pair):
     client, c, u, server = pair
     done = []
