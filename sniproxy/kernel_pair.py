@@ -168,6 +168,14 @@ class Pair:
         for side in self.sides:
             side.tcp = TcpCounters.of(side.sock)
 
+    def park(self, task) -> None:
+        """Hand the watch to the idle sweep (kernel_relay.py), keeping only what the sweep
+        and a resumed watch need: it resumes woken, so its next check is a full one."""
+        self.parked = task
+        self.sample, self.quiet = None, False
+        for side in self.sides:
+            side.tcp = None
+
     def wake(self) -> None:
         """From the hub (epoll): end the pair's current or next sleep."""
         self.woken = True

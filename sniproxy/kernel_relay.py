@@ -176,8 +176,8 @@ class KernelRelay:
         self.on_park = None   # called when a pair parked in the idle sweep, letting its greenlet go
         self.full = 0     # pairs declined because the maps were full
         self._full_logged = -math.inf
-        self._idle: dict[Pair, tuple[bytes | None, bytes | None]] = {}  # CONNECTION_MAP entries when it went idle
-        self._idle_keys: dict[bytes, tuple[Pair, int]] = {}   # each idle pair's two keys: (pair, side)
+        self._idle: set[Pair] = set()   # watched by the idle sweep, against its sides' entries
+        self._idle_keys: dict[bytes, Pair] = {}   # each idle pair's two keys
         self._walk = None   # the sweep's batch read while it goes on over several loop turns
         self._loop = gevent.get_hub().loop
         self._watcher = self._loop.io(self._epoll.fileno(), 1)
@@ -200,20 +200,19 @@ class KernelRelay:
               handoff=None, before: Progress | None = None, record: dict | None = None) -> _Task:
         """The pair's watch runs in a greenlet of its own: it waits on its counters. It
         holds the pair to its end: a handoff does not apply.
-        `before`, from a Chain, paces the first check of a pair handed off by age.
+        `before`, from a Chain, says the pair was handed over quiet.
         `record`, the pair's access-log record so far, goes to the keeper with it."""
-        first_check = MIN_CHECK_INTERVAL
-        if before is not None:
-            # A quiet pair, checked first at the pace its rate so far allows, as _pace paces
-            # any pair. Checking thousands of idle pairs from MIN_CHECK_INTERVAL on kept the
-            # worker busy and registrations behind.
-            first_check = self._check_interval(before.moved / max(before.seconds, 1e-3), 0)
+        # A pair handed over quiet (`before`) joins the idle sweep at its first check if
+        # that finds it quiet: its greenlet lives for a registration, not for the second
+        # or two a quiet pair's checks take to slow to the sweep's pace. Thousands of idle
+        # connections arrive together, and that many waiting greenlets at once left ~1.4
+        # KiB each of fragmented heap behind.
         task = _Task(on_done)
 
         def run() -> RelayResult | None:
             pair = Pair(client, upstream)
-            return self._run(task, pair, limits, kept=False, adopted=False,
-                             begin=lambda: self._begin(pair, first_check, record))
+            return self._run(task, pair, limits, kept=False, adopted=False, begin=lambda: self._begin(pair, record),
+                             quiet=before is not None)
         task.greenlet = gevent.spawn(self._relay, task, run)
         return task
 
@@ -254,32 +253,32 @@ class KernelRelay:
         if result is not None:
             task.on_done(result)
 
-    def _begin(self, pair: Pair, first_check: float, record: dict | None) -> bool:
+    def _begin(self, pair: Pair, record: dict | None) -> bool:
         """Register the pair, and have the master keep it; True if it does."""
         began = time.monotonic()
         self._register(pair)
         if self.counters is not None:
             self.counters.observe_registration(time.monotonic() - began)
-        pair.interval = first_check
+        pair.interval = MIN_CHECK_INTERVAL
         pair.last_activity = pair.last_check = time.monotonic()
         return self._keep(pair, record)
 
     def _run(self, task: _Task, pair: Pair, limits: Limits, kept: bool, adopted: bool,
-             begin: Callable[[], bool] | None = None) -> RelayResult | None:
+             begin: Callable[[], bool] | None = None, quiet: bool = False) -> RelayResult | None:
         """Watch the pair until it ends, or parks (None): quiet long enough to join the idle
         sweep, it lets its greenlet go, and the sweep or epoll resumes it (_wake)."""
         outcome, parked = "error", False
         try:
             if begin is not None:
                 kept = begin()
-            outcome = self._watch(pair, limits)
+            outcome = self._watch(pair, limits, park_when_quiet=quiet)
             if outcome == PARKED:
                 parked = True
                 if self.on_park is not None:
                     self.on_park()
                 task.greenlet = None
                 task.resume = partial(self._run, task, pair, limits, kept, adopted)
-                pair.parked = task
+                pair.park(task)
                 return None
         except _Declined:
             return RelayResult(pair.client.early, pair.upstream.early, "declined")
@@ -444,7 +443,9 @@ class KernelRelay:
         if task is not None and task.greenlet is None and task.resume is not None:
             task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
 
-    def _watch(self, pair: Pair, limits: Limits) -> str:
+    def _watch(self, pair: Pair, limits: Limits, park_when_quiet: bool = False) -> str:
+        """Check the pair after each sleep until it ends or parks. park_when_quiet: park at
+        the first full check that finds it quiet (a pair handed over quiet)."""
         while True:
             woken = pair.sleep(self._loop, pair.interval)
             self._leave_idle(pair)
@@ -471,6 +472,9 @@ class KernelRelay:
                 return "done"
             if self._pace(pair, now, limit, worst_queued, waiting):
                 return "idle_timeout"
+            if park_when_quiet and pair.quiet and self._join_sweep(pair, now, limit) == PARKED:
+                return PARKED
+            park_when_quiet = False
 
     def _read_kernel_counts(self, pair: Pair) -> None:
         for side in pair.sides:
@@ -487,20 +491,21 @@ class KernelRelay:
         pair.last_check = now
         interval = min(pair.interval * 2, MAX_CHECK_INTERVAL)
         if interval == MAX_CHECK_INTERVAL:
-            # Quiet a while: the idle sweep watches its entries from now on (bytes
-            # redirected since they were read show there). With the idle limit far
-            # enough off for the sweep's pace, it watches the limit too, and the pair
-            # lets its greenlet go (a waiting greenlet holds about 7.5 KiB of RSS);
-            # else its own timer waits for the limit.
-            due = pair.last_activity + limit
-            park = due - now > 2 * MAX_CHECK_INTERVAL
-            self._enter_idle(pair, (pair.client.entry, pair.upstream.entry), due if park else math.inf)
-            if park:
-                pair.interval = math.inf
-                return PARKED
-            interval = math.inf
+            return self._join_sweep(pair, now, limit)
         pair.interval = max(min(interval, pair.last_activity + limit - now), MIN_CHECK_INTERVAL)
         return None
+
+    def _join_sweep(self, pair: Pair, now: float, limit: float) -> str | None:
+        """Quiet a while: the idle sweep watches the pair's entries from now on (bytes
+        redirected since they were read show there). With the idle limit far enough off
+        for the sweep's pace, it watches the limit too, and the pair lets its greenlet go
+        (a waiting greenlet holds about 7.5 KiB of RSS): PARKED. Else its own timer waits
+        for the limit."""
+        due = pair.last_activity + limit
+        park = due - now > 2 * MAX_CHECK_INTERVAL
+        self._enter_idle(pair, due if park else math.inf)
+        pair.interval = math.inf if park else max(due - now, MIN_CHECK_INTERVAL)
+        return PARKED if park else None
 
     def _reset_seen(self, pair: Pair) -> bool:
         """A side closed with an error: reset the other one too. A side whose bytes the
@@ -601,8 +606,8 @@ class KernelRelay:
         if len(self._idle) < SWEEP_BATCH_FROM:
             try:
                 lookup = self.connections.lookup
-                self._wake_all([pair for pair, before in self._idle.items()
-                                if (lookup(pair.client.key), lookup(pair.upstream.key)) != before])
+                self._wake_all([pair for pair in self._idle if lookup(pair.client.key) != pair.client.entry
+                                or lookup(pair.upstream.key) != pair.upstream.entry])
             except OSError as e:
                 self._sweep_failed(e)
         else:
@@ -621,12 +626,14 @@ class KernelRelay:
         except OSError as e:
             self._walk = None
             return self._sweep_failed(e)
-        ks, vs, watched, idle = self.connections.key_size, self.connections.value_size, self._idle_keys.get, self._idle
+        ks, vs, watched = self.connections.key_size, self.connections.value_size, self._idle_keys.get
         changed = []
         for i in range(n):
-            hit = watched(keys[i * ks:(i + 1) * ks])
-            if hit is not None and values[i * vs:(i + 1) * vs] != idle[hit[0]][hit[1]]:
-                changed.append(hit[0])
+            key = keys[i * ks:(i + 1) * ks]
+            pair = watched(key)
+            if pair is not None and values[i * vs:(i + 1) * vs] != \
+                    (pair.client.entry if key == pair.client.key else pair.upstream.entry):
+                changed.append(pair)
         self._wake_all(changed)
         self._walker.start(self._walk_on)   # after the loop has polled for I/O
 
@@ -640,18 +647,19 @@ class KernelRelay:
                 self._leave_idle(pair)
                 self._wake(pair)
 
-    def _enter_idle(self, pair: Pair, entries: tuple[bytes | None, bytes | None], due: float) -> None:
-        """due: when the sweep wakes the pair for its idle limit (inf: its own timer does)."""
+    def _enter_idle(self, pair: Pair, due: float) -> None:
+        """due: when the sweep wakes the pair for its idle limit (inf: its own timer does).
+        The sweep compares the pair's entries with its sides' `entry`, read at its last check."""
         pair.idle_due = due
-        self._idle[pair] = entries
-        self._idle_keys[pair.client.key] = (pair, 0)
-        self._idle_keys[pair.upstream.key] = (pair, 1)
+        self._idle.add(pair)
+        self._idle_keys[pair.client.key] = self._idle_keys[pair.upstream.key] = pair
         if not self._sweeper.active:
             self._sweeper.start(self._sweep)
 
     def _leave_idle(self, pair: Pair) -> None:
-        if self._idle.pop(pair, None) is None:
+        if pair not in self._idle:
             return
+        self._idle.discard(pair)
         del self._idle_keys[pair.client.key], self._idle_keys[pair.upstream.key]
         if not self._idle:
             self._sweeper.stop()

@@ -356,9 +356,41 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
                 gevent.sleep(0.01)
     client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
     assert relayer.get(timeout=10) == (24, 14, "done", "kernel", 24, 14)
-    assert relay._idle == {} and not relay._sweeper.active   # the sweep stops with its last pair
+    assert not relay._idle and not relay._sweeper.active   # the sweep stops with its last pair
     for s in (client, c, u, server):
         s.close()
+
+
+def test_a_pair_handed_over_quiet_parks_at_its_first_check(relay_pins):
+    """Handed over quiet, with its idle limit far off, a pair parks at its first check (its
+    greenlet lives for the registration and one check); the sweep then carries it on a
+    burst, and it ends with both FINs."""
+    kernel = KernelRelay(relay_pins.pin_path)
+    parks = []
+    kernel.on_park = lambda: parks.append(time.monotonic())
+    relay = Chain.of(UserspaceRelay(), kernel, Handoff(64 << 10, 0.05))
+    (client, c), (u, server) = tcp_pair(), tcp_pair()
+    try:
+        done = []
+        started = time.monotonic()
+        relay.start(c, u, Limits(60.0), done.append)
+        with gevent.Timeout(3):
+            while not parks:
+                gevent.sleep(0.01)
+        assert kernel.checks == 1 and parks[0] - started < 0.5
+        client.sendall(b"burst")
+        assert server.recv(64) == b"burst"
+        server.sendall(b"reply")
+        assert client.recv(64) == b"reply"
+        client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(5):
+            while not done:
+                gevent.sleep(0.01)
+        assert (done[0].up, done[0].down, done[0].outcome, done[0].kind) == (5, 5, "done", "kernel")
+    finally:
+        relay.close()
+        for s in (client, c, u, server):
+            s.close()
 
 
 def test_a_parked_pair_ends_at_its_idle_limit_and_a_cancel_cleans_it_up(relay, relay_pins):
@@ -384,7 +416,7 @@ def test_a_parked_pair_ends_at_its_idle_limit_and_a_cancel_cleans_it_up(relay, r
     handle.cancel()
     gevent.sleep(0.2)
     assert map_sizes_of(relay_pins.pin_path) == {"SOCK_MAP": 0, "SOCK_TARGETS": 0, "CONNECTION_MAP": 0}
-    assert done == [] and relay._idle == {} and relay.live_pairs == 0
+    assert done == [] and not relay._idle and relay.live_pairs == 0
     for s in (client, c, u, server, client2, c2, u2, server2):
         s.close()
 
