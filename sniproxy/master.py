@@ -25,7 +25,7 @@ from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
 from .keeper import Keeper
 from .runtime import RuntimePaths, alive, read_pid
-from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker
+from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker, malloc_trim
 
 log = logging.getLogger("sniproxy.master")
 LISTEN_BACKLOG = 4096
@@ -120,6 +120,7 @@ class Master:
             self.bpf.start(reuse_pins=upgraded["xdp"] if upgraded is not None else None)
         except BpfSetupError as e:
             raise StartError(str(e)) from None
+        malloc_trim()   # what compiling the programs took and freed (some 50 MB with BCC's LLVM)
         self._set_owner()
         if self.bpf.relay_kind == "kernel":
             self.keeper = Keeper()

@@ -172,6 +172,9 @@ class Worker:
         if self.owner is not None:   # before the first client byte is read
             from .privileges import drop
             drop(self.owner, set(self.caps))
+        # What the master freed before the fork (BCC's compile among it) is still resident
+        # here, shared until written: give it back, or every worker carries it.
+        malloc_trim()
 
     def _close_inherited(self) -> None:
         """The master's wakeup pipe and ready pipe, the siblings' heartbeats, and the
