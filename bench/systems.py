@@ -15,6 +15,9 @@ from bench.origins import SNI_NAME, Origins
 REPO = Path(__file__).resolve().parent.parent
 MASTER = REPO / ".venv/bin/sniproxy-master"
 PEERS = ("haproxy", "haproxy-splice", "nginx", "sniproxy-debian")
+# --quick: the default policy against direct and the peers that led a target in a full run
+# (bench/results/2026-11-27), so that it stays within two minutes on 2 vCPUs.
+QUICK_SYSTEMS = ("direct", "sniproxy-auto", "haproxy", "haproxy-splice", "nginx")
 
 
 class System:
