@@ -151,6 +151,7 @@ def _cancelled() -> bool:
 
 class KernelRelay:
     kind = "kernel"
+    wants_record = True   # for the keeper: the pair may end in another worker
 
     def __init__(self, pin_path: str, *, max_queued: int = 64 << 20, sndbuf: int = 32 << 20, counters=None,
                  keeper: keeper.Link | None = None):

@@ -43,10 +43,6 @@ class RelayResult(NamedTuple):
     kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
     kernel_down: int = 0     # the rest went through userspace
 
-    def after(self, before: "RelayResult") -> "RelayResult":
-        """This result, counting the bytes an earlier relay of the same pair moved."""
-        return self._replace(up=before.up + self.up, down=before.down + self.down)
-
 
 SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
 
@@ -79,6 +75,7 @@ OnDone = Callable[[RelayResult], None]
 
 class Relay(Protocol):
     kind: str
+    wants_record: bool   # start() takes the access-log record (a pair that may end in another worker)
 
     def start(self, client: socket.socket, upstream: socket.socket, limits: Limits, on_done: OnDone) -> Handle:
         ...
@@ -139,6 +136,8 @@ class _Chained:
     relays before it moved."""
     __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "turn", "so_far",
                  "most")
+    # Every connection passes through here, most of them through one relay only: what
+    # the later ones need (the record's copy, the sums) is made only for them.
 
     def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone, record: dict | None):
         self.chain, self.client, self.upstream, self.limits, self.on_done = chain, client, upstream, limits, on_done
@@ -146,16 +145,18 @@ class _Chained:
         self.started = time.monotonic()
         self.handle = None
         self.turn = 0
-        self.so_far = RelayResult(0, 0, "")
+        self.so_far: RelayResult | None = None   # what the relays before moved
         self.most = -1     # the most bytes one relay moved: its kind is the pair's
 
     def enter(self, name: str, progress: Progress | None) -> None:
         stage = self.chain.stages[name]
         if stage.handoff is not None and stage.handoff.bytes <= 0:
             return self.left(name, RelayResult(0, 0, "fast"))
-        record = None if self.record is None else dict(   # what the log line says if it ends elsewhere
-            self.record, up=self.record.get("up", 0) + self.so_far.up, down=self.so_far.down,
-            started_at=time.time() - (time.monotonic() - self.started))
+        record = None
+        if self.record is not None and stage.relay.wants_record:   # what the log line says if it ends elsewhere
+            up, down = (self.so_far.up, self.so_far.down) if self.so_far is not None else (0, 0)
+            record = dict(self.record, up=self.record.get("up", 0) + up, down=down,
+                          started_at=time.time() - (time.monotonic() - self.started))
         # The relay's handle is the one to cancel, unless its on_done already moved the
         # pair on before start() returned.
         turn = self.turn = self.turn + 1
@@ -165,11 +166,19 @@ class _Chained:
             self.handle = handle
 
     def left(self, name: str, result: RelayResult) -> None:
-        kind = self.so_far.kind
-        if result.up + result.down >= self.most and result.outcome != "declined":
-            self.most, kind = result.up + result.down, result.kind
-        self.so_far = total = result.after(self.so_far)._replace(kind=kind)
         following = self.chain.stages[name].moves.get(result.outcome)
+        moved = result.up + result.down
+        if self.so_far is None:      # the first relay: the totals are its own
+            total = result
+            if result.outcome != "declined":
+                self.most = moved
+        else:
+            kind = self.so_far.kind
+            if moved >= self.most and result.outcome != "declined":
+                self.most, kind = moved, result.kind
+            total = RelayResult(self.so_far.up + result.up, self.so_far.down + result.down, result.outcome, kind,
+                                result.kernel_up, result.kernel_down)
+        self.so_far = total
         if following is None:
             return self.on_done(total)
         if self.chain.on_move is not None and following != name:

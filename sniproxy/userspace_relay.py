@@ -170,6 +170,7 @@ class UserspacePair:
 
 class UserspaceRelay:
     kind = "userspace"
+    wants_record = False
     READS_PER_TURN = 8   # so that one busy direction cannot starve the other
 
     def __init__(self, buffer_size: int = 256 * 1024):

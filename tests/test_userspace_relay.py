@@ -243,6 +243,7 @@ class Then:
     `before=` and records what it was given and what it ended with. With decline_after,
     it stops once that many bytes moved and declines the rest of the pair."""
     kind = "then"
+    wants_record = False
 
     def __init__(self, decline_after: int | None = None):
         self.relay, self.decline_after = UserspaceRelay(buffer_size=16 * 1024), decline_after
