@@ -3,6 +3,7 @@ all killed when the benchmark ends, however it ends."""
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -70,10 +71,21 @@ def run(argv: list[str], timeout: float, check: bool = True) -> str:
     return done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on host now, from below the kernel's ephemeral range: one from that
+    range may become the source port of any outgoing connection between this probe and
+    the server's bind (a test holding 10,000 connections takes most of it), and the
+    server then fails with EADDRINUSE."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(1000):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, random.randrange(low // 2, low) if low >= 4096 else 0))
+            except OSError:   # taken: try another
+                continue
+            return probe.getsockname()[1]
+    raise RuntimeError(f"no free port on {host} below {low}")
 
 
 def _tcp_sockets():

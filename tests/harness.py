@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import procs  # noqa: E402 - the repository's root, for the bench's helpers
 MASTER = [str(ROOT / ".venv/bin/sniproxy-master")] if (ROOT / ".venv/bin/sniproxy-master").exists() \
     else [sys.executable, "-m", "sniproxy.cli"]
 CERT_NAMES = ("example.com", "*.example.com", "*.test", "*.wild.test", "localhost")
@@ -23,13 +25,10 @@ _HANDED_OUT: set[tuple[str, int]] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now, and one this process has not handed out before (the
-    kernel may offer a just-freed port twice in a row: two listeners of one test then clash)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """A port nobody listens on now, outside the ephemeral range (bench/procs.py), and one
+    this process has not handed out before: two listeners of one test would clash."""
     while True:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+        port = procs.free_port(host)
         if (host, port) not in _HANDED_OUT:
             _HANDED_OUT.add((host, port))
             return port
