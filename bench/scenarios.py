@@ -182,11 +182,6 @@ class Concurrency(Scenario):
     # origin keeps waiting for the rest of it.
     first_flight = b"GET /idle"
 
-    def __init__(self):
-        # RSS before a process first held idle connections, by its pids: a later repeat reuses
-        # memory the first one grew, so its own before/after difference would count nearly nothing.
-        self._rss_unloaded: dict[tuple[int, ...], int] = {}
-
     def metrics(self, system, settings):
         rss = [Metric("rss_kib_per_conn", "KiB", LOWER)] if system.has_processes else []
         kernel = [Metric("kernel_relayed_conns", "conns", HIGHER)] if system.has_kernel_relay else []
@@ -197,8 +192,10 @@ class Concurrency(Scenario):
         return settings.seconds + 1.0 + min(3.0, 1.5 * settings.seconds) + settings.idle_connections / 500
 
     def measure(self, system, ctx):
-        pids = tuple(system.pids())
-        rss_before = self._rss_unloaded.setdefault(pids, measure.rss_bytes(pids))
+        # Each repeat runs on a system started fresh (bench/run), so this is RSS before the
+        # processes first held idle connections.
+        pids = system.pids()
+        rss_before = measure.rss_bytes(pids)
         mem_before = measure.socket_memory_bytes()
         with holding_idle(system, ctx, ctx.settings.idle_connections) as (arrived, relayed):
             values = {"connections": float(arrived),
