@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -107,6 +108,7 @@ class Master:
         setproctitle.setproctitle(f"sniproxy: master {self.config_path or '(built-in config)'}")
         self.paths = RuntimePaths.of(self.cfg, self.config_path)
         self._claim_pidfile()
+        _raise_file_limit()
         CounterTable(self.paths.counters, create=True)
         self.counters_path = str(self.paths.counters)
         self._install_signals()
@@ -477,6 +479,23 @@ class Master:
 
 
 UPGRADE_ENV = "SNIPROXY_UPGRADE_STATE"
+
+
+def _raise_file_limit() -> None:
+    """Every relayed connection takes two fds in a worker, and a kernel-relayed one two
+    more in the master (keeper.py): the soft limit (1024 under systemd) goes up to the
+    hard one, and the hard one to the kernel's nr_open where the master may
+    (CAP_SYS_RESOURCE). Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        most = int(Path("/proc/sys/fs/nr_open").read_text())
+        if hard < most:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+            return
+    except (OSError, ValueError):   # not allowed: the hard limit stays
+        pass
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _take_upgrade_state() -> dict | None:

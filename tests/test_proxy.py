@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -662,3 +664,17 @@ def test_first_flight_waits_for_a_backend_still_connecting(proxy):
     assert answer == b"received %d bytes" % len(payload)
     counters = stats(p)
     assert (counters["refused_connect_failed"], counters["errors"]) == (0, 0)
+
+
+def test_the_master_raises_its_soft_file_limit_to_the_hard_one(proxy):
+    """A service starts with a soft file limit of 1024 (systemd's default): too few for a
+    proxy, whose connections take two fds each in a worker, and a kernel-relayed one two
+    more in the master. The master raises it to the hard limit, and its workers inherit it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    port = free_port()
+    p = proxy(make_config(port, [], fallback="127.0.0.1:9"), wait_ports=(port,),
+              wrap=lambda argv: ["prlimit", f"--nofile=1024:{hard}", *argv])
+    for pid in (p.proc.pid, *p.worker_pids()):
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == \
+            [[str(hard), str(hard)]], (pid, limits)
