@@ -305,8 +305,9 @@ class Connection:
     def _relay(self) -> None:
         self.record["up"] = len(self.data)
         # What led here is not needed any more: a ClientHello (KiBs, with post-quantum key
-        # shares) would otherwise stay with the connection for as long as it lives.
-        self.data = self.unsent = self.addresses = self.choice = None
+        # shares) would otherwise stay with the connection for as long as it lives, and
+        # the rest with each of thousands of idle ones.
+        self.data = self.unsent = self.addresses = self.choice = self.peer = None
         self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
 
     def _relayed(self, result: RelayResult) -> None:

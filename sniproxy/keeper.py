@@ -4,11 +4,12 @@ crashed, killed with SIGKILL) closes only its own copies, the kernel goes on
 relaying, and the master hands the pair to a live worker, which takes over
 watching it (half-closes, the end, max_queued, the idle limit, the log line).
 
-Each worker has a SOCK_SEQPACKET socketpair with the master. Messages are JSON,
-with the pair's two sockets as SCM_RIGHTS on "keep" and "adopt":
-  worker -> master  {"op": "keep", "key": K, "state": {...}}  + client, upstream
+Each worker has a SOCK_SEQPACKET socketpair with the master. Messages are a JSON
+header, and after a NUL the pair's state, packed (pack()); the pair's two sockets go
+as SCM_RIGHTS on "keep" and "adopt":
+  worker -> master  {"op": "keep", "key": K} state  + client, upstream
   worker -> master  {"op": "drop", "key": K}      the pair ended: close the copies
-  master -> worker  {"op": "adopt", "state": {...}} + client, upstream
+  master -> worker  {"op": "adopt"} state           + client, upstream
 A pair's sockets stay open while any copy does: a socket that must reset
 (SO_LINGER 0) does so when the master closes the last copy on "drop".
 """
@@ -21,11 +22,34 @@ import logging
 import os
 import resource
 import socket
+import zlib
 
 log = logging.getLogger("sniproxy.keeper")
 _MAX_MESSAGE = 1 << 16
 _FDS = array.array("i")
 FD_HEADROOM = 512   # fds the master keeps for itself (workers' channels, logs, state, metrics)
+
+
+# A pair's state is some 450 bytes of JSON, and the master holds one for every kernel
+# pair. Deflated against this dictionary of what every state says, one takes about a
+# quarter of that (~125 bytes, in ~15 us; what is left is its values): the master keeps
+# it packed, and decodes one only to hand it on.
+_DICTIONARY = json.dumps({
+    "key": 0, "record": {"client": "127.0.0.1:0", "listener": "127.0.0.1:443", "name": "", "alpn": "-",
+                         "backend": "127.0.0.1:443", "up": 0, "down": 0, "relay": "-", "outcome": "",
+                         "started_at": 0.0},
+    "sides": [{"early": 0, "consumed0": 0, "received0": 0, "state0": 1, "written0": 0, "in_userspace": False}] * 2,
+}).encode()
+_WBITS = -10   # raw deflate, a 1 KiB window: the dictionary and one state fit
+
+
+def pack(state: dict) -> bytes:
+    deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 1, zlib.Z_DEFAULT_STRATEGY, _DICTIONARY)
+    return deflate.compress(json.dumps(state).encode()) + deflate.flush()
+
+
+def unpack(packed: bytes) -> dict:
+    return json.loads(zlib.decompressobj(_WBITS, _DICTIONARY).decompress(packed))
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
@@ -35,13 +59,14 @@ def channel() -> tuple[socket.socket, socket.socket]:
     return master, worker
 
 
-def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
-    socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
+def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = (), state: bytes = b"") -> None:
+    """state: a pair's, packed."""
+    socket.send_fds(sock, [json.dumps(message).encode() + b"\0" + state], list(fds))
 
 
-def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
-    """The next message and the fds it carried; None when none waits; EOFError when
-    the other end closed."""
+def receive(sock: socket.socket) -> tuple[dict, bytes, list[int]] | None:
+    """The next message, the packed state it carried (or b""), and its fds; None when
+    none waits; EOFError when the other end closed."""
     try:   # not socket.recv_fds: before 3.12 it drops its flags, and would wait
         data, ancillary, _, _ = sock.recvmsg(_MAX_MESSAGE, socket.CMSG_SPACE(2 * _FDS.itemsize), socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -52,7 +77,8 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
     for level, kind, payload in ancillary:
         if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    return json.loads(data), list(fds)
+    header, _, state = data.partition(b"\0")
+    return json.loads(header), state, list(fds)
 
 
 class Link:
@@ -66,25 +92,25 @@ class Link:
         self.waiting: collections.deque = collections.deque()
         self._writable = loop.io(sock.fileno(), 2)
 
-    def send(self, message: dict, fds: tuple[int, ...] = ()) -> None:
+    def send(self, message: dict, fds: tuple[int, ...] = (), state: bytes = b"") -> None:
         if not self.waiting:
             try:
-                return send(self.sock, message, fds)
+                return send(self.sock, message, fds, state)
             except BlockingIOError:
                 pass
-        self.waiting.append((message, [os.dup(fd) for fd in fds]))   # the pair may end before they go
+        self.waiting.append((message, [os.dup(fd) for fd in fds], state))   # the pair may end before they go
         if not self._writable.active:
             self._writable.start(self._flush)
 
     def _flush(self) -> None:
         while self.waiting:
-            message, fds = self.waiting[0]
+            message, fds, state = self.waiting[0]
             try:
-                send(self.sock, message, fds)
+                send(self.sock, message, fds, state)
             except BlockingIOError:
                 return
             except OSError:     # the master is gone, and its copies with it
-                for _, fds in self.waiting:
+                for _, fds, _ in self.waiting:
                     _close(fds)
                 self.waiting.clear()
                 break
@@ -96,19 +122,21 @@ class Link:
 class Keeper:
     """The master's side: the kept pairs, by worker, and the orphans of dead workers
     waiting for a live one. A pair's state is kept as its JSON text, which takes a
-    fraction of the memory of the objects it decodes to (thousands of idle pairs)."""
+    fraction of the memory of the objects it decodes to, and packed (pack()): a
+    quarter of that text (thousands of idle pairs)."""
 
     def __init__(self):
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
-        self.kept: dict[int, dict[int, tuple[bytes, list[int]]]] = {}   # pid -> key -> (state, fds)
+        self.kept: dict[int, dict[int, tuple[bytes, list[int]]]] = {}   # pid -> key -> (packed state, fds)
         self.orphans: list[tuple[bytes, list[int]]] = []
         self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
         self.holding = 0   # kept sockets' fds open here
+        self.messages = 0  # taken since the master last gave freed memory back
         self.capacity = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_HEADROOM
 
     def take_over(self, kept: list) -> None:
         """The pairs the image before this one kept (an upgrade): orphans until a worker is up."""
-        self.orphans = [(json.dumps(state).encode(), fds) for state, fds in kept]
+        self.orphans = [(pack(state), fds) for state, fds in kept]
         self.holding += sum(len(fds) for _, fds in self.orphans)
 
     def add_worker(self, pid: int, master_end: socket.socket) -> None:
@@ -135,7 +163,8 @@ class Keeper:
                     break      # the worker is gone: worker_exited() hands its pairs on
                 if got is None:
                     break
-                message, fds = got
+                message, state, fds = got
+                self.messages += 1
                 if message["op"] == "keep" and (len(fds) != 2 or self.holding >= self.capacity):
                     # Truncated by our file limit, or close to it: the master needs fds of its own.
                     self.refused += 1
@@ -144,7 +173,7 @@ class Keeper:
                                     "ones end with their worker", self.capacity + FD_HEADROOM)
                     _close(fds)
                 elif message["op"] == "keep":
-                    self.kept[pid][message["key"]] = (json.dumps(message["state"]).encode(), fds)
+                    self.kept[pid][message["key"]] = (state, fds)
                     self.holding += 2
                 elif message["op"] == "drop":
                     self._close(self.kept[pid].pop(message["key"], (None, []))[1])
@@ -162,21 +191,21 @@ class Keeper:
     def hand_over(self, pids: list[int]) -> None:
         """Give the orphans to live workers, in turn."""
         while self.orphans and pids:
-            text, fds = self.orphans.pop()
-            state = json.loads(text)
+            packed, fds = self.orphans.pop()
+            state = unpack(packed)
             pid = pids[len(self.orphans) % len(pids)]
             try:
-                send(self.channels[pid], {"op": "adopt", "state": state}, fds)
+                send(self.channels[pid], {"op": "adopt"}, fds, packed)
             except OSError as e:
                 log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
                 self._close(fds)
                 continue
-            self.kept[pid][state["key"]] = (text, fds)
+            self.kept[pid][state["key"]] = (packed, fds)
             log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
 
     def orphan_states(self) -> list[tuple[dict, list[int]]]:
         """The orphans, decoded: what an upgrade passes on (take_over)."""
-        return [(json.loads(text), fds) for text, fds in self.orphans]
+        return [(unpack(packed), fds) for packed, fds in self.orphans]
 
     def _close(self, fds) -> None:
         _close(fds)

@@ -52,6 +52,9 @@ class KernelCounts(NamedTuple):
         return cls(entry.bytes, entry.passed, bool(entry.flags & CONNECTION_BROKEN))
 
 
+NO_COUNTS = KernelCounts(0, 0)
+
+
 class Sample(NamedTuple):
     """What one full check saw; a change since the last one is activity."""
     client: KernelCounts
@@ -84,7 +87,7 @@ class Side:
         self.forwarded = 0   # bytes kept on it while paused that we sent on (RELAY_CONTROL)
         self.in_userspace = False  # got its FIN before SOCK_MAP took it: drained by us
         self.entry: bytes | None = None          # its CONNECTION_MAP entry at the last check
-        self.kernel = KernelCounts(0, 0)         # the same, decoded
+        self.kernel = NO_COUNTS                  # the same, decoded
         self.tcp: TcpCounters | None = None      # TCP_INFO at the last full check
 
     def take_baselines(self) -> None:
@@ -173,8 +176,8 @@ class Pair:
         and a resumed watch need: it resumes woken, so its next check is a full one."""
         self.parked = task
         self.sample, self.quiet = None, False
-        for side in self.sides:
-            side.tcp = None
+        for side in self.sides:   # the sweep compares `entry`; a resumed check reads the rest again
+            side.tcp, side.kernel = None, NO_COUNTS
 
     def wake(self) -> None:
         """From the hub (epoll): end the pair's current or next sleep."""

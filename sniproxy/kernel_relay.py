@@ -122,17 +122,30 @@ PARKED = "parked"   # _watch's outcome for a pair that left its greenlet for the
 
 class _Task:
     """A pair's watch, and its handle: the greenlet that runs it, or while the pair is
-    parked in the idle sweep, none, and how to resume it."""
-    __slots__ = ("greenlet", "on_done", "resume")
+    parked in the idle sweep, none, and what resuming it takes (held in slots: a parked
+    pair costs what it keeps, and thousands wait at once)."""
+    __slots__ = ("greenlet", "on_done", "relay", "pair", "limits", "kept", "adopted")
 
     def __init__(self, on_done: OnDone):
         self.greenlet = None
         self.on_done = on_done
-        self.resume: Callable[..., RelayResult | None] | None = None
+        self.relay = None   # set while parked, until resumed
 
-    def take_resume(self):
-        resume, self.resume = self.resume, None
-        return resume
+    def park(self, relay: "KernelRelay", pair: Pair, limits: Limits, kept: bool, adopted: bool) -> None:
+        self.greenlet = None
+        self.relay, self.pair, self.limits, self.kept, self.adopted = relay, pair, limits, kept, adopted
+
+    @property
+    def parked(self) -> bool:
+        return self.relay is not None
+
+    def take_resume(self) -> Callable[..., RelayResult | None] | None:
+        """The parked watch's resume, once: it takes the begin= of KernelRelay._run."""
+        relay, self.relay = self.relay, None
+        if relay is None:
+            return None
+        pair, limits, self.pair, self.limits = self.pair, self.limits, None, None
+        return partial(relay._run, self, pair, limits, self.kept, self.adopted)
 
     def cancel(self) -> None:
         """End the watch without on_done. A kill raises GreenletExit where the watch
@@ -277,8 +290,7 @@ class KernelRelay:
                 parked = True
                 if self.on_park is not None:
                     self.on_park()
-                task.greenlet = None
-                task.resume = partial(self._run, task, pair, limits, kept, adopted)
+                task.park(self, pair, limits, kept, adopted)
                 pair.park(task)
                 return None
         except _Declined:
@@ -383,7 +395,8 @@ class KernelRelay:
         state = {"key": COOKIE.unpack(pair.client.key)[0], "record": record,
                  "sides": [side.saved() for side in pair.sides]}
         try:
-            self.keeper.send({"op": "keep", "key": state["key"], "state": state}, (pair.client.fd, pair.upstream.fd))
+            self.keeper.send({"op": "keep", "key": state["key"]}, (pair.client.fd, pair.upstream.fd),
+                             keeper.pack(state))
         except OSError as e:
             log.warning("the master could not keep a kernel pair: %s", e)
             return False
@@ -441,14 +454,19 @@ class KernelRelay:
         parked. Its resume stays with the task until that greenlet runs (see cancel)."""
         pair.wake()
         task, pair.parked = pair.parked, None
-        if task is not None and task.greenlet is None and task.resume is not None:
+        if task is not None and task.greenlet is None and task.parked:
             task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
 
     def _watch(self, pair: Pair, limits: Limits, park_when_quiet: bool = False) -> str:
         """Check the pair after each sleep until it ends or parks. park_when_quiet: park at
         the first full check that finds it quiet (a pair handed over quiet)."""
+        first = park_when_quiet
         while True:
-            woken = pair.sleep(self._loop, pair.interval)
+            # A pair handed over quiet is checked at once: if it is still quiet, its
+            # greenlet ends without ever waiting (a greenlet that waited leaves its
+            # saved stack's KiBs as holes in the heap, thousands of idle pairs at once).
+            woken = False if first else pair.sleep(self._loop, pair.interval)
+            first = False
             self._leave_idle(pair)
             self.checks += 1
             now = time.monotonic()

@@ -26,7 +26,7 @@ from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
 from .keeper import Keeper
 from .runtime import RuntimePaths, alive, read_pid
-from .worker import BOOT_ERROR, SIGNALS, Heartbeat, Slot, Worker, malloc_trim
+from .worker import BOOT_ERROR, SIGNALS, TRIM_AFTER, Heartbeat, Slot, Worker, malloc_trim
 
 log = logging.getLogger("sniproxy.master")
 LISTEN_BACKLOG = 4096
@@ -378,6 +378,9 @@ class Master:
         if self.keeper is None:
             return
         self.keeper.poll()
+        if self.keeper.messages >= TRIM_AFTER:   # what its messages took and let go
+            self.keeper.messages = 0
+            malloc_trim()
         if not self.stopping:
             self.keeper.hand_over([w.pid for w in self.workers.values() if w.generation == self.generation])
 

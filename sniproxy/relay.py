@@ -135,7 +135,7 @@ class _Chained:
     """One pair's way through a Chain: the relay that holds it now, and what the
     relays before it moved."""
     __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "turn", "so_far",
-                 "most")
+                 "most", "name")
     # Every connection passes through here, most of them through one relay only: what
     # the later ones need (the record's copy, the sums) is made only for them.
 
@@ -147,6 +147,7 @@ class _Chained:
         self.turn = 0
         self.so_far: RelayResult | None = None   # what the relays before moved
         self.most = -1     # the most bytes one relay moved: its kind is the pair's
+        self.name = ""     # the stage that holds the pair
 
     def enter(self, name: str, progress: Progress | None) -> None:
         stage = self.chain.stages[name]
@@ -160,10 +161,16 @@ class _Chained:
         # The relay's handle is the one to cancel, unless its on_done already moved the
         # pair on before start() returned.
         turn = self.turn = self.turn + 1
-        handle = stage.relay.start(self.client, self.upstream, self.limits, lambda result: self.left(name, result),
-                                   handoff=stage.handoff, before=progress, record=record)
+        self.name = name   # one relay holds the pair at a time: its on_done is this object
+        handle = stage.relay.start(self.client, self.upstream, self.limits, self, handoff=stage.handoff,
+                                   before=progress, record=record)
         if self.turn == turn:
             self.handle = handle
+
+    def __call__(self, result: RelayResult) -> None:
+        """The on_done of the relay that holds the pair (a closure per pair would cost
+        more than this object's slot, for every parked pair)."""
+        self.left(self.name, result)
 
     def left(self, name: str, result: RelayResult) -> None:
         following = self.chain.stages[name].moves.get(result.outcome)

@@ -343,14 +343,15 @@ class Worker:
                 return
             if got is None:
                 return
-            message, fds = got
+            message, packed, fds = got
             kernel = self._kernel_relay()
             if message.get("op") != "adopt" or kernel is None or len(fds) != 2:
                 for fd in fds:
                     os.close(fd)
                 continue
-            record = message["state"]["record"]
-            kernel.adopt(message["state"], fds, self.ctx.limits, lambda result, r=record: self._adopted_ended(r, result))
+            state = keeper.unpack(packed)
+            record = state["record"]
+            kernel.adopt(state, fds, self.ctx.limits, lambda result, r=record: self._adopted_ended(r, result))
 
     def _adopted_ended(self, record: dict, result) -> None:
         """The end of a pair that began in another worker: its counters and log line.

@@ -121,3 +121,30 @@ def test_an_upgrade_with_a_bad_config_is_refused_and_changes_nothing(proxy, plai
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         c.sendall(b"\x00still served")
         assert c.recv(100) == b"\x00still served"
+
+
+def test_a_kept_state_travels_and_waits_packed_to_a_third():
+    """The master holds a state for every kernel pair: packed, a typical one (a real
+    access-log record, sides with real byte counts) takes at most a third of its JSON,
+    and unpacks to the same state, through the channel, beside its two fds."""
+    import json
+    from sniproxy import keeper
+    state = {"key": 0x1234_5678_9abc, "record": {
+        "client": "198.18.0.7:51234", "listener": "0.0.0.0:443", "name": "www.example.test", "alpn": "h2",
+        "backend": "198.18.1.2:443", "up": 1913, "down": 0, "relay": "-", "outcome": "",
+        "started_at": 1764300632.123456},
+        "sides": [{"early": 0, "consumed0": 1913, "received0": 1914, "state0": 1, "written0": 1,
+                   "in_userspace": False},
+                  {"early": 517, "consumed0": 6213, "received0": 6214, "state0": 1, "written0": 1914,
+                   "in_userspace": False}]}
+    packed = keeper.pack(state)
+    assert len(packed) * 3 <= len(json.dumps(state)), (len(packed), len(json.dumps(state)))
+    master, worker = keeper.channel()
+    a, b = socket.socketpair()
+    with master, worker, a, b:
+        keeper.send(worker, {"op": "keep", "key": state["key"]}, (a.fileno(), b.fileno()), packed)
+        message, got, fds = wait_until(lambda: keeper.receive(master), what="the keep message")
+        assert message == {"op": "keep", "key": state["key"]} and len(fds) == 2
+        assert keeper.unpack(got) == state
+        for fd in fds:
+            os.close(fd)
