@@ -22,6 +22,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import zlib
 
 log = logging.getLogger("sniproxy.keeper")
@@ -50,6 +51,19 @@ def pack(state: dict) -> bytes:
 
 def unpack(packed: bytes) -> dict:
     return json.loads(zlib.decompressobj(_WBITS, _DICTIONARY).decompress(packed))
+
+
+# A kept pair, as the master holds it: one bytes object, its two fds then its packed
+# state (a tuple, a list and two ints beside it took more than the state itself).
+_FD_PAIR = struct.Struct("ii")
+
+
+def _kept(fds, packed: bytes) -> bytes:
+    return _FD_PAIR.pack(*fds) + packed
+
+
+def _fds_of(kept: bytes) -> tuple[int, int]:
+    return _FD_PAIR.unpack_from(kept)
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
@@ -127,8 +141,8 @@ class Keeper:
 
     def __init__(self):
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
-        self.kept: dict[int, dict[int, tuple[bytes, list[int]]]] = {}   # pid -> key -> (packed state, fds)
-        self.orphans: list[tuple[bytes, list[int]]] = []
+        self.kept: dict[int, dict[int, bytes]] = {}   # pid -> key -> kept pair (_kept)
+        self.orphans: list[bytes] = []
         self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
         self.holding = 0   # kept sockets' fds open here
         self.messages = 0  # taken since the master last gave freed memory back
@@ -136,8 +150,8 @@ class Keeper:
 
     def take_over(self, kept: list) -> None:
         """The pairs the image before this one kept (an upgrade): orphans until a worker is up."""
-        self.orphans = [(pack(state), fds) for state, fds in kept]
-        self.holding += sum(len(fds) for _, fds in self.orphans)
+        self.orphans = [_kept(fds, pack(state)) for state, fds in kept]
+        self.holding += 2 * len(self.orphans)
 
     def add_worker(self, pid: int, master_end: socket.socket) -> None:
         self.channels[pid] = master_end
@@ -150,8 +164,8 @@ class Keeper:
     def kept_fds(self) -> list[int]:
         """Everything a new worker inherits from us and must close: the channels and
         the kept sockets (a copy in a worker would outlive the pair's end)."""
-        return self.fds() + [fd for pairs in self.kept.values() for _, fds in pairs.values() for fd in fds] + \
-            [fd for _, fds in self.orphans for fd in fds]
+        return self.fds() + [fd for pairs in self.kept.values() for kept in pairs.values() for fd in _fds_of(kept)] + \
+            [fd for kept in self.orphans for fd in _fds_of(kept)]
 
     def poll(self) -> None:
         """Take every waiting message of every worker."""
@@ -173,10 +187,12 @@ class Keeper:
                                     "ones end with their worker", self.capacity + FD_HEADROOM)
                     _close(fds)
                 elif message["op"] == "keep":
-                    self.kept[pid][message["key"]] = (state, fds)
+                    self.kept[pid][message["key"]] = _kept(fds, state)
                     self.holding += 2
                 elif message["op"] == "drop":
-                    self._close(self.kept[pid].pop(message["key"], (None, []))[1])
+                    kept = self.kept[pid].pop(message["key"], None)
+                    if kept is not None:
+                        self._close(_fds_of(kept))
                 else:
                     _close(fds)
 
@@ -191,7 +207,8 @@ class Keeper:
     def hand_over(self, pids: list[int]) -> None:
         """Give the orphans to live workers, in turn."""
         while self.orphans and pids:
-            packed, fds = self.orphans.pop()
+            kept = self.orphans.pop()
+            fds, packed = _fds_of(kept), kept[_FD_PAIR.size:]
             state = unpack(packed)
             pid = pids[len(self.orphans) % len(pids)]
             try:
@@ -200,23 +217,20 @@ class Keeper:
                 log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
                 self._close(fds)
                 continue
-            self.kept[pid][state["key"]] = (packed, fds)
+            self.kept[pid][state["key"]] = kept
             log.info("worker %d adopted a kernel pair (client %s)", pid, state["record"].get("client", "?"))
 
     def orphan_states(self) -> list[tuple[dict, list[int]]]:
         """The orphans, decoded: what an upgrade passes on (take_over)."""
-        return [(unpack(packed), fds) for packed, fds in self.orphans]
+        return [(unpack(kept[_FD_PAIR.size:]), list(_fds_of(kept))) for kept in self.orphans]
 
     def _close(self, fds) -> None:
         _close(fds)
         self.holding -= len(fds)
 
     def close(self) -> None:
-        for pairs in self.kept.values():
-            for _, fds in pairs.values():
-                self._close(fds)
-        for _, fds in self.orphans:
-            self._close(fds)
+        for kept in [kept for pairs in self.kept.values() for kept in pairs.values()] + self.orphans:
+            self._close(_fds_of(kept))
         for sock in self.channels.values():
             sock.close()
         self.kept.clear(), self.orphans.clear(), self.channels.clear()

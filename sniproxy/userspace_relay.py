@@ -27,27 +27,30 @@ _NOWAIT = socket.MSG_DONTWAIT  # whatever the descriptor's own blocking mode
 
 class _Direction:
     """Bytes from src to dst: what was read and not yet sent waits in `pending` (the
-    bytes themselves, or for the splice relay how many wait in its pipe)."""
-    __slots__ = ("src", "dst", "pending", "eof", "count", "reads", "read_key", "write_key", "watcher", "watched",
-                 "pipe")
+    bytes themselves, or for the splice relay how many wait in its pipe). It is its
+    watcher's callback: a bound method and an argument tuple per watcher would cost
+    more than its slot, in each of thousands of idle pairs."""
+    __slots__ = ("pair", "src", "dst", "pending", "eof", "count", "reads", "watcher", "watched", "pipe")
 
-    def __init__(self, src: _socket.socket, dst: _socket.socket):
-        self.src, self.dst = src, dst
+    def __init__(self, pair: "UserspacePair", src: _socket.socket, dst: _socket.socket):
+        self.pair, self.src, self.dst = pair, src, dst
         self.pending: memoryview | int | None = None
         self.pipe: tuple[int, int] | None = None   # the splice relay's (read end, write end)
         self.eof = False     # src sent its FIN (carried to dst once pending is empty)
         self.count = 0
         self.reads = 0       # reads that returned bytes: messages, for a Handoff's "chatty"
-        self.read_key, self.write_key = (src.fileno(), _READ), (dst.fileno(), _WRITE)
-        self.watcher = self.watched = None   # the started watcher, and its (fd, event)
+        self.watcher = self.watched = None   # the started watcher, and its event
 
     @property
     def finished(self) -> bool:
         return self.eof and self.pending is None
 
-    def wanted(self) -> tuple[int, int]:
-        """The (fd, event) it waits for: dst to take the pending bytes, else bytes to read."""
-        return self.read_key if self.pending is None else self.write_key
+    def wanted(self) -> int:
+        """The event it waits for: dst to take the pending bytes, else bytes to read."""
+        return _READ if self.pending is None else _WRITE
+
+    def __call__(self) -> None:
+        self.pair._on_ready(self)
 
 
 class UserspacePair:
@@ -62,7 +65,7 @@ class UserspacePair:
     def __init__(self, relay: "UserspaceRelay", c: _socket.socket, u: _socket.socket, limits: Limits,
                  handoff: Handoff | None, on_done: OnDone):
         self.relay, self.on_done = relay, on_done
-        self.up, self.down = _Direction(c, u), _Direction(u, c)
+        self.up, self.down = _Direction(self, c, u), _Direction(self, u, c)
         self.loop = gevent.get_hub().loop
         self.limits, self.handoff = limits, handoff
         self.last = time.monotonic()
@@ -84,8 +87,8 @@ class UserspacePair:
             d.watcher.close()
             d.watcher = None
         if wanted is not None:
-            d.watcher = self.loop.io(*wanted)
-            d.watcher.start(self._on_ready, d)
+            d.watcher = self.loop.io((d.src if wanted == _READ else d.dst).fileno(), wanted)
+            d.watcher.start(d)
         d.watched = wanted
 
     def _half_closed(self) -> bool:
@@ -123,7 +126,7 @@ class UserspacePair:
         if self.timer is not None:
             self.timer.close()
         self.timer = self.loop.timer(max(due - now, 0.0))
-        self.timer.start(self._on_timer)
+        self.timer.start(self)
 
     def _on_ready(self, d: _Direction) -> None:
         up, down = self.up, self.down
@@ -153,6 +156,8 @@ class UserspacePair:
             return self._end(outcome)
         self._set_timer(now)   # woken early: activity, a busy window, or a byte in hand at the handoff
 
+    __call__ = _on_timer   # the pair is its timer's callback (see _Direction)
+
     def _end(self, outcome: str) -> None:
         self.cancel()
         self.on_done(RelayResult(self.up.count, self.down.count, outcome, self.relay.kind))
@@ -162,6 +167,7 @@ class UserspacePair:
             if d.watcher is not None:
                 d.watcher.close()
                 d.watcher = d.watched = None
+            d.pair = None   # no cycle left for the collector
         if self.timer is not None:
             self.timer.close()
             self.timer = None
