@@ -135,9 +135,9 @@ class Link:
 
 class Keeper:
     """The master's side: the kept pairs, by worker, and the orphans of dead workers
-    waiting for a live one. A pair's state is kept as its JSON text, which takes a
-    fraction of the memory of the objects it decodes to, and packed (pack()): a
-    quarter of that text (thousands of idle pairs)."""
+    waiting for a live one. A pair's state stays packed (pack()), as it came: a quarter
+    of its JSON text, itself a fraction of the objects it decodes to (thousands of idle
+    pairs)."""
 
     def __init__(self):
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
