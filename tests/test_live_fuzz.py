@@ -694,9 +694,11 @@ def send_flight(port: int, flight: Flight, grace: Grace) -> dict:
     backend's ACK, half-close, so that the backend answers with what it got."""
     result = {"received": b"", "reset": False, "timed_out": False, "late": False, "send_error": None,
               "t_ack": None}
+    # Before the connect: the proxy's deadline cannot start earlier. Taken after it, a
+    # client thread that waited its turn between the two saw a timeout close "early".
+    start = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        start = time.monotonic()
         result["client_port"] = s.getsockname()[1]
         bounds = [0, *flight.cuts, len(flight.data)]
         try:
