@@ -24,6 +24,8 @@ from sniproxy.relay import Chain, Handoff, Limits
 from sniproxy.stats import percpu_totals
 from sniproxy.userspace_relay import UserspaceRelay
 
+SO_RCVBUFFORCE = 33   # not in Python's socket module
+
 pytestmark = pytest.mark.bpf
 
 
@@ -343,7 +345,9 @@ def test_idle_pairs_are_watched_by_one_sweep(relay, monkeypatch, batch_from):
         assert server.recv(64) == message
         server.sendall(message)
         assert client.recv(64) == message
-        gevent.sleep(2.5)                  # quiet long enough to join the sweep (1-2 s)
+        with gevent.Timeout(5):            # quiet long enough to join the sweep (1-2 s; later
+            while len(parks) < round_number + 1:   # on a loaded machine) and park
+                gevent.sleep(0.01)
         checks, sweeps = relay.checks, relay.sweeps
         gevent.sleep(2.1)
         assert relay.checks == checks, f"round {round_number}: the idle pair checked itself"
@@ -513,17 +517,19 @@ def _read(sock: socket.socket, size: int) -> bytes:
 
 
 def _segment_with_data(sniffer: socket.socket, sport: int, dport: int) -> tuple[bytes, bytes]:
-    """The next TCP segment sport -> dport on lo that carries data: (tcp header, payload)."""
+    """The next TCP segment sport -> dport on lo that carries data: (tcp header, payload).
+    Every packet waiting is read at each try: lo also carries the traffic of tests running
+    beside this one, and one packet a try fell behind it."""
     def one():
-        packet = _nowait(sniffer, 65536)
-        if packet is None:
-            return None
-        ip_len = (packet[0] & 0xF) * 4
-        tcp = packet[ip_len:]
-        src, dst = struct.unpack_from("!HH", tcp)
-        header = tcp[:(tcp[12] >> 4) * 4]
-        payload = tcp[len(header):struct.unpack_from("!H", packet, 2)[0] - ip_len]
-        return (header, payload) if (src, dst) == (sport, dport) and payload else None
+        while (packet := _nowait(sniffer, 65536)) is not None:
+            ip_len = (packet[0] & 0xF) * 4
+            tcp = packet[ip_len:]
+            src, dst = struct.unpack_from("!HH", tcp)
+            header = tcp[:(tcp[12] >> 4) * 4]
+            payload = tcp[len(header):struct.unpack_from("!H", packet, 2)[0] - ip_len]
+            if (src, dst) == (sport, dport) and payload:
+                return header, payload
+        return None
     return _poll(one)
 
 
@@ -560,6 +566,7 @@ def test_a_retransmission_overlapping_received_bytes_is_relayed_once(relay, rela
     client, c = tcp_pair()
     u, server = tcp_pair()
     sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+    sniffer.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 * MiB)   # none dropped, however busy lo is
     sniffer.bind(("lo", 0x0800))
     stats = f"{relay_pins.pin_path}/{RELAY_STATS}"
     trimmed_before = percpu_totals(stats, PERCPU_COUNTERS[RELAY_STATS])["trimmed_bytes"]
