@@ -229,7 +229,7 @@ def test_worker_cpu_kernel_relay_carries_the_bytes(proxy, pin_path):
     server = subprocess.Popen(["iperf3", "-s", "-p", str(server_port)], stdout=subprocess.DEVNULL)
     try:
         wait_until(lambda: _accepting(server_port), what="iperf3 -s")
-        cpu, carried = {}, {}   # worker CPU seconds, bytes carried in userspace
+        cpu, carried, received = {}, {}, {}   # worker CPU seconds, bytes carried in userspace, by the server
         for mode in ("off", "require"):
             port = free_port()
             p = proxy(make_config(port, [], fallback=f"127.0.0.1:{server_port}", mode=mode, pin_path=pin_path,
@@ -240,7 +240,9 @@ def test_worker_cpu_kernel_relay_carries_the_bytes(proxy, pin_path):
             before = cpu_seconds(pids)
             out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "2G", "-b", "4G", "-J"],
                                  capture_output=True, text=True, timeout=120)
-            assert json.loads(out.stdout)["end"]["sum_sent"]["bytes"] >= 2 << 30
+            report = json.loads(out.stdout)
+            assert report["end"]["sum_sent"]["bytes"] >= 2 << 30
+            received[mode] = report["end"]["sum_received"]["bytes"]
             cpu[mode] = cpu_seconds(pids) - before
             counters = stats(p)
             carried[mode] = counters["bytes_up_userspace"] + counters["bytes_down_userspace"]
@@ -249,7 +251,11 @@ def test_worker_cpu_kernel_relay_carries_the_bytes(proxy, pin_path):
         server.terminate()
         server.wait()
     print(f"worker CPU for 2 GiB: userspace {cpu['off']:.2f}s, kernel {cpu['require']:.2f}s")
-    assert carried["off"] >= 2 << 30 and carried["require"] <= 1 << 20, carried
+    # The server stops reading when the client says the test ended: what was still on its
+    # way (socket buffers, a splice pipe) is not received, nor all relayed. So the proxy
+    # carried at least what the server got, and that is nearly all.
+    assert carried["off"] >= received["off"] >= (2 << 30) - (16 << 20), (carried, received)
+    assert carried["require"] <= 1 << 20, carried
     assert cpu["require"] <= 0.4 * cpu["off"], (cpu, carried)
 
 
