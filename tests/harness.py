@@ -34,6 +34,14 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def accept_queues(*ports: int) -> list[tuple[str, int]]:
+    """The listening sockets on these ports, as (ss -ltnp line, connections waiting in its
+    accept queue): Recv-Q of a listening socket is its accept queue."""
+    filter_ = " or ".join(f"sport = :{port}" for port in ports)
+    out = subprocess.run(["ss", "-ltnpH", f"( {filter_} )"], capture_output=True, text=True, check=True).stdout
+    return [(line, int(line.split()[1])) for line in out.splitlines()]
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """predicate()'s first true value; what names the wait, or is called for it (a
     callable, so a timeout can say what was last seen)."""

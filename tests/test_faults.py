@@ -12,12 +12,11 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 
 import pytest
-from harness import free_port, https_get, sha, wait_until
+from harness import accept_queues, free_port, https_get, sha, wait_until
 from test_kernel_proxy import AT_ONCE, HELLO, _echo, _owner, entries
 from test_proxy import make_config, stats
 
@@ -67,12 +66,11 @@ def _access_records(path, name: str) -> list[dict]:
 
 def _accept_queue(port: int, pid: int) -> int:
     """Connections waiting in the accept queue of the listening socket on port that
-    pid holds (ss -l: Recv-Q of a listening socket is its accept queue)."""
-    out = subprocess.run(["ss", "-ltnpH", f"( sport = :{port} )"], capture_output=True, text=True,
-                         check=True).stdout
-    lines = [line for line in out.splitlines() if f"pid={pid}," in line]
-    assert len(lines) == 1, out
-    return int(lines[0].split()[1])
+    pid holds."""
+    listeners = accept_queues(port)
+    waiting = [queued for line, queued in listeners if f"pid={pid}," in line]
+    assert len(waiting) == 1, listeners
+    return waiting[0]
 
 
 def _process_state(pid: int) -> str:
@@ -200,9 +198,8 @@ class _Blackhole:
         self.port = self.sock.getsockname()[1]
         self.fillers = [socket.create_connection(("127.0.0.1", self.port), timeout=5)
                         for _ in range(self.BACKLOG + 1)]
-        out = subprocess.run(["ss", "-ltnH", f"( sport = :{self.port} )"], capture_output=True, text=True,
-                             check=True).stdout.split()
-        assert int(out[1]) == self.BACKLOG + 1 == len(self.fillers), out   # full
+        listeners = accept_queues(self.port)
+        assert listeners[0][1] == self.BACKLOG + 1 == len(self.fillers), listeners   # full
 
     def accepted_afterwards(self) -> list[tuple[tuple, bytes | None]]:
         """Everything that reached the queue: (peer, bytes it sent, or None)."""

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import MASTER, cpu_seconds, stream_through, Dnsmasq, echo_through, free_port, https_get, sha, wait_until
+from harness import (MASTER, accept_queues, cpu_seconds, stream_through, Dnsmasq, echo_through, free_port,
+                     https_get, sha, wait_until)
 from netns import veth_netns
 from test_proxy import make_config, stats, stats_json
 
 from sniproxy.bpfsys import PinnedMap, attached_programs
 from sniproxy.kernel_abi import COOKIE, Connection
+from sniproxy.kernel_pair import TcpCounters
+
+from bench import measure
 
 pytestmark = pytest.mark.bpf
 STREAM_VERDICT = 5          # BPF_SK_SKB_STREAM_VERDICT
@@ -544,9 +548,10 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
 
             def missing() -> str:
                 totals = {k: v for k, v in stats(p).items() if v and not k.startswith(("listener", "registration"))}
-                states = collections.Counter(_tcp_state(c) for c in clients)
+                states = collections.Counter(TcpCounters.of(c).state for c in clients)   # 1 ESTABLISHED, 7 CLOSE
+                drops = measure.tcp_ext_counters("ListenDrops", "SyncookiesSent", "SyncookiesFailed")
                 return (f"every pair in the kernel; the workers counted {seen}, in all {totals}; the clients' TCP "
-                        f"states {dict(states)}; {_listen_drops()}; log:\n{p.output()[-3000:]}")
+                        f"states {dict(states)}; since boot {drops}; log:\n{p.output()[-3000:]}")
             wait_until(counted, timeout=60, interval=0.5, what=missing)
             assert sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) >= 2 * n
             for c in clients:
@@ -581,23 +586,8 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
 def _wait_for_accept_queues(ports, deadline: float) -> None:
     """Until what waits in the accept queues of these listening ports is short: beyond their
     backlog the kernel drops SYNs and, past its SYN-cookie limits, may reset a client."""
-    filter_ = " or ".join(f"sport = :{port}" for port in ports)
-    while time.monotonic() < deadline:
-        out = subprocess.run(["ss", "-Hltn", f"( {filter_} )"], capture_output=True, text=True, check=True).stdout
-        if sum(int(line.split()[1]) for line in out.splitlines()) < 500:
-            return
+    while time.monotonic() < deadline and sum(queued for _, queued in accept_queues(*ports)) >= 500:
         time.sleep(0.01)
-
-
-def _tcp_state(sock: socket.socket) -> int:
-    """tcpi_state: 1 is ESTABLISHED, 7 CLOSE (reset), 8 CLOSE_WAIT."""
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-
-
-def _listen_drops() -> str:
-    out = subprocess.run(["nstat", "-az", "TcpExtListenDrops", "TcpExtSyncookiesSent", "TcpExtSyncookiesFailed"],
-                         capture_output=True, text=True).stdout
-    return "since boot: " + ", ".join(" ".join(line.split()[:2]) for line in out.splitlines() if line.startswith("Tcp"))
 
 
 def _rss_kib(pid: int) -> int:
