@@ -31,7 +31,7 @@ from .accesslog import AccessLog
 from .config import HostPort, ListenerConfig, TimeoutsConfig
 from .counters import CounterRow, listener_counter
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
-from .relay import Limits, Relay, RelayResult
+from .relay import STOWED, Limits, Relay, RelayResult
 from .resolver import ResolveError, Resolver
 from .routing import Refusal, Router
 from .sourcefilter import SourceFilter
@@ -311,6 +311,9 @@ class Connection:
         self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
 
     def _relayed(self, result: RelayResult) -> None:
+        if result.outcome == STOWED:   # the kernel relay ends it, and the worker logs it then
+            self.ended = True
+            return self.ctx.ended(self)
         count_relayed(self.ctx, self.record, result, up_before=self.record["up"])
         self._end()
 

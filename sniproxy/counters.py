@@ -35,7 +35,7 @@ NAMES = (
 # Gauges: what a worker holds now, set (not added) once a second; read per live worker.
 GAUGES = (
     "live_connections",
-    "live_kernel_pairs",   # pairs the kernel relay watches, each with a greenlet
+    "live_kernel_pairs",   # pairs the kernel relay watches (idle ones parked, without a greenlet)
     "loop_watchers",       # active event-loop watchers: io and timers
 )
 # By listener, in the order of the config's [[listener]] tables (the first LISTENER_SLOTS).

@@ -53,17 +53,22 @@ def unpack(packed: bytes) -> dict:
     return json.loads(zlib.decompressobj(_WBITS, _DICTIONARY).decompress(packed))
 
 
-# A kept pair, as the master holds it: one bytes object, its two fds then its packed
-# state (a tuple, a list and two ints beside it took more than the state itself).
+# A kept pair, as the master holds it (and a worker one it stowed, kernel_pair.py): one
+# bytes object, its two fds then its packed state (a tuple, a list and two ints beside
+# it took more than the state itself).
 _FD_PAIR = struct.Struct("ii")
 
 
-def _kept(fds, packed: bytes) -> bytes:
+def join(fds, packed: bytes) -> bytes:
     return _FD_PAIR.pack(*fds) + packed
 
 
-def _fds_of(kept: bytes) -> tuple[int, int]:
+def fds_of(kept: bytes) -> tuple[int, int]:
     return _FD_PAIR.unpack_from(kept)
+
+
+def packed_of(kept: bytes) -> bytes:
+    return kept[_FD_PAIR.size:]
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
@@ -141,7 +146,7 @@ class Keeper:
 
     def __init__(self):
         self.channels: dict[int, socket.socket] = {}          # worker pid -> master's end
-        self.kept: dict[int, dict[int, bytes]] = {}   # pid -> key -> kept pair (_kept)
+        self.kept: dict[int, dict[int, bytes]] = {}   # pid -> key -> kept pair (join)
         self.orphans: list[bytes] = []
         self.refused = 0   # pairs it could not keep: their fds did not fit under its limit
         self.holding = 0   # kept sockets' fds open here
@@ -150,7 +155,7 @@ class Keeper:
 
     def take_over(self, kept: list) -> None:
         """The pairs the image before this one kept (an upgrade): orphans until a worker is up."""
-        self.orphans = [_kept(fds, pack(state)) for state, fds in kept]
+        self.orphans = [join(fds, pack(state)) for state, fds in kept]
         self.holding += 2 * len(self.orphans)
 
     def add_worker(self, pid: int, master_end: socket.socket) -> None:
@@ -164,8 +169,8 @@ class Keeper:
     def kept_fds(self) -> list[int]:
         """Everything a new worker inherits from us and must close: the channels and
         the kept sockets (a copy in a worker would outlive the pair's end)."""
-        return self.fds() + [fd for pairs in self.kept.values() for kept in pairs.values() for fd in _fds_of(kept)] + \
-            [fd for kept in self.orphans for fd in _fds_of(kept)]
+        return self.fds() + [fd for pairs in self.kept.values() for kept in pairs.values() for fd in fds_of(kept)] + \
+            [fd for kept in self.orphans for fd in fds_of(kept)]
 
     def poll(self) -> None:
         """Take every waiting message of every worker."""
@@ -187,12 +192,12 @@ class Keeper:
                                     "ones end with their worker", self.capacity + FD_HEADROOM)
                     _close(fds)
                 elif message["op"] == "keep":
-                    self.kept[pid][message["key"]] = _kept(fds, state)
+                    self.kept[pid][message["key"]] = join(fds, state)
                     self.holding += 2
                 elif message["op"] == "drop":
                     kept = self.kept[pid].pop(message["key"], None)
                     if kept is not None:
-                        self._close(_fds_of(kept))
+                        self._close(fds_of(kept))
                 else:
                     _close(fds)
 
@@ -208,7 +213,7 @@ class Keeper:
         """Give the orphans to live workers, in turn."""
         while self.orphans and pids:
             kept = self.orphans.pop()
-            fds, packed = _fds_of(kept), kept[_FD_PAIR.size:]
+            fds, packed = fds_of(kept), packed_of(kept)
             state = unpack(packed)
             pid = pids[len(self.orphans) % len(pids)]
             try:
@@ -222,7 +227,7 @@ class Keeper:
 
     def orphan_states(self) -> list[tuple[dict, list[int]]]:
         """The orphans, decoded: what an upgrade passes on (take_over)."""
-        return [(unpack(kept[_FD_PAIR.size:]), list(_fds_of(kept))) for kept in self.orphans]
+        return [(unpack(packed_of(kept)), list(fds_of(kept))) for kept in self.orphans]
 
     def _close(self, fds) -> None:
         _close(fds)
@@ -230,7 +235,7 @@ class Keeper:
 
     def close(self) -> None:
         for kept in [kept for pairs in self.kept.values() for kept in pairs.values()] + self.orphans:
-            self._close(_fds_of(kept))
+            self._close(fds_of(kept))
         for sock in self.channels.values():
             sock.close()
         self.kept.clear(), self.orphans.clear(), self.channels.clear()

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from gevent.hub import Waiter
 
+from . import keeper
 from .kernel_abi import CONNECTION_BROKEN, SO_COOKIE, Connection
 
 SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
@@ -151,6 +152,14 @@ class Pair:
     def sides(self) -> tuple[Side, Side]:
         return self.client, self.upstream
 
+    @property
+    def keys(self) -> tuple[bytes, bytes]:
+        return self.client.key, self.upstream.key
+
+    def entry_for(self, key: bytes) -> bytes | None:
+        """The CONNECTION_MAP entry of the side with that key at the last check (the idle sweep's baseline)."""
+        return self.client.entry if key == self.client.key else self.upstream.entry
+
     def directions(self):
         """(src, dst) for each direction still open toward dst."""
         return [(src, dst) for src, dst in ((self.client, self.upstream), (self.upstream, self.client))
@@ -201,3 +210,30 @@ class Pair:
                 self._waiter = None
         woken, self.woken = self.woken, False
         return woken
+
+
+class StowedPair:
+    """A parked pair that the master keeps, held as the master holds it (keeper.join: its
+    fds and its packed state) and what the idle sweep compares: no socket objects, no
+    sides, no owner. Thousands wait at once, and each Pair, its Sides, its task and its
+    Connection held some 2.4 KiB. A wake rebuilds the pair from this, as a worker adopts
+    one (kernel_relay.py)."""
+    __slots__ = ("kept", "client_key", "upstream_key", "client_entry", "upstream_entry", "idle_due",
+                 "last_activity", "limits")
+
+    def __init__(self, pair: Pair, packed: bytes, limits):
+        self.kept = keeper.join((pair.client.fd, pair.upstream.fd), packed)
+        self.client_key, self.upstream_key = pair.keys
+        self.client_entry, self.upstream_entry = pair.client.entry, pair.upstream.entry
+        self.idle_due, self.last_activity, self.limits = pair.idle_due, pair.last_activity, limits
+
+    @property
+    def keys(self) -> tuple[bytes, bytes]:
+        return self.client_key, self.upstream_key
+
+    def entry_for(self, key: bytes) -> bytes | None:
+        return self.client_entry if key == self.client_key else self.upstream_entry
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return keeper.fds_of(self.kept)

@@ -50,9 +50,13 @@ of idle pairs then cost one pass a second, where each cost a timer, a greenlet
 switch and a check. Unless its idle limit is near, such a pair also parks: its
 greenlet ends, the sweep watches the limit too, and a wake (the sweep, or epoll)
 resumes the watch in a new greenlet. A parked pair holds no greenlet, no timer.
+A parked pair that the master keeps (keeper.py) is stowed as the master holds it
+(kernel_pair.StowedPair), and its Connection lets it go: a wake rebuilds the pair
+as if adopted, and the worker ends it as it ends an adopted one (worker.py).
 """
 from __future__ import annotations
 
+import collections
 import ctypes as ct
 import errno
 import logging
@@ -72,8 +76,8 @@ from . import keeper
 from .bpfsys import PinnedMap
 from .kernel_abi import (CONNECTION_MAP, COOKIE, DIRECTION_DOWN, DIRECTION_UP, MODE_PAUSED, MODE_RESUMING,
                          RELAY_CONTROL, SOCK_MAP, SOCK_TARGETS, Connection, RelayControl)
-from .kernel_pair import TCP_CLOSE, TCP_ESTABLISHED, KernelCounts, Pair, Sample, Side, TcpCounters
-from .relay import Limits, OnDone, Progress, RelayResult, raw_socket, send_all
+from .kernel_pair import TCP_CLOSE, TCP_ESTABLISHED, KernelCounts, Pair, Sample, Side, StowedPair, TcpCounters
+from .relay import STOWED, Limits, OnDone, Progress, RelayResult, raw_socket, send_all
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -118,20 +122,23 @@ class _Declined(Exception):
 
 
 PARKED = "parked"   # _watch's outcome for a pair that left its greenlet for the idle sweep
+MOVED = "moved"     # ... for one the registrar checked once: it goes on in a greenlet of its own
 
 
 class _Task:
     """A pair's watch, and its handle: the greenlet that runs it, or while the pair is
     parked in the idle sweep, none, and what resuming it takes (held in slots: a parked
     pair costs what it keeps, and thousands wait at once)."""
-    __slots__ = ("greenlet", "on_done", "relay", "pair", "limits", "kept", "adopted")
+    __slots__ = ("greenlet", "on_done", "relay", "pair", "limits", "kept", "adopted", "arrival")
+    # kept: the pair's state as the master keeps it (keeper.pack), or None
 
     def __init__(self, on_done: OnDone):
         self.greenlet = None
-        self.on_done = on_done
+        self.on_done = on_done   # None once cancelled
         self.relay = None   # set while parked, until resumed
+        self.arrival = None   # waiting for the registrar: what start() was given
 
-    def park(self, relay: "KernelRelay", pair: Pair, limits: Limits, kept: bool, adopted: bool) -> None:
+    def park(self, relay: "KernelRelay", pair: Pair, limits: Limits, kept: bytes | None, adopted: bool) -> None:
         self.greenlet = None
         self.relay, self.pair, self.limits, self.kept, self.adopted = relay, pair, limits, kept, adopted
 
@@ -151,6 +158,7 @@ class _Task:
         """End the watch without on_done. A kill raises GreenletExit where the watch
         waits, and its cleanup runs; a parked pair (or one whose resume has not run
         yet) is resumed to run the same cleanup."""
+        self.arrival = self.on_done = None   # the registrar skips it, or ends it at its check
         g, resume = self.greenlet, self.take_resume()
         if g is not None:
             g.kill(block=False)   # a greenlet killed before it ran never runs
@@ -172,6 +180,8 @@ class KernelRelay:
         self.counters = counters   # the worker's CounterRow, if any
         self.keeper = keeper       # the worker's link to the master's keeper (keeper.py)
         self.kept = 0              # pairs begun here that the master holds copies of
+        self.unowned = 0           # pairs no Connection holds: adopted, or stowed here (see adopt)
+        self.ends_kept = None      # ends those: (their record, RelayResult); the worker's
         self._maps: list[PinnedMap] = []
         try:
             self.sock_map, self.sock_targets, self.connections, self.control = (
@@ -182,7 +192,7 @@ class KernelRelay:
             raise
         # The real epoll: gevent's patched select module has none.
         self._epoll = gevent.monkey.get_original("select", "epoll")()
-        self._pairs_by_fd: dict[int, Pair] = {}
+        self._pairs_by_fd: dict[int, Pair | StowedPair] = {}
         self.wakeups = 0  # epoll deliveries: stays small however many bytes flow
         self.pauses = 0   # times a direction was paused for a slow reader
         self.checks = 0   # times a pair's counters were read (see _watch)
@@ -190,9 +200,11 @@ class KernelRelay:
         self.on_park = None   # called when a pair parked in the idle sweep, letting its greenlet go
         self.full = 0     # pairs declined because the maps were full
         self._full_logged = -math.inf
-        self._idle: set[Pair] = set()   # watched by the idle sweep, against its sides' entries
-        self._idle_keys: dict[bytes, Pair] = {}   # each idle pair's two keys
+        self._idle: set[Pair | StowedPair] = set()   # watched by the idle sweep, against their entries
+        self._idle_keys: dict[bytes, Pair | StowedPair] = {}   # each idle pair's two keys
         self._walk = None   # the sweep's batch read while it goes on over several loop turns
+        self._arrivals: collections.deque[_Task] = collections.deque()   # handed over quiet (start)
+        self._registrar = None   # the greenlet that registers them
         self._loop = gevent.get_hub().loop
         self._watcher = self._loop.io(self._epoll.fileno(), 1)
         self._watcher.start(self._on_epoll)
@@ -217,22 +229,54 @@ class KernelRelay:
         `before`, from a Chain, says the pair was handed over quiet.
         `record`, the pair's access-log record so far, goes to the keeper with it."""
         # A pair handed over quiet (`before`) joins the idle sweep at its first check if
-        # that finds it quiet: its greenlet lives for a registration, not for the second
-        # or two a quiet pair's checks take to slow to the sweep's pace. Thousands of idle
-        # connections arrive together, and that many waiting greenlets at once left ~1.4
-        # KiB each of fragmented heap behind.
+        # that finds it quiet, and it waits for that in a queue: one greenlet registers
+        # and checks such pairs in turn (_register_arrivals). Thousands of idle
+        # connections are handed over together, and a greenlet each, all spawned at once,
+        # left ~1.5 KiB each of fragmented heap behind.
         task = _Task(on_done)
+        if before is not None:
+            task.arrival = (client, upstream, limits, record)
+            self._arrivals.append(task)
+            if self._registrar is None:
+                self._registrar = gevent.spawn(self._register_arrivals)
+            return task
 
         def run() -> RelayResult | None:
             pair = Pair(client, upstream)
-            return self._run(task, pair, limits, kept=False, adopted=False, begin=lambda: self._begin(pair, record),
-                             quiet=before is not None)
+            return self._run(task, pair, limits, kept=None, adopted=False, begin=lambda: self._begin(pair, record))
         task.greenlet = gevent.spawn(self._relay, task, run)
         return task
 
-    def adopt(self, state: dict, fds: list[int], limits: Limits, on_done: OnDone) -> None:
+    def _register_arrivals(self) -> None:
+        """Register the pairs handed over quiet, in turn, each with one check: a quiet
+        one parks, any other goes on in a greenlet of its own (MOVED)."""
+        try:
+            while self._arrivals:
+                task = self._arrivals.popleft()
+                arrival, task.arrival = task.arrival, None
+                if arrival is None:   # cancelled while it waited
+                    continue
+                client, upstream, limits, record = arrival
+                pair = Pair(client, upstream)
+                try:
+                    self._relay(task, lambda: self._run(task, pair, limits, None, False, quiet=True, first_only=True,
+                                                        begin=lambda: self._begin(pair, record)))
+                except gevent.GreenletExit:   # cancelled during its registration: cleaned up
+                    pass
+        finally:
+            self._registrar = None
+
+    def adopt(self, packed: bytes, fds: list[int], limits: Limits) -> None:
         """Take over a pair the kernel relays for a worker that exited (keeper.py): the
-        sockets are already in the maps, and `state` holds what that worker knew."""
+        sockets are already in the maps, and `packed` holds what that worker knew. No
+        Connection holds it: ends_kept ends it."""
+        self.unowned += 1
+        self._take(packed, fds, limits)
+
+    def _take(self, packed: bytes, fds, limits: Limits, last_activity: float | None = None) -> None:
+        """Watch a pair no Connection holds, rebuilt from its kept state: adopted, or
+        stowed here and woken (then with its last activity, for the idle limit)."""
+        state = keeper.unpack(packed)
         client, upstream = (socket.socket(fileno=fd) for fd in fds)
         pair = Pair(client, upstream)
         for side, saved in zip(pair.sides, state["sides"]):
@@ -248,13 +292,15 @@ class KernelRelay:
             side.fin_sent = pair.peer(side).sent_fin()
             self._watch_ends(pair, side)
         pair.interval = MIN_CHECK_INTERVAL
-        pair.last_activity = pair.last_check = time.monotonic()
+        pair.last_check = time.monotonic()
+        pair.last_activity = pair.last_check if last_activity is None else last_activity
 
         def ended(result: RelayResult) -> None:
-            on_done(result)
+            self.unowned -= 1
             client.close(), upstream.close()
+            self.ends_kept(state["record"], result)
         task = _Task(ended)
-        task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=True, adopted=True))
+        task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=packed, adopted=True))
 
     def _relay(self, task: _Task, run: Callable[[], RelayResult | None]) -> None:
         """A greenlet of the pair's watch: it ends with the pair (on_done), or when the
@@ -264,11 +310,11 @@ class KernelRelay:
         except Exception:  # noqa: BLE001 - the connection must still end
             log.exception("kernel relay failed")
             result = RelayResult(0, 0, "error", self.kind)
-        if result is not None:
+        if result is not None and task.on_done is not None:
             task.on_done(result)
 
-    def _begin(self, pair: Pair, record: dict | None) -> bool:
-        """Register the pair, and have the master keep it; True if it does."""
+    def _begin(self, pair: Pair, record: dict | None) -> bytes | None:
+        """Register the pair, and have the master keep it; its kept state if it does."""
         began = time.monotonic()
         self._register(pair)
         if self.counters is not None:
@@ -277,21 +323,35 @@ class KernelRelay:
         pair.last_activity = pair.last_check = time.monotonic()
         return self._keep(pair, record)
 
-    def _run(self, task: _Task, pair: Pair, limits: Limits, kept: bool, adopted: bool,
-             begin: Callable[[], bool] | None = None, quiet: bool = False) -> RelayResult | None:
+    def _run(self, task: _Task, pair: Pair, limits: Limits, kept: bytes | None, adopted: bool,
+             begin: Callable[[], bytes | None] | None = None, quiet: bool = False,
+             first_only: bool = False) -> RelayResult | None:
         """Watch the pair until it ends, or parks (None): quiet long enough to join the idle
-        sweep, it lets its greenlet go, and the sweep or epoll resumes it (_wake)."""
+        sweep, it lets its greenlet go, and the sweep or epoll resumes it (_wake). kept:
+        its state as the master keeps it (keeper.pack), or None. first_only: the
+        registrar's run, which never sleeps: after one check a pair that does not park
+        goes on in a greenlet of its own."""
         outcome, parked = "error", False
         try:
             if begin is not None:
                 kept = begin()
-            outcome = self._watch(pair, limits, park_when_quiet=quiet)
+            outcome = self._watch(pair, limits, park_when_quiet=quiet, first_only=first_only)
+            if task.on_done is None:      # cancelled while the registrar had it
+                raise gevent.GreenletExit()
+            if outcome == MOVED:   # its watch goes on, as a parked one resumes (see cancel)
+                parked = True
+                task.park(self, pair, limits, kept, adopted)
+                task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
+                return None
             if outcome == PARKED:
                 parked = True
                 if self.on_park is not None:
                     self.on_park()
-                task.park(self, pair, limits, kept, adopted)
-                pair.park(task)
+                if kept is not None and self.ends_kept is not None:
+                    self._stow(task, pair, limits, kept, adopted)
+                else:
+                    task.park(self, pair, limits, kept, adopted)
+                    pair.park(task)
                 return None
         except _Declined:
             return RelayResult(pair.client.early, pair.upstream.early, "declined")
@@ -305,7 +365,7 @@ class KernelRelay:
             if not parked:
                 pair.parked = None
                 (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
-                if kept:
+                if kept is not None:
                     self._drop(pair, begun_here=not adopted)
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
@@ -383,25 +443,47 @@ class KernelRelay:
                 _kick(side.sock)
 
     def _watch_ends(self, pair: Pair, side: Side) -> None:
-        """Wake the pair on side's FIN, hang-up or error (never on data: see the docstring)."""
+        """Wake the pair on side's FIN, hang-up or error (never on data: see the docstring).
+        A stowed pair rebuilt is still registered."""
+        if self._pairs_by_fd.get(side.fd) is None:
+            self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
         self._pairs_by_fd[side.fd] = pair
-        self._epoll.register(side.fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR | select.EPOLLET)
 
-    def _keep(self, pair: Pair, record: dict | None) -> bool:
+    def _keep(self, pair: Pair, record: dict | None) -> bytes | None:
         """Give the master copies of both sockets (keeper.py): from now on the pair
-        outlives this worker. False when there is no keeper, or it could not take them."""
+        outlives this worker. Its packed state, or None when there is no keeper, or it
+        could not take them."""
         if self.keeper is None or record is None:
-            return False
+            return None
         state = {"key": COOKIE.unpack(pair.client.key)[0], "record": record,
                  "sides": [side.saved() for side in pair.sides]}
+        packed = keeper.pack(state)
         try:
-            self.keeper.send({"op": "keep", "key": state["key"]}, (pair.client.fd, pair.upstream.fd),
-                             keeper.pack(state))
+            self.keeper.send({"op": "keep", "key": state["key"]}, (pair.client.fd, pair.upstream.fd), packed)
         except OSError as e:
             log.warning("the master could not keep a kernel pair: %s", e)
-            return False
+            return None
         self.kept += 1
-        return True
+        return packed
+
+    def _stow(self, task: _Task, pair: Pair, limits: Limits, packed: bytes, adopted: bool) -> None:
+        """Park a pair the master keeps as a StowedPair, and let its owner go: its
+        Connection ends without a log line (STOWED), and the pair is ours alone, to end as
+        an adopted one (ends_kept). Its sockets' fds stay open, and in the sweep and epoll."""
+        stowed = StowedPair(pair, packed, limits)
+        self._leave_idle(pair)
+        self._enter_idle(stowed, pair.idle_due)
+        for side in pair.sides:
+            self._pairs_by_fd[side.fd] = stowed
+            side.sock.detach()
+        if not adopted:      # begun here: its Connection leaves, and the pair counts as adopted
+            self.kept -= 1
+            self.unowned += 1
+            task.on_done(RelayResult(0, 0, STOWED, self.kind))
+
+    def _unstow(self, stowed: StowedPair) -> None:
+        self._leave_idle(stowed)
+        self._take(keeper.packed_of(stowed.kept), stowed.fds, stowed.limits, stowed.last_activity)
 
     def _drop(self, pair: Pair, begun_here: bool) -> None:
         self.kept -= begun_here
@@ -449,17 +531,21 @@ class KernelRelay:
 
     # -- the watch: one check after each sleep, in named steps ------------------
 
-    def _wake(self, pair: Pair) -> None:
+    def _wake(self, pair: Pair | StowedPair) -> None:
         """Wake the pair's watch: end its sleep, or resume it in a new greenlet if it is
-        parked. Its resume stays with the task until that greenlet runs (see cancel)."""
+        parked (or stowed). Its resume stays with the task until that greenlet runs (see
+        cancel)."""
+        if type(pair) is StowedPair:
+            return self._unstow(pair)
         pair.wake()
         task, pair.parked = pair.parked, None
         if task is not None and task.greenlet is None and task.parked:
             task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
 
-    def _watch(self, pair: Pair, limits: Limits, park_when_quiet: bool = False) -> str:
+    def _watch(self, pair: Pair, limits: Limits, park_when_quiet: bool = False, first_only: bool = False) -> str:
         """Check the pair after each sleep until it ends or parks. park_when_quiet: park at
-        the first full check that finds it quiet (a pair handed over quiet)."""
+        the first full check that finds it quiet (a pair handed over quiet). first_only:
+        MOVED after the first check, instead of a sleep."""
         first = park_when_quiet
         while True:
             # A pair handed over quiet is checked at once: if it is still quiet, its
@@ -493,6 +579,8 @@ class KernelRelay:
                 return "idle_timeout"
             if park_when_quiet and pair.quiet and self._join_sweep(pair, now, limit) == PARKED:
                 return PARKED
+            if first_only:
+                return MOVED
             park_when_quiet = False
 
     def _read_kernel_counts(self, pair: Pair) -> None:
@@ -625,8 +713,8 @@ class KernelRelay:
         if len(self._idle) < SWEEP_BATCH_FROM:
             try:
                 lookup = self.connections.lookup
-                self._wake_all([pair for pair in self._idle if lookup(pair.client.key) != pair.client.entry
-                                or lookup(pair.upstream.key) != pair.upstream.entry])
+                self._wake_all([pair for pair in self._idle
+                                if any(lookup(key) != pair.entry_for(key) for key in pair.keys)], moved=True)
             except OSError as e:
                 self._sweep_failed(e)
         else:
@@ -650,36 +738,42 @@ class KernelRelay:
         for i in range(n):
             key = keys[i * ks:(i + 1) * ks]
             pair = watched(key)
-            if pair is not None and values[i * vs:(i + 1) * vs] != \
-                    (pair.client.entry if key == pair.client.key else pair.upstream.entry):
+            if pair is not None and values[i * vs:(i + 1) * vs] != pair.entry_for(key):
                 changed.append(pair)
-        self._wake_all(changed)
+        self._wake_all(changed, moved=True)
         self._walker.start(self._walk_on)   # after the loop has polled for I/O
 
     def _sweep_failed(self, e: OSError) -> None:
         log.warning("idle sweep failed: %s", e)   # then every idle pair checks itself once
         self._wake_all(list(self._idle))
 
-    def _wake_all(self, pairs: list[Pair]) -> None:
+    def _wake_all(self, pairs: list[Pair | StowedPair], moved: bool = False) -> None:
+        """moved: their entries changed, which is activity. (A parked pair's first check
+        after the wake has no sample to compare, and would not see it.)"""
+        now = time.monotonic()
         for pair in pairs:
             if pair in self._idle:   # once, though both its entries changed
+                if moved:
+                    pair.last_activity = now
                 self._leave_idle(pair)
                 self._wake(pair)
 
-    def _enter_idle(self, pair: Pair, due: float) -> None:
+    def _enter_idle(self, pair: Pair | StowedPair, due: float) -> None:
         """due: when the sweep wakes the pair for its idle limit (inf: its own timer does).
-        The sweep compares the pair's entries with its sides' `entry`, read at its last check."""
+        The sweep compares the pair's entries with those read at its last check (entry_for)."""
         pair.idle_due = due
         self._idle.add(pair)
-        self._idle_keys[pair.client.key] = self._idle_keys[pair.upstream.key] = pair
+        client, upstream = pair.keys
+        self._idle_keys[client] = self._idle_keys[upstream] = pair
         if not self._sweeper.active:
             self._sweeper.start(self._sweep)
 
-    def _leave_idle(self, pair: Pair) -> None:
+    def _leave_idle(self, pair: Pair | StowedPair) -> None:
         if pair not in self._idle:
             return
         self._idle.discard(pair)
-        del self._idle_keys[pair.client.key], self._idle_keys[pair.upstream.key]
+        client, upstream = pair.keys
+        del self._idle_keys[client], self._idle_keys[upstream]
         if not self._idle:
             self._sweeper.stop()
 

@@ -37,12 +37,17 @@ class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
     # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
-    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined"
+    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined",
+    # or STOWED
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
     kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
     kernel_down: int = 0     # the rest went through userspace
 
+
+# The relay holds the pair alone from now on, and ends it without its owner: the pair
+# no longer holds the owner's state (kernel_relay.py stows idle pairs the master keeps).
+STOWED = "stowed"
 
 SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
 

@@ -112,6 +112,7 @@ class Worker:
         self.master_pid = os.getpid()   # __init__ runs in the master
         self.alive = True
         self.held = False            # full (master.max_connections): not accepting for now
+        self.kernel = None           # the kernel relay, if the policy has one
         self.fd_errors_logged = -math.inf
 
     # --- in the child ---------------------------------------------------------
@@ -136,6 +137,10 @@ class Worker:
         monkey.patch_all(thread=False, signal=False, subprocess=False)
         import gevent
         import gevent.event
+        # No spawning stack per greenlet: ten frames' summaries, some 1.2 KiB. Thousands of
+        # idle pairs handed to the kernel relay together spawn that many greenlets at once,
+        # and their summaries left that much fragmented heap behind each.
+        gevent.config.track_greenlet_tree = False
         import setproctitle
 
         from .accesslog import AccessLog
@@ -235,6 +240,8 @@ class Worker:
             kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
                                  keeper=self.keeper)
             kernel.on_park = self._freed_one
+            kernel.ends_kept = self._unowned_ended
+        self.kernel = kernel
         if policy in ("auto", "splice"):
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
@@ -283,7 +290,7 @@ class Worker:
         self.freed += 1
 
     def _set_gauges(self) -> None:
-        self.counters.set("live_connections", len(self.connections))
+        self.counters.set("live_connections", self._holding())
         self.counters.set("live_kernel_pairs", getattr(self.relay, "live_pairs", 0))
         self.counters.set("loop_watchers", self.loop.activecnt)
 
@@ -324,14 +331,14 @@ class Worker:
         self.relay.close()
         os._exit(0)
 
-    def _kernel_relay(self):
-        find = getattr(self.relay, "find", None)   # a Chain; the copy relay alone has no kernel relay
-        return find("kernel") if find is not None else None
+    def _holding(self) -> int:
+        """Connections we hold: our Connections, and the kernel pairs no Connection holds
+        (adopted from another worker, or stowed: kernel_relay.py)."""
+        return len(self.connections) + (self.kernel.unowned if self.kernel is not None else 0)
 
     def _kept_connections(self) -> int:
         """Our Connections whose pairs the master keeps (not the ones we adopted)."""
-        kernel = self._kernel_relay()
-        return kernel.kept if kernel is not None else 0
+        return self.kernel.kept if self.kernel is not None else 0
 
     def _on_keeper(self) -> None:
         """Pairs of a worker that exited, handed to us by the master (keeper.py)."""
@@ -344,23 +351,22 @@ class Worker:
             if got is None:
                 return
             message, packed, fds = got
-            kernel = self._kernel_relay()
-            if message.get("op") != "adopt" or kernel is None or len(fds) != 2:
+            if message.get("op") != "adopt" or self.kernel is None or len(fds) != 2:
                 for fd in fds:
                     os.close(fd)
                 continue
-            state = keeper.unpack(packed)
-            record = state["record"]
-            kernel.adopt(state, fds, self.ctx.limits, lambda result, r=record: self._adopted_ended(r, result))
+            self.kernel.adopt(packed, fds, self.ctx.limits)
 
-    def _adopted_ended(self, record: dict, result) -> None:
-        """The end of a pair that began in another worker: its counters and log line.
-        The record's up and down are what moved in userspace before the kernel took it."""
+    def _unowned_ended(self, record: dict, result) -> None:
+        """The end of a kernel pair no Connection holds (adopted from another worker, or
+        stowed here): its counters and log line. The record's up and down are what moved
+        in userspace before the kernel took it."""
         from .connection import count_relayed
         started_at = record.pop("started_at", time.time())
         count_relayed(self.ctx, record, result, up_before=record.get("up", 0), down_before=record.get("down", 0))
         record["duration"] = time.time() - started_at
         self.access_log.write(record)
+        self._one_ended()
 
     def _watch_listeners(self) -> None:
         for (lc, listening), acceptor in zip(self.slot.listeners, self.acceptors):
@@ -371,7 +377,7 @@ class Worker:
         family = listening.family   # read once: it converts to an enum on every read
         limit = self.cfg.master.max_connections
         while True:
-            if limit and len(self.connections) >= limit:
+            if limit and self._holding() >= limit:
                 return self._hold()
             try:
                 fd, peer = listening._accept()
@@ -414,8 +420,11 @@ class Worker:
 
     def connection_ended(self, connection) -> None:
         self.connections.discard(connection)
+        self._one_ended()
+
+    def _one_ended(self) -> None:
         self._freed_one()
-        if self.held and self.alive and len(self.connections) < self.cfg.master.max_connections:
+        if self.held and self.alive and self._holding() < self.cfg.master.max_connections:
             self.held = False
             self._watch_listeners()
         if not self.connections and not self.alive:

@@ -628,3 +628,50 @@ def test_workers_run_as_the_configured_user(proxy, backends, plain, pin_path, tm
     bad.write_text('[master]\nuser = "no-such-user-here"\n')
     out = subprocess.run([*MASTER, "check", "-c", str(bad)], capture_output=True, text=True)
     assert out.returncode == 1 and "master.user = 'no-such-user-here': no such user" in out.stderr
+
+
+def test_an_idle_kernel_pair_let_go_by_its_connection_still_counts_relays_times_out_and_logs(proxy, plain, pin_path,
+                                                                                            tmp_path):
+    """An idle kernel pair that the master keeps parks stowed: its Connection lets it go
+    (kernel_relay.py). It still counts toward master.max_connections, relays a burst,
+    times out a full idle limit after its last activity (not after the one before it
+    parked), and ends with the log line of every byte."""
+    echo = plain("echo")
+    port = free_port()
+    access_log = tmp_path / "access.log"
+    config = make_config(port, [], fallback=echo.address, mode="require", pin_path=pin_path, workers=1,
+                         policy="auto", relay="window = 0.5\n",
+                         extra=f'[timeouts]\nidle = 6.0\n[log]\naccess = "{access_log}"\n')
+    p = proxy(config.replace("workers = 1\n", "workers = 1\nmax_connections = 1\n"), wait_ports=(port,))
+    wait_until(lambda: stats(p)["closed_early"] >= 1, what="the harness's probe to end")
+    first = socket.create_connection(("127.0.0.1", port), timeout=15)
+    client = "client=127.0.0.1:%d " % first.getsockname()[1]
+    second = None
+    try:
+        assert _echo(first, b"\x00hello") == b"\x00hello"
+        # Quiet for a window, it goes to the kernel, and parks at once (its limit is 6 s off).
+        wait_until(lambda: sum(v["live_kernel_pairs"] for v in stats_json(p)["live"].values()) == 1,
+                   what="the pair in the kernel relay")
+        second = socket.create_connection(("127.0.0.1", port), timeout=15)
+        second.sendall(b"\x00second")
+        second.settimeout(0.5)
+        with pytest.raises(socket.timeout):        # full: it waits in the accept queue
+            second.recv(64)
+        burst = b"\x00" + os.urandom(64 << 10)
+        assert sha(_echo(first, burst)) == sha(burst)
+        last_activity = time.monotonic()
+        assert first.recv(64) == b""                 # the idle limit ends it
+        idle = time.monotonic() - last_activity
+        assert 6.0 <= idle < 8.5, idle
+        second.settimeout(15)
+        assert second.recv(64) == b"\x00second"      # served once the pair ended
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    size = 6 + len(burst)
+    wait_until(lambda: "outcome=idle_timeout" in access_log.read_text(), what="the pair's log line")
+    line, = (line for line in access_log.read_text().splitlines() if client in line)   # one, at its end
+    assert f" up={size} " in line and f" down={size} " in line and line.endswith(" relay=kernel outcome=idle_timeout")
+    counters = stats(p)
+    assert (counters["relayed_kernel"], counters["idle_timeout"]) == (1, 1)

@@ -16,11 +16,12 @@ import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from harness import MiB, Background, recv_stream, run_relay, send_stream, sha, tcp_pair
-from sniproxy import kernel_relay
+from sniproxy import keeper, kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
+from sniproxy.kernel_pair import StowedPair
 from sniproxy.kernel_relay import KernelRelay
-from sniproxy.relay import Chain, Handoff, Limits
+from sniproxy.relay import STOWED, Chain, Handoff, Limits
 from sniproxy.stats import percpu_totals
 from sniproxy.userspace_relay import UserspaceRelay
 
@@ -394,6 +395,52 @@ def test_a_pair_handed_over_quiet_parks_at_its_first_check(relay_pins):
     finally:
         relay.close()
         for s in (client, c, u, server):
+            s.close()
+
+
+def test_a_kept_idle_pair_is_stowed_and_its_owner_let_go(relay_pins):
+    """With the master keeping its pairs (a real keeper channel), a pair handed over quiet
+    parks stowed: its owner hears STOWED, and the relay holds it alone, as the master does
+    (fds and packed state, no Pair, no socket object). A burst wakes it rebuilt; it relays
+    both ways, and its end goes to ends_kept with its record and every byte."""
+    master_end, worker_end = keeper.channel()
+    kernel = KernelRelay(relay_pins.pin_path, keeper=keeper.Link(worker_end, gevent.get_hub().loop))
+    ended = []
+    kernel.ends_kept = lambda record, result: ended.append((record, result))
+    relay = Chain.of(UserspaceRelay(), kernel, Handoff(64 << 10, 0.05))
+    (client, c), (u, server) = tcp_pair(), tcp_pair()
+    kept_fds = []
+    try:
+        owner = []
+        relay.start(c, u, Limits(60.0), owner.append, record={"client": "198.18.0.1:1", "up": 7})
+        with gevent.Timeout(3):
+            while not owner:
+                gevent.sleep(0.01)
+        assert [r.outcome for r in owner] == [STOWED] and (kernel.unowned, kernel.kept) == (1, 0)
+        assert [type(p) for p in kernel._pairs_by_fd.values()] == [StowedPair] * 2 and c.fileno() == -1
+        message, _, kept_fds = keeper.receive(master_end)
+        assert message["op"] == "keep" and len(kept_fds) == 2
+        client.sendall(b"burst")
+        assert server.recv(64) == b"burst"
+        server.sendall(b"reply")
+        assert client.recv(64) == b"reply"
+        with gevent.Timeout(3):            # the sweep saw the entries change: rebuilt
+            while any(type(p) is StowedPair for p in kernel._pairs_by_fd.values()):
+                gevent.sleep(0.01)
+        client.shutdown(socket.SHUT_WR), server.shutdown(socket.SHUT_WR)
+        with gevent.Timeout(5):
+            while not ended:
+                gevent.sleep(0.01)
+        (record, result), = ended
+        assert (record["client"], record["up"], record["down"]) == ("198.18.0.1:1", 7, 0)
+        assert result == (5, 5, "done", "kernel", 5, 5) and (kernel.unowned, kernel.live_pairs) == (0, 0)
+        assert keeper.receive(master_end)[0]["op"] == "drop"
+        assert owner == owner[:1]           # the owner heard nothing more
+    finally:
+        relay.close()
+        for fd in kept_fds:
+            os.close(fd)
+        for s in (client, c, u, server, master_end, worker_end):
             s.close()
 
 
