@@ -128,16 +128,21 @@ class Sniproxy(Proxy):
     "copy" or "splice" (without)."""
     stop_grace = 4.0
 
-    def __init__(self, origins: Origins, workdir: Path, policy: str):
+    def __init__(self, origins: Origins, workdir: Path, policy: str, source: tuple[str, Path] | None = None):
+        """source: (revision, its tree) to run instead of this checkout's (bench/connrate --against)."""
         super().__init__(origins, workdir)
-        self.name = f"sniproxy-{policy}"
+        self.name = f"sniproxy-{policy}" + (f"@{source[0]}" if source else "")
         bpf_mode = "require" if policy in ("auto", "kernel") else "off"
         self.has_kernel_relay = bpf_mode == "require"
         self.bpf_mode, self.policy = bpf_mode, policy
         self._pin_path = ""
+        self._source = source[1] if source else None
 
     def command(self, config_path: Path) -> list[str]:
-        return [str(MASTER), "start", "-c", str(config_path), "--foreground"]
+        master = [str(MASTER)] if self._source is None else [
+            str(REPO / ".venv/bin/python"), "-c",
+            f"import sys; sys.path.insert(0, {str(self._source)!r}); from sniproxy.cli import main; sys.exit(main())"]
+        return [*master, "start", "-c", str(config_path), "--foreground"]
 
     def kernel_relayed_connections(self) -> int:
         """Connections whose two sockets sit in the pinned SOCK_MAP, per `sniproxy-master maps`."""

@@ -513,6 +513,9 @@ def _take_upgrade_state() -> dict | None:
     return state
 
 
+DEFER_ACCEPT = 1   # seconds: the kernel's SYN-ACK retransmissions before it accepts a silent client
+
+
 def _reuseport_socket(address: str) -> socket.socket:
     hp = parse_listen_address(address)
     family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
@@ -522,6 +525,11 @@ def _reuseport_socket(address: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Accepted sockets inherit it: one setsockopt per listener, not per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Every listener's client speaks first (a ClientHello, a request): accept returns
+        # with it queued, so a worker reads it at once instead of waiting for it. A client
+        # that sends nothing is accepted after one SYN-ACK retransmission (a second), and
+        # its timeouts.client_hello starts then. Measured: bench/results/2026-11-28-setup.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((hp.host, hp.port))

@@ -142,6 +142,72 @@ def test_malformed_and_slow_first_flight_never_reach_a_backend(proxy, backends):
     assert a.accepted == 0
 
 
+def test_a_silent_client_is_accepted_only_after_a_second_and_then_timed_out(proxy, plain):
+    """Listeners defer accept until the client's first bytes arrive (TCP_DEFER_ACCEPT): a
+    talking client is served at once, while a silent one costs the workers nothing for
+    the second the kernel waits, then is accepted and refused at timeouts.client_hello."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, workers=1, extra="[timeouts]\nclient_hello = 0.5\n"),
+              wait_ports=(port,))
+    wait_until(lambda: stats(p)["closed_early"] >= 1, what="the harness's probe to end")
+    accepted = stats(p)["accepted"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        connected = time.monotonic()
+        time.sleep(0.6)
+        assert stats(p)["accepted"] == accepted     # not handed to a worker yet
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as talking:
+            talking.sendall(b"\x00talking")
+            assert talking.recv(64) == b"\x00talking"
+        assert silent.recv(64) == b""                # accepted after the retransmitted SYN-ACK, then timed out
+        elapsed = time.monotonic() - connected
+    assert 1.2 < elapsed < 6, elapsed
+    counters = stats(p)
+    assert (counters["accepted"], counters["refused_client_hello_timeout"]) == (accepted + 2, 1)
+
+
+def test_the_first_flight_carries_the_handshake_ack_and_later_acks_go_at_once(proxy):
+    """Toward the backend, the handshake's last ACK rides with the first flight (no bare ACK
+    between the SYN and the data); after it, ACKs are not delayed: a backend's second small
+    write, held by Nagle until its first is ACKed, follows the first at once."""
+    backend = socket.create_server(("127.0.0.1", 0))
+    backend_port = backend.getsockname()[1]
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+    try:
+        sniffer.bind(("lo", 0x0800))
+        sniffer.settimeout(0.2)
+        port = free_port()
+        proxy(make_config(port, [], fallback=f"127.0.0.1:{backend_port}", workers=1), wait_ports=(port,))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"\x00hello")
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(10)
+                assert conn.recv(64) == b"\x00hello"
+                toward_backend = []
+                while True:
+                    try:
+                        packet, (_, _, kind, _, _) = sniffer.recvfrom(65536)
+                    except socket.timeout:
+                        break
+                    ihl = (packet[0] & 15) * 4
+                    tcp = packet[ihl:]
+                    if kind != socket.PACKET_OUTGOING and packet[9] == socket.IPPROTO_TCP and \
+                            struct.unpack_from("!H", tcp, 2)[0] == backend_port:
+                        flags, length = tcp[13], len(packet) - ihl - (tcp[12] >> 4) * 4
+                        toward_backend.append(("SYN" if flags & 2 else "ACK", length))
+                assert toward_backend[:2] == [("SYN", 0), ("ACK", 6)], toward_backend
+                conn.sendall(b"a")     # Nagle (on here) holds the next write until this one is ACKed
+                assert client.recv(1) == b"a"
+                first = time.monotonic()
+                conn.sendall(b"b")
+                assert client.recv(1) == b"b"
+                assert time.monotonic() - first < 0.025   # a delayed ACK would take 40 ms or more
+    finally:
+        sniffer.close()
+        backend.close()
+
+
 def test_a_full_worker_leaves_new_connections_waiting(proxy, plain):
     """master.max_connections = 2: a third connection waits in the accept queue,
     neither served nor reset, and is served as soon as one of the two ends."""
@@ -183,6 +249,8 @@ def test_out_of_descriptors_the_worker_backs_off_and_recovers(proxy, plain):
                                                 check=True).stdout.split())
     subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={held + 3}:{hard}"], check=True)
     stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for s in stalled:    # a record's first byte: accepted (TCP_DEFER_ACCEPT), then waiting for the rest
+        s.sendall(b"\x16")
     client = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
         client.sendall(b"\x00after the limit")
