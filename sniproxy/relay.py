@@ -163,6 +163,8 @@ class _Chained:
             up, down = (self.so_far.up, self.so_far.down) if self.so_far is not None else (0, 0)
             record = dict(self.record, up=self.record.get("up", 0) + up, down=down,
                           started_at=time.time() - (time.monotonic() - self.started))
+            if self.so_far is not None:   # whose kind the pair's is, unless this relay moves more
+                record.update(relay=self.so_far.kind, most=self.most)
         # The relay's handle is the one to cancel, unless its on_done already moved the
         # pair on before start() returned.
         turn = self.turn = self.turn + 1

@@ -363,6 +363,8 @@ class Worker:
         in userspace before the kernel took it."""
         from .connection import count_relayed
         started_at = record.pop("started_at", time.time())
+        if record.pop("most", -1) > result.up + result.down:   # an earlier relay moved more (relay.Chain)
+            result = result._replace(kind=record["relay"])
         count_relayed(self.ctx, record, result, up_before=record.get("up", 0), down_before=record.get("down", 0))
         record["duration"] = time.time() - started_at
         self.access_log.write(record)

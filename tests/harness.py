@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,6 +375,22 @@ def cpu_seconds(pids) -> float:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def through_proxy(port: int, backend: socket.socket, first: bytes):
+    """A client of the proxy on port, whose first flight reached the listening socket
+    backend (its fallback, say): yields (client, the backend's end of it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(first)
+        conn, _ = backend.accept()
+        with conn:
+            conn.settimeout(10)
+            got = b""
+            while len(got) < len(first) and (chunk := conn.recv(len(first) - len(got))):
+                got += chunk
+            assert got == first
+            yield client, conn
 
 
 def run_relay(relay, client, upstream, idle: float = 30.0, half_closed: float | None = None):

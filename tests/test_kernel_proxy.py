@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import (MASTER, accept_queues, cpu_seconds, stream_through, Dnsmasq, echo_through, free_port,
-                     https_get, sha, wait_until)
+                     https_get, sha, through_proxy, wait_until)
 from netns import veth_netns
 from test_proxy import make_config, stats, stats_json
 
@@ -310,17 +310,12 @@ def test_half_closed_pair_ends_after_half_closed_timeout(proxy, pin_path, mode):
         p = proxy(make_config(port, [], fallback=f"127.0.0.1:{silent.getsockname()[1]}", mode=mode,
                               pin_path=pin_path, extra="[timeouts]\nidle = 60.0\nhalf_closed = 0.5\n"),
                   wait_ports=(port,))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"not a ClientHello\r\n")
-            held, _ = silent.accept()
-            with held:
-                held.settimeout(10)
-                assert held.recv(100) == b"not a ClientHello\r\n"
-                client.shutdown(socket.SHUT_WR)
-                assert held.recv(100) == b""              # the half-close is carried at once
-                start = time.monotonic()
-                assert client.recv(100) == b""            # then the proxy gives up on the silent side
-                elapsed = time.monotonic() - start
+        with through_proxy(port, silent, b"not a ClientHello\r\n") as (client, held):
+            client.shutdown(socket.SHUT_WR)
+            assert held.recv(100) == b""              # the half-close is carried at once
+            start = time.monotonic()
+            assert client.recv(100) == b""            # then the proxy gives up on the silent side
+            elapsed = time.monotonic() - start
     assert 0.3 < elapsed < 5
     wait_until(lambda: stats(p)["idle_timeout"] == 1, what="the idle_timeout count")
 
@@ -635,7 +630,8 @@ def test_an_idle_kernel_pair_let_go_by_its_connection_still_counts_relays_times_
     """An idle kernel pair that the master keeps parks stowed: its Connection lets it go
     (kernel_relay.py). It still counts toward master.max_connections, relays a burst,
     times out a full idle limit after its last activity (not after the one before it
-    parked), and ends with the log line of every byte."""
+    parked), and ends with the log line of every byte, under the relay that moved the most
+    (here copy, before the kernel)."""
     echo = plain("echo")
     port = free_port()
     access_log = tmp_path / "access.log"
@@ -649,6 +645,8 @@ def test_an_idle_kernel_pair_let_go_by_its_connection_still_counts_relays_times_
     second = None
     try:
         assert _echo(first, b"\x00hello") == b"\x00hello"
+        in_copy = os.urandom(96 << 10)
+        assert sha(_echo(first, in_copy)) == sha(in_copy)
         # Quiet for a window, it goes to the kernel, and parks at once (its limit is 6 s off).
         wait_until(lambda: sum(v["live_kernel_pairs"] for v in stats_json(p)["live"].values()) == 1,
                    what="the pair in the kernel relay")
@@ -669,9 +667,10 @@ def test_an_idle_kernel_pair_let_go_by_its_connection_still_counts_relays_times_
         first.close()
         if second is not None:
             second.close()
-    size = 6 + len(burst)
+    size = 6 + len(in_copy) + len(burst)
     wait_until(lambda: "outcome=idle_timeout" in access_log.read_text(), what="the pair's log line")
     line, = (line for line in access_log.read_text().splitlines() if client in line)   # one, at its end
-    assert f" up={size} " in line and f" down={size} " in line and line.endswith(" relay=kernel outcome=idle_timeout")
+    assert f" up={size} " in line and f" down={size} " in line, line
+    assert line.endswith(" relay=userspace outcome=idle_timeout"), line
     counters = stats(p)
-    assert (counters["relayed_kernel"], counters["idle_timeout"]) == (1, 1)
+    assert (counters["relayed_kernel"], counters["relayed_userspace"], counters["idle_timeout"]) == (0, 2, 1)

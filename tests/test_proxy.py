@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, stream_through, curl, echo_through, free_port, https_get, sha, tls_client,
-                     wait_until)
+from harness import (MASTER, DelayedDns, Dnsmasq, cpu_seconds, stream_through, curl, echo_through, free_port, https_get, sha,
+                     through_proxy, tls_client, wait_until)
 
 
 def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tls", host="127.0.0.1",
@@ -178,31 +178,26 @@ def test_the_first_flight_carries_the_handshake_ack_and_later_acks_go_at_once(pr
         sniffer.settimeout(0.2)
         port = free_port()
         proxy(make_config(port, [], fallback=f"127.0.0.1:{backend_port}", workers=1), wait_ports=(port,))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            client.sendall(b"\x00hello")
-            conn, _ = backend.accept()
-            with conn:
-                conn.settimeout(10)
-                assert conn.recv(64) == b"\x00hello"
-                toward_backend = []
-                while True:
-                    try:
-                        packet, (_, _, kind, _, _) = sniffer.recvfrom(65536)
-                    except socket.timeout:
-                        break
-                    ihl = (packet[0] & 15) * 4
-                    tcp = packet[ihl:]
-                    if kind != socket.PACKET_OUTGOING and packet[9] == socket.IPPROTO_TCP and \
-                            struct.unpack_from("!H", tcp, 2)[0] == backend_port:
-                        flags, length = tcp[13], len(packet) - ihl - (tcp[12] >> 4) * 4
-                        toward_backend.append(("SYN" if flags & 2 else "ACK", length))
-                assert toward_backend[:2] == [("SYN", 0), ("ACK", 6)], toward_backend
-                conn.sendall(b"a")     # Nagle (on here) holds the next write until this one is ACKed
-                assert client.recv(1) == b"a"
-                first = time.monotonic()
-                conn.sendall(b"b")
-                assert client.recv(1) == b"b"
-                assert time.monotonic() - first < 0.025   # a delayed ACK would take 40 ms or more
+        with through_proxy(port, backend, b"\x00hello") as (client, conn):
+            toward_backend = []
+            while True:
+                try:
+                    packet, (_, _, kind, _, _) = sniffer.recvfrom(65536)
+                except socket.timeout:
+                    break
+                ihl = (packet[0] & 15) * 4
+                tcp = packet[ihl:]
+                if kind != socket.PACKET_OUTGOING and packet[9] == socket.IPPROTO_TCP and \
+                        struct.unpack_from("!H", tcp, 2)[0] == backend_port:
+                    flags, length = tcp[13], len(packet) - ihl - (tcp[12] >> 4) * 4
+                    toward_backend.append(("SYN" if flags & 2 else "ACK", length))
+            assert toward_backend[:2] == [("SYN", 0), ("ACK", 6)], toward_backend
+            conn.sendall(b"a")     # Nagle (on here) holds the next write until this one is ACKed
+            assert client.recv(1) == b"a"
+            first = time.monotonic()
+            conn.sendall(b"b")
+            assert client.recv(1) == b"b"
+            assert time.monotonic() - first < 0.025   # a delayed ACK would take 40 ms or more
     finally:
         sniffer.close()
         backend.close()
