@@ -87,6 +87,8 @@ class ResolverConfig(_Section):
 
 
 class TimeoutsConfig(_Section):
+    # From the accept; listeners defer accept until the first bytes (master.py), so a client
+    # that sends nothing at all is accepted, and timed, about a second after it connected.
     client_hello: float = 5.0
     connect: float = 5.0
     idle: float = 600.0
