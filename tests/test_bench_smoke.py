@@ -122,18 +122,24 @@ def test_placement_runs_every_system_in_every_placement():
 @pytest.mark.bpf
 def test_connrate_measures_every_system_side_by_side():
     """bench/connrate: every system up at once, h2load visiting each in turn; a rate and a
-    ratio to HAProxy for each, and the proxies' user and system CPU and sleeps per connection."""
-    done = subprocess.run([str(REPO / "bench/connrate"), "--seconds", "1", "--rounds", "2", "--workers", "1"],
-                          capture_output=True, text=True, timeout=300)
+    ratio to HAProxy for each, the proxies' user and system CPU and sleeps per connection, and
+    the machine's CPU per connection; --against runs this proxy as of another revision beside."""
+    done = subprocess.run([str(REPO / "bench/connrate"), "--seconds", "1", "--rounds", "2", "--workers", "1",
+                           "--against", "HEAD"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
-    assert set(rows) == {"direct", "sniproxy-kernel", "sniproxy-copy", "haproxy"}
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("- CPU: ") and any(line.startswith("- kernel: ") for line in lines)   # the machine
+    header = next(i for i, line in enumerate(lines) if line.startswith("system "))
+    rows = {line.split()[0]: line.split() for line in lines[header + 1:]}
+    assert set(rows) == {"direct", "sniproxy-kernel", "sniproxy-copy", "sniproxy-kernel@HEAD", "sniproxy-copy@HEAD",
+                         "haproxy"}
     assert rows["haproxy"][3] == "1.00x"
     for name, row in rows.items():
         assert float(row[1].replace(",", "")) > 100, row   # conn/s median
         if name == "direct":
-            assert row[4:] == ["-", "-", "-"]
+            assert row[4:7] == ["-", "-", "-"] and float(row[7]) > 0, row   # only the machine's CPU
         else:
             assert float(row[4]) > 0 and float(row[6]) > 0, row   # user, system ms per connection
             assert float(row[8]) > 0, row   # a proxy sleeps between events: at least some per connection
+            assert float(row[10]) > 0, row   # the machine's ms per connection
     assert done.stderr.count("[round ") == 2 * len(rows)
