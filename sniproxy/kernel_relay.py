@@ -232,7 +232,7 @@ class KernelRelay:
         # that finds it quiet, and it waits for that in a queue: one greenlet registers
         # and checks such pairs in turn (_register_arrivals). Thousands of idle
         # connections are handed over together, and a greenlet each, all spawned at once,
-        # left ~1.5 KiB each of fragmented heap behind.
+        # left ~1.2 KiB each of fragmented heap behind.
         task = _Task(on_done)
         if before is not None:
             task.arrival = (client, upstream, limits, record)
