@@ -259,7 +259,7 @@ class KernelRelay:
                 client, upstream, limits, record = arrival
                 pair = Pair(client, upstream)
                 try:
-                    self._relay(task, lambda: self._run(task, pair, limits, None, False, quiet=True, first_only=True,
+                    self._relay(task, lambda: self._run(task, pair, limits, None, False, once=True,
                                                         begin=lambda: self._begin(pair, record)))
                 except gevent.GreenletExit:   # cancelled during its registration: cleaned up
                     pass
@@ -277,6 +277,7 @@ class KernelRelay:
         """Watch a pair no Connection holds, rebuilt from its kept state: adopted, or
         stowed here and woken (then with its last activity, for the idle limit)."""
         state = keeper.unpack(packed)
+        record = state["record"]   # all that its end needs of the state
         client, upstream = (socket.socket(fileno=fd) for fd in fds)
         pair = Pair(client, upstream)
         for side, saved in zip(pair.sides, state["sides"]):
@@ -298,7 +299,7 @@ class KernelRelay:
         def ended(result: RelayResult) -> None:
             self.unowned -= 1
             client.close(), upstream.close()
-            self.ends_kept(state["record"], result)
+            self.ends_kept(record, result)
         task = _Task(ended)
         task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=packed, adopted=True))
 
@@ -324,24 +325,23 @@ class KernelRelay:
         return self._keep(pair, record)
 
     def _run(self, task: _Task, pair: Pair, limits: Limits, kept: bytes | None, adopted: bool,
-             begin: Callable[[], bytes | None] | None = None, quiet: bool = False,
-             first_only: bool = False) -> RelayResult | None:
+             begin: Callable[[], bytes | None] | None = None, once: bool = False) -> RelayResult | None:
         """Watch the pair until it ends, or parks (None): quiet long enough to join the idle
         sweep, it lets its greenlet go, and the sweep or epoll resumes it (_wake). kept:
-        its state as the master keeps it (keeper.pack), or None. first_only: the
+        its state as the master keeps it (keeper.pack), or None. once: the
         registrar's run, which never sleeps: after one check a pair that does not park
         goes on in a greenlet of its own."""
         outcome, parked = "error", False
         try:
             if begin is not None:
                 kept = begin()
-            outcome = self._watch(pair, limits, park_when_quiet=quiet, first_only=first_only)
+            outcome = self._watch(pair, limits, once=once)
             if task.on_done is None:      # cancelled while the registrar had it
                 raise gevent.GreenletExit()
             if outcome == MOVED:   # its watch goes on, as a parked one resumes (see cancel)
                 parked = True
                 task.park(self, pair, limits, kept, adopted)
-                task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
+                self._resume_in_greenlet(task)
                 return None
             if outcome == PARKED:
                 parked = True
@@ -532,21 +532,24 @@ class KernelRelay:
     # -- the watch: one check after each sleep, in named steps ------------------
 
     def _wake(self, pair: Pair | StowedPair) -> None:
-        """Wake the pair's watch: end its sleep, or resume it in a new greenlet if it is
-        parked (or stowed). Its resume stays with the task until that greenlet runs (see
-        cancel)."""
+        """Wake the pair's watch: end its sleep, or resume it if it is parked (or stowed)."""
         if type(pair) is StowedPair:
             return self._unstow(pair)
         pair.wake()
         task, pair.parked = pair.parked, None
         if task is not None and task.greenlet is None and task.parked:
-            task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
+            self._resume_in_greenlet(task)
 
-    def _watch(self, pair: Pair, limits: Limits, park_when_quiet: bool = False, first_only: bool = False) -> str:
-        """Check the pair after each sleep until it ends or parks. park_when_quiet: park at
-        the first full check that finds it quiet (a pair handed over quiet). first_only:
-        MOVED after the first check, instead of a sleep."""
-        first = park_when_quiet
+    def _resume_in_greenlet(self, task: _Task) -> None:
+        """The parked watch goes on in a new greenlet; its resume stays with the task until
+        that greenlet runs (see cancel)."""
+        task.greenlet = gevent.spawn(self._relay, task, lambda: task.take_resume()())
+
+    def _watch(self, pair: Pair, limits: Limits, once: bool = False) -> str:
+        """Check the pair after each sleep until it ends or parks. once: one check, at once
+        (a pair handed over quiet, in the registrar); unless it ends, the pair then PARKED
+        if that check found it quiet, else MOVED."""
+        first = once
         while True:
             # A pair handed over quiet is checked at once: if it is still quiet, its
             # greenlet ends without a sleep, a timer or a switch (thousands of idle
@@ -577,11 +580,8 @@ class KernelRelay:
                 return "done"
             if self._pace(pair, now, limit, worst_queued, waiting):
                 return "idle_timeout"
-            if park_when_quiet and pair.quiet and self._join_sweep(pair, now, limit) == PARKED:
-                return PARKED
-            if first_only:
-                return MOVED
-            park_when_quiet = False
+            if once:
+                return PARKED if pair.quiet and self._join_sweep(pair, now, limit) == PARKED else MOVED
 
     def _read_kernel_counts(self, pair: Pair) -> None:
         for side in pair.sides:
