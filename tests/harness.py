@@ -1,11 +1,13 @@
 """Real parts for process tests: TLS backends, dnsmasq, and the proxy's master itself."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -497,3 +500,71 @@ def hub_wait_until(predicate, timeout: float = 5.0, what: str = "condition"):
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         gevent.sleep(0.002)
     return value
+
+
+# --- packets on lo -------------------------------------------------------------------
+
+class Segment(NamedTuple):
+    at: float          # the kernel's receive timestamp, in seconds
+    sport: int
+    dport: int
+    flags: int
+    seq: int
+    header: bytes      # the TCP header
+    payload: bytes
+
+
+class LoopbackCapture:
+    """TCP segments on lo to or from one port, as received, from creation on. The kernel
+    filters them (classic BPF) into a 64 MiB buffer: lo also carries the bulk traffic of
+    the tests running beside this one, which would otherwise fill the buffer and drop the
+    few segments a test is about."""
+
+    SO_ATTACH_FILTER, SO_RCVBUFFORCE, SO_TIMESTAMPNS = 26, 33, 35   # not in Python's socket module
+
+    def __init__(self, port: int):
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        program = [                       # a SOCK_DGRAM packet socket filters from the IP header
+            (0x20, 0, 0, 0xFFFFF004),     # ld the packet's type
+            (0x15, 8, 0, socket.PACKET_OUTGOING),   # lo shows each packet twice: keep it as received
+            (0x30, 0, 0, 9),              # ldb [9]: the protocol
+            (0x15, 0, 6, socket.IPPROTO_TCP),
+            (0xB1, 0, 0, 0),              # ldxb 4*([0]&0xf): the IP header's length
+            (0x48, 0, 0, 0),              # ldh [x+0]: the source port
+            (0x15, 2, 0, port),
+            (0x48, 0, 0, 2),              # ldh [x+2]: the destination port
+            (0x15, 0, 1, port),
+            (0x06, 0, 0, 0x40000),        # keep the whole packet
+            (0x06, 0, 0, 0),              # drop it
+        ]
+        code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_ATTACH_FILTER,
+                             struct.pack("HL", len(program), ctypes.addressof(code)))
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_RCVBUFFORCE, 64 * MiB)
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+        self.sock.bind(("lo", 0x0800))
+        self.sock.setblocking(False)
+        self.seen: list[Segment] = []
+
+    def segments(self) -> list[Segment]:
+        """Every segment captured so far."""
+        while True:
+            try:
+                packet, ancillary, _, _ = self.sock.recvmsg(65536, 64)
+            except BlockingIOError:
+                return self.seen
+            seconds, nanoseconds = struct.unpack("qq", ancillary[0][2][:16])
+            ip_len = (packet[0] & 0xF) * 4
+            tcp = packet[ip_len:struct.unpack_from("!H", packet, 2)[0]]
+            sport, dport, seq = struct.unpack_from("!HHI", tcp)
+            header = tcp[:(tcp[12] >> 4) * 4]
+            self.seen.append(Segment(seconds + nanoseconds / 1e9, sport, dport, tcp[13], seq, header, tcp[len(header):]))
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()

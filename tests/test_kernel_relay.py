@@ -15,7 +15,7 @@ import gevent
 import pytest
 
 from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
-from harness import MiB, Background, recv_stream, run_relay, send_stream, sha, tcp_pair
+from harness import MiB, Background, LoopbackCapture, Segment, recv_stream, run_relay, send_stream, sha, tcp_pair
 from sniproxy import keeper, kernel_relay
 from sniproxy.bpfsys import PinnedMap
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
@@ -25,7 +25,6 @@ from sniproxy.relay import STOWED, Chain, Handoff, Limits
 from sniproxy.stats import percpu_totals
 from sniproxy.userspace_relay import UserspaceRelay
 
-SO_RCVBUFFORCE = 33   # not in Python's socket module
 
 pytestmark = pytest.mark.bpf
 
@@ -563,21 +562,10 @@ def _read(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def _segment_with_data(sniffer: socket.socket, sport: int, dport: int) -> tuple[bytes, bytes]:
-    """The next TCP segment sport -> dport on lo that carries data: (tcp header, payload).
-    Every packet waiting is read at each try: lo also carries the traffic of tests running
-    beside this one, and one packet a try fell behind it."""
-    def one():
-        while (packet := _nowait(sniffer, 65536)) is not None:
-            ip_len = (packet[0] & 0xF) * 4
-            tcp = packet[ip_len:]
-            src, dst = struct.unpack_from("!HH", tcp)
-            header = tcp[:(tcp[12] >> 4) * 4]
-            payload = tcp[len(header):struct.unpack_from("!H", packet, 2)[0] - ip_len]
-            if (src, dst) == (sport, dport) and payload:
-                return header, payload
-        return None
-    return _poll(one)
+def _segment_with_data(capture: LoopbackCapture, sport: int, dport: int) -> Segment:
+    """The first TCP segment sport -> dport that carries data."""
+    return _poll(lambda: next((s for s in capture.segments()
+                               if (s.sport, s.dport) == (sport, dport) and s.payload), None))
 
 
 def _checksum(data: bytes) -> int:
@@ -612,9 +600,7 @@ def test_a_retransmission_overlapping_received_bytes_is_relayed_once(relay, rela
     too; the server must see every byte exactly once, and the verdict count the cuts."""
     client, c = tcp_pair()
     u, server = tcp_pair()
-    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
-    sniffer.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 * MiB)   # none dropped, however busy lo is
-    sniffer.bind(("lo", 0x0800))
+    capture = LoopbackCapture(client.getsockname()[1])
     stats = f"{relay_pins.pin_path}/{RELAY_STATS}"
     trimmed_before = percpu_totals(stats, PERCPU_COUNTERS[RELAY_STATS])["trimmed_bytes"]
     watch = gevent.spawn(run_relay, relay, c, u)
@@ -623,11 +609,10 @@ def test_a_retransmission_overlapping_received_bytes_is_relayed_once(relay, rela
             _poll(lambda: sock_map.lookup(cookie(c)))
         first, second, third = b"A" * 1000, b"B" * 200, b"C" * 100
         client.sendall(first)
-        header, payload = _segment_with_data(sniffer, client.getsockname()[1], c.getsockname()[1])
-        assert payload == first
+        sent = _segment_with_data(capture, client.getsockname()[1], c.getsockname()[1])
+        assert sent.payload == first
         assert _read(server, 1000) == first
-        seq = struct.unpack_from("!I", header, 4)[0]
-        _inject(header, seq + 500, first[500:] + second)    # 500 old bytes, 200 new
+        _inject(sent.header, sent.seq + 500, first[500:] + second)    # 500 old bytes, 200 new
         client.sendall(second + third)                      # 200 old (injected), 100 new
         assert _read(server, 300) == second + third
         gevent.sleep(0.2)
@@ -638,5 +623,5 @@ def test_a_retransmission_overlapping_received_bytes_is_relayed_once(relay, rela
         assert percpu_totals(stats, PERCPU_COUNTERS[RELAY_STATS])["trimmed_bytes"] - trimmed_before == 700
     finally:
         watch.kill()
-        for s in (sniffer, client, c, u, server):
+        for s in (capture, client, c, u, server):
             s.close()
