@@ -3,6 +3,7 @@
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import procs
 from bench.origins import BIG_FILE, SMALL_FILE, SNI_NAME
@@ -122,10 +123,12 @@ def h2load_keepalive(address: tuple[str, int], path: str, connections: int, requ
     """`requests` HTTP/1.1 requests over `connections` keep-alive TLS connections:
     requests per second, and the p50 and p99 of the request times h2load logs. A count,
     not a duration: h2load's -D mode hung through every proxy at 1,000 connections."""
+    # h2load appends to its log: what an earlier run left there would count as this run's.
+    Path(log_path).unlink(missing_ok=True)
     rate = _h2load(address, ["-c", str(connections), "-n", str(requests), "-t", "1", f"--log-file={log_path}"],
                    path, requests, timeout)
     times = sorted(int(line.split()[2]) for line in open(log_path) if line.strip())   # start, status, us
-    if not times:
-        raise RuntimeError("h2load logged no request")
+    if len(times) != requests:
+        raise RuntimeError(f"h2load logged {len(times)} requests of {requests}")
     return Requests(rate, times[len(times) // 2] / 1e3, times[int(len(times) * 0.99)] / 1e3,
                     len(times))

@@ -143,3 +143,19 @@ def test_connrate_measures_every_system_side_by_side():
             assert float(row[8]) > 0, row   # a proxy sleeps between events: at least some per connection
             assert float(row[10]) > 0, row   # the machine's ms per connection
     assert done.stderr.count("[round ") == 2 * len(rows)
+
+
+def test_a_keepalive_run_reads_only_its_own_requests(tmp_path):
+    """h2load appends to its request log: a repeat that reused the log file would count the
+    runs before it too, halving its CPU per request and mixing their times into its p99."""
+    import sys
+    sys.path.insert(0, str(REPO))
+    from bench import origins, tools
+    from bench.systems import System
+    with origins.running("sniproxy-logtest-") as (workdir, backends):
+        direct = System(backends, workdir)
+        direct.start(1)
+        log = tmp_path / "h2load.requests"
+        counts = [tools.h2load_keepalive(direct.address("tls"), "16k", 10, 200, 60, log).count for _ in range(2)]
+    assert counts == [200, 200]
+    assert sum(1 for _ in open(log)) == 200
