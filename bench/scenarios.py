@@ -331,7 +331,9 @@ class ActiveConnections(Scenario):
                 for m, unit, better in (("req_per_s", "req/s", HIGHER), ("p50_ms", "ms", LOWER),
                                         ("p99_ms", "ms", LOWER), ("total_cpu_us_per_req", "us", LOWER))] + own
 
-    requests_per_connection = {"16k": 20, "256k": 4}
+    # At 20 and 4, a 256 KiB run made 4,000 requests in about 2 s, and one system's p99
+    # ranged 71-646 ms over three repeats.
+    requests_per_connection = {"16k": 50, "256k": 10}
 
     def estimate(self, settings):
         return len(OBJECTS) * (2 + self.connections(settings) / 200)
