@@ -257,7 +257,8 @@ class Worker:
                   "splice": Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})}
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
-        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))
+        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"),
+                     fast_first=("kernel", relay.kernel_fast_pairs) if kernel else ("", 0))
 
     def _heartbeat(self) -> None:
         """Beat every worker_timeout / 2; look for the master every second (a worker
