@@ -72,12 +72,6 @@ class RelayConfig(_Section):
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
     kernel_messages: int = 1000       # reads within a window; 0: never for that
-    # Fast pairs a worker sends to the kernel instead, at a time (0: all go to splice); one
-    # holds its place until it ends or the kernel declines it. In the three full runs of
-    # 2026-11-28, the kernel relay led one bulk stream every time (11-15% over auto through
-    # splice), and auto through splice led four every time
-    # (bench/results/2026-11-28-full3/ANALYSIS.md).
-    kernel_fast_pairs: int = 1
 
 
 class AccessConfig(_Section):
@@ -289,8 +283,6 @@ def check(cfg: Config):
         yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
     if cfg.relay.kernel_messages < 0:
         yield bad("relay.kernel_messages", cfg.relay.kernel_messages, "must be 0 (never) or more")
-    if cfg.relay.kernel_fast_pairs < 0:
-        yield bad("relay.kernel_fast_pairs", cfg.relay.kernel_fast_pairs, "must be 0 (never) or more")
     if cfg.resolver.cache_size <= 0:
         yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
     for kind in ("allow", "deny"):

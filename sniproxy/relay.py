@@ -103,13 +103,9 @@ class Chain:
     where no byte is in hand, and its moves name the next. A stage whose handoff is
     due at once (bytes <= 0) is passed straight through."""
 
-    def __init__(self, stages: dict[str, Stage], first: str, on_move: Callable[[str], None] | None = None,
-                 fast_first: tuple[str, int] = ("", 0)):
+    def __init__(self, stages: dict[str, Stage], first: str, on_move: Callable[[str], None] | None = None):
         self.stages, self.first = stages, first
         self.on_move = on_move   # told the name of each stage a pair moves to after the first
-        # (stage, n): up to n pairs at a time that leave a stage "fast" go to that stage
-        # instead of the one its moves name (relay.kernel_fast_pairs).
-        self.fast_first, self.fast_held = fast_first, 0
 
     @classmethod
     def of(cls, first, then, handoff: Handoff) -> "Chain":
@@ -144,7 +140,7 @@ class _Chained:
     """One pair's way through a Chain: the relay that holds it now, and what the
     relays before it moved."""
     __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "turn", "so_far",
-                 "most", "name", "fast_first")
+                 "most", "name")
     # Every connection passes through here, most of them through one relay only: what
     # the later ones need (the record's copy, the sums) is made only for them.
 
@@ -157,7 +153,6 @@ class _Chained:
         self.so_far: RelayResult | None = None   # what the relays before moved
         self.most = -1     # the most bytes one relay moved: its kind is the pair's
         self.name = ""     # the stage that holds the pair
-        self.fast_first = False   # it holds one of the chain's fast_first places
 
     def enter(self, name: str, progress: Progress | None) -> None:
         stage = self.chain.stages[name]
@@ -185,12 +180,7 @@ class _Chained:
         self.left(self.name, result)
 
     def left(self, name: str, result: RelayResult) -> None:
-        chain = self.chain
-        following = chain.stages[name].moves.get(result.outcome)
-        self._release()
-        if result.outcome == "fast" and following is not None and chain.fast_held < chain.fast_first[1]:
-            following, self.fast_first = chain.fast_first[0], True
-            chain.fast_held += 1
+        following = self.chain.stages[name].moves.get(result.outcome)
         moved = result.up + result.down
         if self.so_far is None:      # the first relay: the totals are its own
             total = result
@@ -205,21 +195,15 @@ class _Chained:
         self.so_far = total
         if following is None:
             return self.on_done(total)
-        if chain.on_move is not None and following != name:
-            chain.on_move(following)
+        if self.chain.on_move is not None and following != name:
+            self.chain.on_move(following)
         # A quiet pair: the next relay may pace itself by the rate so far.
         progress = Progress(total.up + total.down, time.monotonic() - self.started) \
             if result.outcome == "quiet" else None
         self.enter(following, progress)
 
     def cancel(self) -> None:
-        self._release()
         self.handle.cancel()
-
-    def _release(self) -> None:
-        if self.fast_first:
-            self.fast_first = False
-            self.chain.fast_held -= 1
 
 
 def raw_socket(sock) -> _socket.socket:

@@ -257,8 +257,7 @@ class Worker:
                   "splice": Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})}
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
-        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"),
-                     fast_first=("kernel", relay.kernel_fast_pairs) if kernel else ("", 0))
+        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))
 
     def _heartbeat(self) -> None:
         """Beat every worker_timeout / 2; look for the master every second (a worker

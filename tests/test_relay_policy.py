@@ -12,9 +12,8 @@ from test_proxy import make_config, stats, stats_json
 
 MiB = 1 << 20
 # Windows of 0.2 s: at 4 MiB/s or more (0.8 MiB in a window) a pair goes to splice, and
-# back to copy below half that; a window with no byte at all sends it to the kernel. No
-# fast pair goes to the kernel first (test_a_worker_sends_its_first_fast_pair_to_the_kernel).
-AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\nkernel_fast_pairs = 0\n"
+# back to copy below half that; a window with no byte at all sends it to the kernel.
+AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\n"
 MOVES = ("moved_to_copy", "moved_to_splice", "moved_to_kernel")
 
 
@@ -149,44 +148,3 @@ def test_auto_sends_a_chatty_pair_to_the_kernel(proxy, plain, request, tmp_path,
         assert " relay=kernel " in line + " "
     else:
         assert " relay=userspace " in line + " "
-
-
-@pytest.mark.bpf
-def test_a_worker_sends_its_first_fast_pair_to_the_kernel(proxy, plain, pin_path):
-    """relay.kernel_fast_pairs = 1: a fast pair goes to the kernel while no other fast pair
-    is there, and to splice while one is; once that one ends, the next fast pair takes its
-    place. Every byte of each comes back in order."""
-    b = plain("echo")
-    port = free_port()
-    relay = "window = 1.0\nsplice_rate = 4194304\nkernel_rate = 0\nkernel_fast_pairs = 1\n"
-    p = proxy(make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path, workers=1,
-                          policy="auto", relay=relay), wait_ports=(port,))
-    base = moves(p)
-
-    def stream_through(client):
-        client.read_until(len(client.sent))
-        client.stream(os.urandom(16 * MiB), len(client.sent) + 16 * MiB)
-
-    def moved():
-        now = moves(p)
-        return {name: now[name] - base[name] for name in MOVES}
-
-    first = Client(port, b"\x00first")
-    stream_through(first)
-    wait_until(lambda: moved()["moved_to_kernel"] == 1, what="the first fast pair in the kernel")
-    assert moved()["moved_to_splice"] == 0   # straight from copy: not through splice and a quiet spell
-    second = Client(port, b"\x00second")
-    stream_through(second)
-    wait_until(lambda: moved()["moved_to_splice"] == 1, what="the second fast pair in splice")
-    assert moved() == {"moved_to_copy": 0, "moved_to_splice": 1, "moved_to_kernel": 1}
-    relayed_kernel = stats(p)["relayed_kernel"]
-    for client in (second, first):
-        sent = bytes(client.sent)
-        assert sha(client.finish()) == sha(sent)
-    wait_until(lambda: stats(p)["relayed_kernel"] > relayed_kernel, what="the first pair's end")
-    third = Client(port, b"\x00third")
-    stream_through(third)
-    wait_until(lambda: moved()["moved_to_kernel"] == 2, what="the third fast pair in the kernel")
-    sent = bytes(third.sent)
-    assert sha(third.finish()) == sha(sent)
-    assert moved()["moved_to_splice"] == 1
