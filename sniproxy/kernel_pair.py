@@ -156,9 +156,10 @@ class Pair:
     def keys(self) -> tuple[bytes, bytes]:
         return self.client.key, self.upstream.key
 
-    def entry_for(self, key: bytes) -> bytes | None:
-        """The CONNECTION_MAP entry of the side with that key at the last check (the idle sweep's baseline)."""
-        return self.client.entry if key == self.client.key else self.upstream.entry
+    def changed(self, key: bytes, entry: bytes | None) -> bool:
+        """Whether `entry`, read from CONNECTION_MAP now, differs from the one the side with
+        that key had at the last check (the idle sweep's baseline)."""
+        return entry != (self.client.entry if key == self.client.key else self.upstream.entry)
 
     def directions(self):
         """(src, dst) for each direction still open toward dst."""
@@ -217,22 +218,23 @@ class StowedPair:
     fds and its packed state) and what the idle sweep compares: no socket objects, no
     sides, no owner. Thousands wait at once, and each Pair, its Sides, its task and its
     Connection held some 2.4 KiB. A wake rebuilds the pair from this, as a worker adopts
-    one (kernel_relay.py)."""
+    one (kernel_relay.py). Of each CONNECTION_MAP entry it keeps a hash, which is all the
+    sweep compares: an int takes 32 bytes, the entry 96 (0.12 KiB less per stowed pair)."""
     __slots__ = ("kept", "client_key", "upstream_key", "client_entry", "upstream_entry", "idle_due",
                  "last_activity", "limits")
 
     def __init__(self, pair: Pair, packed: bytes, limits):
         self.kept = keeper.join((pair.client.fd, pair.upstream.fd), packed)
         self.client_key, self.upstream_key = pair.keys
-        self.client_entry, self.upstream_entry = pair.client.entry, pair.upstream.entry
+        self.client_entry, self.upstream_entry = hash(pair.client.entry), hash(pair.upstream.entry)
         self.idle_due, self.last_activity, self.limits = pair.idle_due, pair.last_activity, limits
 
     @property
     def keys(self) -> tuple[bytes, bytes]:
         return self.client_key, self.upstream_key
 
-    def entry_for(self, key: bytes) -> bytes | None:
-        return self.client_entry if key == self.client_key else self.upstream_entry
+    def changed(self, key: bytes, entry: bytes | None) -> bool:
+        return hash(entry) != (self.client_entry if key == self.client_key else self.upstream_entry)
 
     @property
     def fds(self) -> tuple[int, int]:

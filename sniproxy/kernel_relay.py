@@ -714,7 +714,7 @@ class KernelRelay:
             try:
                 lookup = self.connections.lookup
                 self._wake_all([pair for pair in self._idle
-                                if any(lookup(key) != pair.entry_for(key) for key in pair.keys)], moved=True)
+                                if any(pair.changed(key, lookup(key)) for key in pair.keys)], moved=True)
             except OSError as e:
                 self._sweep_failed(e)
         else:
@@ -738,7 +738,7 @@ class KernelRelay:
         for i in range(n):
             key = keys[i * ks:(i + 1) * ks]
             pair = watched(key)
-            if pair is not None and values[i * vs:(i + 1) * vs] != pair.entry_for(key):
+            if pair is not None and pair.changed(key, values[i * vs:(i + 1) * vs]):
                 changed.append(pair)
         self._wake_all(changed, moved=True)
         self._walker.start(self._walk_on)   # after the loop has polled for I/O
@@ -760,7 +760,7 @@ class KernelRelay:
 
     def _enter_idle(self, pair: Pair | StowedPair, due: float) -> None:
         """due: when the sweep wakes the pair for its idle limit (inf: its own timer does).
-        The sweep compares the pair's entries with those read at its last check (entry_for)."""
+        The sweep compares the pair's entries with those read at its last check (changed)."""
         pair.idle_due = due
         self._idle.add(pair)
         client, upstream = pair.keys
