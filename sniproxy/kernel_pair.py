@@ -219,14 +219,15 @@ class StowedPair:
     sides, no owner. Thousands wait at once, and each Pair, its Sides, its task and its
     Connection held some 2.4 KiB. A wake rebuilds the pair from this, as a worker adopts
     one (kernel_relay.py). Of each CONNECTION_MAP entry it keeps a hash, which is all the
-    sweep compares: an int takes 32 bytes, the entry 96 (0.12 KiB less per stowed pair)."""
-    __slots__ = ("kept", "client_key", "upstream_key", "client_entry", "upstream_entry", "idle_due",
+    sweep compares: an int of 36 bytes, not the entry's 89 (with 3,000 idle pairs, about
+    0.1 KiB less worker RSS per pair)."""
+    __slots__ = ("kept", "client_key", "upstream_key", "client_entry_hash", "upstream_entry_hash", "idle_due",
                  "last_activity", "limits")
 
     def __init__(self, pair: Pair, packed: bytes, limits):
         self.kept = keeper.join((pair.client.fd, pair.upstream.fd), packed)
         self.client_key, self.upstream_key = pair.keys
-        self.client_entry, self.upstream_entry = hash(pair.client.entry), hash(pair.upstream.entry)
+        self.client_entry_hash, self.upstream_entry_hash = hash(pair.client.entry), hash(pair.upstream.entry)
         self.idle_due, self.last_activity, self.limits = pair.idle_due, pair.last_activity, limits
 
     @property
@@ -234,7 +235,7 @@ class StowedPair:
         return self.client_key, self.upstream_key
 
     def changed(self, key: bytes, entry: bytes | None) -> bool:
-        return hash(entry) != (self.client_entry if key == self.client_key else self.upstream_entry)
+        return hash(entry) != (self.client_entry_hash if key == self.client_key else self.upstream_entry_hash)
 
     @property
     def fds(self) -> tuple[int, int]:
