@@ -526,6 +526,8 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
 
         def hold_and_close(n: int) -> None:
             deadline = time.monotonic() + 60
+            before = measure.tcp_ext_counters("ListenOverflows", "ListenDrops", "SyncookiesSent", "SyncookiesRecv",
+                                              "SyncookiesFailed", "TCPAbortOnData", "TCPAbortOnClose")
             while len(clients) < n and time.monotonic() < deadline:
                 c = socket.create_connection(("127.0.0.1", port), timeout=10)
                 clients.append(c)
@@ -544,9 +546,12 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
             def missing() -> str:
                 totals = {k: v for k, v in stats(p).items() if v and not k.startswith(("listener", "registration"))}
                 states = collections.Counter(TcpCounters.of(c).state for c in clients)   # 1 ESTABLISHED, 7 CLOSE
-                drops = measure.tcp_ext_counters("ListenDrops", "SyncookiesSent", "SyncookiesFailed")
+                odd = {c.getsockname()[1] for c in clients if TcpCounters.of(c).state != 1}
+                drops = {k: v - before[k] for k, v in measure.tcp_ext_counters(*before).items()}
                 return (f"every pair in the kernel; the workers counted {seen}, in all {totals}; the clients' TCP "
-                        f"states {dict(states)}; since boot {drops}; log:\n{p.output()[-3000:]}")
+                        f"states {dict(states)}; in this round {drops}; the sockets toward the backend "
+                        f"{_states_of(sink_port)}; the odd clients' sockets "
+                        f"{[_sockets_of(port) for port in sorted(odd)[:3]]}; log:\n{p.output()[-3000:]}")
             wait_until(counted, timeout=60, interval=0.5, what=missing)
             assert sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) >= 2 * n
             for c in clients:
@@ -576,6 +581,17 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
         os.kill(sink, 9)
         os.waitpid(sink, 0)
         listener.close()
+
+
+def _sockets_of(port: int) -> list[str]:
+    """ss's lines for the TCP sockets with this local or remote port (a failure's detail)."""
+    out = subprocess.run(["ss", "-tanH", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True)
+    return [" ".join(line.split()) for line in out.stdout.splitlines()]
+
+
+def _states_of(port: int) -> dict[str, int]:
+    """How many TCP sockets with this local or remote port are in each state."""
+    return dict(collections.Counter(line.split()[0] for line in _sockets_of(port)))
 
 
 def _wait_for_accept_queues(ports, deadline: float) -> None:
