@@ -55,7 +55,8 @@ class RelayConfig(_Section):
     # SK_SKB verdict) or splice (zero-copy through pipes): it moves there once it outgrows
     # the first exchanges (bpf.handoff_*). copy: it stays. auto: it moves by its rate over
     # each window: at splice_rate or more to splice, and back once it falls below half of
-    # it; at kernel_rate or less (quiet, idle) to the kernel where BPF is available.
+    # it (fast_relay: to the kernel instead, where BPF is available, for good); at kernel_rate
+    # or less (quiet, idle) to the kernel where BPF is available.
     # Between the two, request/response traffic, it stays in copy, unless it is chatty:
     # kernel_messages reads within a window, of 1 KiB or less on average (ping-pong), go to
     # the kernel, which added the least latency on the bench machine (64-byte ping-pong:
@@ -68,6 +69,13 @@ class RelayConfig(_Section):
     # sent 245 of those 1,000 connections to the kernel (a second without a request, waiting
     # their turn); one of 5 s sent none (bench/results/2026-11-27/ANALYSIS.md).
     policy: Literal["auto", "kernel", "splice", "copy"] = "auto"
+    # Where auto sends a fast pair. The kernel: in the three full runs of
+    # bench/results/2026-11-28, -full2 and -full3 it led splice on one bulk stream every time
+    # (1.04-1.42x, both ways), was level on four (0.91-1.05x), led the TLS download in three
+    # runs of four (with -tls), and cost the least (system-wide 0.505-0.588 CPU-s per GB
+    # against splice's 0.607-0.636; the proxy's own 0.014-0.027 against 0.127-0.145). Other
+    # kernel builds have found splice ahead: measure yours with bench/run --only bulk.
+    fast_relay: Literal["kernel", "splice"] = "kernel"
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel

@@ -242,7 +242,9 @@ class Worker:
             kernel.on_park = self._freed_one
             kernel.ends_kept = self._unowned_ended
         self.kernel = kernel
-        if policy in ("auto", "splice"):
+        # auto's fast pairs go to relay.fast_relay, and to splice where the kernel is not there
+        fast_to = "kernel" if kernel and relay.fast_relay == "kernel" else "splice"
+        if policy == "splice" or policy == "auto" and fast_to == "splice":
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
         copy = UserspaceRelay()
@@ -253,8 +255,9 @@ class Worker:
         quiet = relay.kernel_rate * relay.window if kernel else -1
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
         stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty),
-                                {"fast": "splice", "quiet": "kernel", "chatty": "kernel"}),
-                  "splice": Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})}
+                                {"fast": fast_to, "quiet": "kernel", "chatty": "kernel"})}
+        if splice is not None:
+            stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
         return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))

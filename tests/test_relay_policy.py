@@ -11,8 +11,9 @@ from harness import free_port, sha, wait_until
 from test_proxy import make_config, stats, stats_json
 
 MiB = 1 << 20
-# Windows of 0.2 s: at 4 MiB/s or more (0.8 MiB in a window) a pair goes to splice, and
-# back to copy below half that; a window with no byte at all sends it to the kernel.
+# Windows of 0.2 s: at 4 MiB/s or more (0.8 MiB in a window) a pair is fast, and goes to the
+# kernel (relay.fast_relay) or splice, and from splice back to copy below half that; a
+# window with no byte at all sends it to the kernel.
 AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\n"
 MOVES = ("moved_to_copy", "moved_to_splice", "moved_to_kernel")
 
@@ -61,21 +62,12 @@ def moves(p) -> dict[str, int]:
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
 def test_auto_moves_a_pair_by_its_rate_and_keeps_every_byte_in_order(proxy, plain, request, mode):
-    """Early bytes both ways (the backend speaks first, the client streams right behind its
-    first flight); a burst moves the pair to splice; a quiet spell moves it back to copy and,
-    with BPF, on to the kernel; a second burst goes through there. Both ways, every byte
-    arrives once and in order (sha256)."""
-    greeting = os.urandom(200_000)
-    b = plain("early", greeting=greeting)
-    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
-    port = free_port()
-    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
-                          relay=AUTO), wait_ports=(port,))
+    """relay.fast_relay = "splice". Early bytes both ways (the backend speaks first, the
+    client streams right behind its first flight); a burst moves the pair to splice; a quiet
+    spell moves it back to copy and, with BPF, on to the kernel; a second burst goes through
+    there. Both ways, every byte arrives once and in order (sha256)."""
     kernel = mode == "require"
-    base = moves(p)
-    client = Client(port, b"\x00" + os.urandom(50_000))     # not TLS: the fallback, an echo
-    client.read_until(len(greeting) + len(client.sent))
-    client.stream(os.urandom(16 * MiB), len(greeting) + len(client.sent) + 16 * MiB)
+    p, client, greeting, base = _burst(proxy, plain, request, mode, 'fast_relay = "splice"\n')
     wait_until(lambda: moves(p)["moved_to_splice"] > base["moved_to_splice"], what="a move to splice")
     quiet = "moved_to_kernel" if kernel else "moved_to_copy"
     wait_until(lambda: moves(p)[quiet] > base[quiet], timeout=10, what=f"{quiet} once quiet")
@@ -89,6 +81,45 @@ def test_auto_moves_a_pair_by_its_rate_and_keeps_every_byte_in_order(proxy, plai
         assert stats_json(p)["relay_stats"]["relayed_bytes"] >= 2 * 16 * MiB   # the second burst, by the verdict
     else:
         assert after["moved_to_kernel"] == base["moved_to_kernel"]
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+def test_auto_sends_a_fast_pair_to_the_kernel_by_default(proxy, plain, request, mode):
+    """relay.fast_relay's default, "kernel": a burst moves the pair straight to the kernel,
+    where it stays through a quiet spell and a second burst; without BPF it goes to splice.
+    Both ways, every byte arrives once and in order (sha256)."""
+    kernel = mode == "require"
+    p, client, greeting, base = _burst(proxy, plain, request, mode, "")
+    fast = "moved_to_kernel" if kernel else "moved_to_splice"
+    wait_until(lambda: moves(p)[fast] > base[fast], what=f"{fast} in the burst")
+    time.sleep(0.5)   # two windows without a byte
+    client.stream(os.urandom(16 * MiB), len(greeting) + len(client.sent) + 16 * MiB)
+    got = client.finish()
+    expected = greeting + bytes(client.sent)
+    assert len(got) == len(expected) and sha(got) == sha(expected)
+    moved = {name: count - base[name] for name, count in moves(p).items()}
+    if kernel:   # once, in the first burst: the second went through the verdict
+        assert moved == {"moved_to_copy": 0, "moved_to_splice": 0, "moved_to_kernel": 1}
+        assert stats_json(p)["relay_stats"]["relayed_bytes"] >= 2 * 16 * MiB
+    else:
+        assert moved["moved_to_splice"] >= 1 and moved["moved_to_kernel"] == 0
+
+
+def _burst(proxy, plain, request, mode: str, relay: str):
+    """A proxy with AUTO (and `relay`) in front of an echo backend that speaks first, and a
+    client that has streamed 16 MiB through it right behind its first flight: the proxy,
+    the client, the greeting, and the moves counted before."""
+    greeting = os.urandom(200_000)
+    b = plain("early", greeting=greeting)
+    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
+                          relay=AUTO + relay), wait_ports=(port,))
+    base = moves(p)
+    client = Client(port, b"\x00" + os.urandom(50_000))     # not TLS: the fallback, an echo
+    client.read_until(len(greeting) + len(client.sent))
+    client.stream(os.urandom(16 * MiB), len(greeting) + len(client.sent) + 16 * MiB)
+    return p, client, greeting, base
 
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
