@@ -69,12 +69,11 @@ class RelayConfig(_Section):
     # sent 245 of those 1,000 connections to the kernel (a second without a request, waiting
     # their turn); one of 5 s sent none (bench/results/2026-11-27/ANALYSIS.md).
     policy: Literal["auto", "kernel", "splice", "copy"] = "auto"
-    # Where auto sends a fast pair. The kernel: in the three full runs of
-    # bench/results/2026-11-28, -full2 and -full3 it led splice on one bulk stream every time
-    # (1.04-1.42x, both ways), was level on four (0.91-1.05x), led the TLS download in three
-    # runs of four (with -tls), and cost the least (system-wide 0.505-0.588 CPU-s per GB
-    # against splice's 0.607-0.636; the proxy's own 0.014-0.027 against 0.127-0.145). Other
-    # kernel builds have found splice ahead: measure yours with bench/run --only bulk.
+    # Where auto sends a fast pair: the kernel, from the day's five runs that measured both
+    # (bench/results/2026-11-28-fast-kernel/NOTES.md): it led splice on one bulk stream
+    # (1.01-1.42x), was level to 10% behind on four (0.88-1.05x), level on the TLS download
+    # (ahead in 3 of 6), and cheaper in every run (system-wide CPU per GB; the proxy's own a
+    # quarter or less). Another kernel build found splice ahead: bench/run --only bulk tells.
     fast_relay: Literal["kernel", "splice"] = "kernel"
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
