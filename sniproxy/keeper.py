@@ -29,6 +29,8 @@ log = logging.getLogger("sniproxy.keeper")
 _MAX_MESSAGE = 1 << 16
 _FDS = array.array("i")
 FD_HEADROOM = 512   # fds the master keeps for itself (workers' channels, logs, state, metrics)
+SO_SNDBUFFORCE = 32
+CHANNEL_BUFFER = 8 << 20   # doubled by the kernel: ~21,000 messages in flight each way (~770 bytes each)
 
 
 # A pair's state is some 450 bytes of JSON, and the master holds one for every kernel
@@ -75,8 +77,17 @@ def packed_of(kept: bytes) -> bytes:
 
 
 def channel() -> tuple[socket.socket, socket.socket]:
-    """(master's end, worker's end), made before the fork."""
+    """(master's end, worker's end), made before the fork. Thousands of idle pairs reach
+    the kernel relay together (one window after they connected), and each is a message: a
+    send buffer of the default size (278 of them) kept the rest waiting in the worker,
+    with a copy of both fds each (Link), until a worker near its file limit could keep no
+    more (bench/results/2026-11-28-full4: 5,230 pairs at 9,650 idle connections)."""
     master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in (master, worker):
+        try:
+            end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, CHANNEL_BUFFER)
+        except PermissionError:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
     master.setblocking(False)
     return master, worker
 
@@ -120,7 +131,14 @@ class Link:
                 return send(self.sock, message, fds, state)
             except BlockingIOError:
                 pass
-        self.waiting.append((message, [os.dup(fd) for fd in fds], state))   # the pair may end before they go
+        copies = []   # the pair may end before they go
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError:   # our file limit: the message is not sent
+            _close(copies)
+            raise
+        self.waiting.append((message, copies, state))
         if not self._writable.active:
             self._writable.start(self._flush)
 

@@ -73,6 +73,7 @@ import gevent
 import gevent.monkey
 
 from . import keeper
+from .keeper import SO_SNDBUFFORCE
 from .bpfsys import PinnedMap
 from .kernel_abi import (CONNECTION_MAP, COOKIE, DIRECTION_DOWN, DIRECTION_UP, MODE_PAUSED, MODE_RESUMING,
                          RELAY_CONTROL, SOCK_MAP, SOCK_TARGETS, Connection, RelayControl)
@@ -81,7 +82,6 @@ from .relay import STOWED, Limits, OnDone, Progress, RelayResult, raw_socket, se
 
 log = logging.getLogger("sniproxy.relay")
 
-SO_SNDBUFFORCE = 32
 _SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL = 324, 1  # x86_64 syscall number
 _DRAIN_CHUNK = 1 << 20
 
@@ -90,7 +90,7 @@ MAX_CHECK_INTERVAL = 1.0   # idle pairs: the bound on reaction to a burst after 
 DRAIN_CHECK_INTERVAL = 0.02  # while waiting for a queue to drain (FIN or pause)
 SWEEP_BATCH_FROM = 256     # idle pairs from which one batch read beats two lookups each
 SWEEP_CHUNK = 2048         # CONNECTION_MAP entries the batch read takes per loop turn (~1 ms)
-FULL_LOG_INTERVAL = 60.0   # "the maps are full" at most this often
+WARN_INTERVAL = 60.0       # a warning that may repeat for every pair ("the maps are full") at most this often
 
 
 def _membarrier_global() -> None:
@@ -199,7 +199,8 @@ class KernelRelay:
         self.sweeps = 0   # passes of the idle sweep (see _sweep)
         self.on_park = None   # called when a pair parked in the idle sweep, letting its greenlet go
         self.full = 0     # pairs declined because the maps were full
-        self._full_logged = -math.inf
+        self.unkept = 0   # pairs the master could not keep (its file limit, or ours)
+        self._warned: dict[str, float] = {}   # warning -> when it was last logged (_warn)
         self._idle: set[Pair | StowedPair] = set()   # watched by the idle sweep, against their entries
         self._idle_keys: dict[bytes, Pair | StowedPair] = {}   # each idle pair's two keys
         self._walk = None   # the sweep's batch read while it goes on over several loop turns
@@ -461,7 +462,9 @@ class KernelRelay:
         try:
             self.keeper.send({"op": "keep", "key": state["key"]}, (pair.client.fd, pair.upstream.fd), packed)
         except OSError as e:
-            log.warning("the master could not keep a kernel pair: %s", e)
+            self.unkept += 1
+            self._warn("the master could not keep %d kernel pairs so far (%s): they end with this worker",
+                       self.unkept, e)
             return None
         self.kept += 1
         return packed
@@ -496,11 +499,15 @@ class KernelRelay:
         self.full += 1
         if self.counters is not None:
             self.counters.add("kernel_maps_full")
+        self._warn("kernel relay maps are full (bpf.max_pairs): %d pairs relayed in userspace so far", self.full)
+
+    def _warn(self, message: str, *args) -> None:
+        """Log a warning that may come for every pair at most once in WARN_INTERVAL: the
+        first time, and then with the count so far."""
         now = time.monotonic()
-        if now - self._full_logged >= FULL_LOG_INTERVAL:
-            self._full_logged = now
-            log.warning("kernel relay maps are full (bpf.max_pairs): %d pairs relayed in userspace so far",
-                        self.full)
+        if now - self._warned.get(message, -math.inf) >= WARN_INTERVAL:
+            self._warned[message] = now
+            log.warning(message, *args)
 
     def _forget_sockets(self, pair: Pair) -> None:
         for side in pair.sides:

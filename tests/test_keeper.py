@@ -158,3 +158,49 @@ def test_a_kept_state_travels_and_waits_packed_to_a_third():
         assert keeper.unpack(got) == state
         for fd in fds:
             os.close(fd)
+
+
+def test_the_channel_holds_a_handover_and_a_keep_that_cannot_wait_leaks_no_fd():
+    """10,000 idle pairs reach the kernel relay in one handover, a keep message each: the
+    channel takes them all with their fds before the master reads one, so none waits in the
+    worker with copies of its fds. Past that, a keep that must wait where the worker has no
+    fd left for the copies fails, and leaves no fd behind."""
+    import resource
+    import gevent
+    from sniproxy import keeper
+    master, worker = keeper.channel()
+    a, b = socket.socketpair()
+    packed = keeper.pack({"key": 1, "record": {}, "sides": []})
+    with master, worker, a, b:
+        link = keeper.Link(worker, gevent.get_hub().loop)
+        try:
+            for key in range(10_000):
+                link.send({"op": "keep", "key": key}, (a.fileno(), b.fileno()), packed)
+            assert not link.waiting
+            while not link.waiting:   # fill it: the next ones wait, with their copies
+                link.send({"op": "keep", "key": -1}, (a.fileno(), b.fileno()), packed)
+            fillers = [os.dup(a.fileno())]   # every free fd below the highest open one, taken
+            while fillers[-1] < max(map(int, os.listdir("/proc/self/fd"))) - 1:
+                fillers.append(os.dup(a.fileno()))
+            spare = fillers.pop()
+            os.close(spare)
+            fds = len(os.listdir("/proc/self/fd"))
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (spare + 1, hard))   # room for one copy, not two
+            try:
+                with pytest.raises(OSError):
+                    link.send({"op": "keep", "key": -2}, (a.fileno(), b.fileno()), packed)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert len(os.listdir("/proc/self/fd")) == fds
+            for fd in fillers:
+                os.close(fd)
+            received = 0
+            while (got := keeper.receive(master)) is not None:
+                received += 1
+                for fd in got[2]:
+                    os.close(fd)
+            assert received >= 10_000
+        finally:   # what waits holds copies of fds
+            for _, copies, _ in link.waiting:
+                keeper._close(copies)

@@ -584,8 +584,9 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
 
 
 def _sockets_of(port: int) -> list[str]:
-    """ss's lines for the TCP sockets with this local or remote port (a failure's detail)."""
-    out = subprocess.run(["ss", "-tanH", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True)
+    """ss's lines for the TCP sockets with this local or remote port, with the process and fd
+    holding each (a failure's detail: a socket shut down, or closed under its owner)."""
+    out = subprocess.run(["ss", "-tanpH", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True)
     return [" ".join(line.split()) for line in out.stdout.splitlines()]
 
 
