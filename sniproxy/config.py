@@ -54,9 +54,10 @@ class RelayConfig(_Section):
     # Which relay carries a connection. Every one starts in copy (recv/send). kernel (the
     # SK_SKB verdict) or splice (zero-copy through pipes): it moves there once it outgrows
     # the first exchanges (bpf.handoff_*). copy: it stays. auto: it moves by its rate over
-    # each window: at splice_rate or more to splice, and back once it falls below half of
-    # it (fast_relay: to the kernel instead, where BPF is available, for good); at kernel_rate
-    # or less (quiet, idle) to the kernel where BPF is available.
+    # each window: at splice_rate or more (over the window so far, one second of it at
+    # least) it is fast, and goes to fast_relay: the kernel where BPF is available, for good,
+    # or splice, and back once it falls below half of it; at kernel_rate or less (quiet,
+    # idle) to the kernel where BPF is available.
     # Between the two, request/response traffic, it stays in copy, unless it is chatty:
     # kernel_messages reads within a window, of 1 KiB or less on average (ping-pong), go to
     # the kernel, which added the least latency on the bench machine (64-byte ping-pong:

@@ -52,9 +52,16 @@ STOWED = "stowed"
 SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
 
 
+# The shortest span a rate is judged over: at the default relay.splice_rate a pair is fast
+# after 64 MiB in its first second, not only after the 320 MiB of its whole window (a bulk
+# stream's copy relay cost the proxy more than the kernel relay's remaining 15 GB).
+RATE_SPAN = 1.0
+
+
 class Handoff(NamedTuple):
     """When the relay holding a pair in a Chain stops it for the next one: with outcome
-    "fast" once `bytes` moved within one window of `after` seconds; "chatty" once it made
+    "fast" once `bytes` moved within one window of `after` seconds, or as soon as the
+    window so far moved `rate` bytes a second (over RATE_SPAN at least); "chatty" once it made
     `messages` reads within one, of SMALL_MESSAGE bytes or fewer on average (ping-pong);
     or "quiet" at the end of a window in which at most `quiet` bytes moved. A busier
     window starts the next. The default quiet (any count) makes `after` a plain age limit."""
@@ -62,6 +69,7 @@ class Handoff(NamedTuple):
     after: float
     quiet: float = math.inf
     messages: float = math.inf
+    rate: float = math.inf
 
 
 class Progress(NamedTuple):

@@ -17,7 +17,7 @@ import time
 
 import gevent
 
-from .relay import SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
+from .relay import RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -106,7 +106,8 @@ class UserspacePair:
         if self.due_outcome is None:
             moved = up.count + down.count - self.window_base
             reads = up.reads + down.reads - self.window_reads
-            if moved >= handoff.bytes:
+            age = now - (self.handoff_due - handoff.after)   # of the window
+            if moved >= handoff.bytes or moved >= handoff.rate * max(age, RATE_SPAN):
                 self.due_outcome = "fast"
             elif reads >= handoff.messages and moved <= reads * SMALL_MESSAGE:
                 self.due_outcome = "chatty"

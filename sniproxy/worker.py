@@ -254,7 +254,7 @@ class Worker:
         fast = relay.splice_rate * relay.window
         quiet = relay.kernel_rate * relay.window if kernel else -1
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
-        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty),
+        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate),
                                 {"fast": fast_to, "quiet": "kernel", "chatty": "kernel"})}
         if splice is not None:
             stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})

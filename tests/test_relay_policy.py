@@ -105,7 +105,22 @@ def test_auto_sends_a_fast_pair_to_the_kernel_by_default(proxy, plain, request, 
         assert moved["moved_to_splice"] >= 1 and moved["moved_to_kernel"] == 0
 
 
-def _burst(proxy, plain, request, mode: str, relay: str):
+@pytest.mark.parametrize("mode", ["off", pytest.param("require", marks=pytest.mark.bpf)])
+def test_auto_judges_a_fast_pair_by_its_first_second_not_its_whole_window(proxy, plain, request, mode):
+    """Windows of 30 s at 4 MiB/s: 120 MiB make a window fast, and so do 4 MiB a second of
+    it so far (over one second at least): a 16 MiB burst right after connect moves the pair
+    on (to the kernel, or splice without BPF) long before its window ends. Every byte
+    arrives once and in order (sha256)."""
+    kernel = mode == "require"
+    p, client, greeting, base = _burst(proxy, plain, request, mode, "", auto="window = 30.0\nsplice_rate = 4194304\n")
+    fast = "moved_to_kernel" if kernel else "moved_to_splice"
+    wait_until(lambda: moves(p)[fast] > base[fast], timeout=5, what=f"{fast} in the burst")
+    got = client.finish()
+    expected = greeting + bytes(client.sent)
+    assert len(got) == len(expected) and sha(got) == sha(expected)
+
+
+def _burst(proxy, plain, request, mode: str, relay: str, auto: str = AUTO):
     """A proxy with AUTO (and `relay`) in front of an echo backend that speaks first, and a
     client that has streamed 16 MiB through it right behind its first flight: the proxy,
     the client, the greeting, and the moves counted before."""
@@ -114,7 +129,7 @@ def _burst(proxy, plain, request, mode: str, relay: str):
     pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
     port = free_port()
     p = proxy(make_config(port, [], fallback=b.address, mode=mode, pin_path=pin_path, workers=1, policy="auto",
-                          relay=AUTO + relay), wait_ports=(port,))
+                          relay=auto + relay), wait_ports=(port,))
     base = moves(p)
     client = Client(port, b"\x00" + os.urandom(50_000))     # not TLS: the fallback, an echo
     client.read_until(len(greeting) + len(client.sent))
