@@ -120,19 +120,25 @@ def test_placement_runs_every_system_in_every_placement():
 
 
 @pytest.mark.bpf
-def test_connrate_measures_every_system_side_by_side():
+def test_connrate_measures_every_system_side_by_side(tmp_path):
     """bench/connrate: every system up at once, h2load visiting each in turn; a rate and a
     ratio to HAProxy for each, the proxies' user and system CPU and sleeps per connection, and
-    the machine's CPU per connection; --against runs this proxy as of another revision beside."""
+    the machine's CPU per connection; --against runs this proxy as of another revision beside,
+    and --tree as the package in a directory."""
+    build = tmp_path / "build"
+    build.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "sniproxy", "bpf"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(build)], input=archive, check=True)
     done = subprocess.run([str(REPO / "bench/connrate"), "--seconds", "1", "--rounds", "2", "--workers", "1",
-                           "--against", "HEAD"], capture_output=True, text=True, timeout=300)
+                           "--against", "HEAD", "--tree", str(build)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("- CPU: ") and any(line.startswith("- kernel: ") for line in lines)   # the machine
     header = next(i for i, line in enumerate(lines) if line.startswith("system "))
     rows = {line.split()[0]: line.split() for line in lines[header + 1:]}
     assert set(rows) == {"direct", "sniproxy-kernel", "sniproxy-copy", "sniproxy-kernel@HEAD", "sniproxy-copy@HEAD",
-                         "haproxy"}
+                         "sniproxy-kernel@build", "sniproxy-copy@build", "haproxy"}
     assert rows["haproxy"][3] == "1.00x"
     for name, row in rows.items():
         assert float(row[1].replace(",", "")) > 100, row   # conn/s median
