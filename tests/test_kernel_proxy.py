@@ -550,7 +550,9 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
                 drops = {k: v - before[k] for k, v in measure.tcp_ext_counters(*before).items()}
                 return (f"every pair in the kernel; the workers counted {seen}, in all {totals}; the clients' TCP "
                         f"states {dict(states)}; in this round {drops}; the sockets toward the backend "
-                        f"{_states_of(sink_port)}; the odd clients' sockets "
+                        f"{_states_of(sink_port)}, of which not established "
+                        f"{[line for line in _sockets_of(sink_port) if not line.startswith(('ESTAB', 'LISTEN'))][:5]}"
+                        f"; the odd clients' sockets "
                         f"{[_sockets_of(port) for port in sorted(odd)[:3]]}; log:\n{p.output()[-3000:]}")
             wait_until(counted, timeout=60, interval=0.5, what=missing)
             assert sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) >= 2 * n
