@@ -73,7 +73,6 @@ import gevent
 import gevent.monkey
 
 from . import keeper
-from .keeper import SO_SNDBUFFORCE
 from .bpfsys import PinnedMap
 from .kernel_abi import (CONNECTION_MAP, COOKIE, DIRECTION_DOWN, DIRECTION_UP, MODE_PAUSED, MODE_RESUMING,
                          RELAY_CONTROL, SOCK_MAP, SOCK_TARGETS, Connection, RelayControl)
@@ -381,7 +380,7 @@ class KernelRelay:
         # autotuned: the verdict empties it at once, and all a large one adds is
         # what a pause keeps for userspace to forward (measured: no faster).
         try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
+            sock.setsockopt(socket.SOL_SOCKET, keeper.SO_SNDBUFFORCE, self.sndbuf)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
 
