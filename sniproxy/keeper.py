@@ -84,12 +84,18 @@ def channel() -> tuple[socket.socket, socket.socket]:
     more (bench/results/2026-11-28-full4: 5,230 pairs at 9,650 idle connections)."""
     master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     for end in (master, worker):
-        try:
-            end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, CHANNEL_BUFFER)
-        except PermissionError:
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
+        force_sndbuf(end, CHANNEL_BUFFER)
     master.setblocking(False)
     return master, worker
+
+
+def force_sndbuf(sock: socket.socket, size: int) -> None:
+    """A send buffer of size, past net.core.wmem_max where we may (CAP_NET_ADMIN), else
+    as large as that allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = (), state: bytes = b"") -> None:

@@ -379,10 +379,7 @@ class KernelRelay:
         # full, so relayed sockets need large ones. The receive buffer stays
         # autotuned: the verdict empties it at once, and all a large one adds is
         # what a pause keeps for userspace to forward (measured: no faster).
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, keeper.SO_SNDBUFFORCE, self.sndbuf)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        keeper.force_sndbuf(sock, self.sndbuf)
 
     @staticmethod
     def _drain_into(src: Side, dst: Side) -> None:
