@@ -245,6 +245,9 @@ class Keeper:
             pid = pids[len(self.orphans) % len(pids)]
             try:
                 send(self.channels[pid], {"op": "adopt"}, fds, packed)
+            except BlockingIOError:   # its channel is full: the next turn hands it over
+                self.orphans.append(kept)
+                return
             except OSError as e:
                 log.warning("handing a kernel pair to worker %d failed: %s; closing it", pid, e)
                 self._close(fds)

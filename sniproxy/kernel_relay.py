@@ -279,6 +279,29 @@ class KernelRelay:
         state = keeper.unpack(packed)
         record = state["record"]   # all that its end needs of the state
         client, upstream = (socket.socket(fileno=fd) for fd in fds)
+        try:
+            pair = self._rebuild(state, client, upstream, last_activity)
+        except Exception:
+            # Nothing may keep these numbers when the sockets close: the next ones opened
+            # get them, and a stale entry would wake (and end) that pair instead.
+            for fd in fds:
+                self._unwatch(fd)
+            client.close(), upstream.close()
+            self.unowned -= 1
+            if self.keeper is not None:   # nor may the master keep its copies
+                self._drop(state["key"], begun_here=False)
+            raise
+
+        def ended(result: RelayResult) -> None:
+            self.unowned -= 1
+            client.close(), upstream.close()
+            self.ends_kept(record, result)
+        task = _Task(ended)
+        task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=packed, adopted=True))
+
+    def _rebuild(self, state: dict, client: socket.socket, upstream: socket.socket,
+                 last_activity: float | None) -> Pair:
+        """The pair as its kept state and the maps describe it, watched for its ends."""
         pair = Pair(client, upstream)
         for side, saved in zip(pair.sides, state["sides"]):
             side.restore(saved)
@@ -295,13 +318,7 @@ class KernelRelay:
         pair.interval = MIN_CHECK_INTERVAL
         pair.last_check = time.monotonic()
         pair.last_activity = pair.last_check if last_activity is None else last_activity
-
-        def ended(result: RelayResult) -> None:
-            self.unowned -= 1
-            client.close(), upstream.close()
-            self.ends_kept(record, result)
-        task = _Task(ended)
-        task.greenlet = gevent.spawn(self._relay, task, lambda: self._run(task, pair, limits, kept=packed, adopted=True))
+        return pair
 
     def _relay(self, task: _Task, run: Callable[[], RelayResult | None]) -> None:
         """A greenlet of the pair's watch: it ends with the pair (on_done), or when the
@@ -366,7 +383,7 @@ class KernelRelay:
                 pair.parked = None
                 (up, down), (kernel_up, kernel_down) = self._unregister(pair, finished=outcome == "done")
                 if kept is not None:
-                    self._drop(pair, begun_here=not adopted)
+                    self._drop(COOKIE.unpack(pair.client.key)[0], begun_here=not adopted)
         if pair.client.pauses or pair.upstream.pauses:
             log.debug("kernel relay paused up %d, down %d times (%d/%d bytes kept for userspace)",
                       pair.client.pauses, pair.upstream.pauses, pair.client.forwarded, pair.upstream.forwarded)
@@ -439,6 +456,13 @@ class KernelRelay:
             elif side.may_hold_stranded_bytes():
                 _kick(side.sock)
 
+    def _unwatch(self, fd: int) -> None:
+        if self._pairs_by_fd.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
     def _watch_ends(self, pair: Pair, side: Side) -> None:
         """Wake the pair on side's FIN, hang-up or error (never on data: see the docstring).
         A stowed pair rebuilt is still registered."""
@@ -484,10 +508,10 @@ class KernelRelay:
         self._leave_idle(stowed)
         self._take(keeper.packed_of(stowed.kept), stowed.fds, stowed.limits, stowed.last_activity)
 
-    def _drop(self, pair: Pair, begun_here: bool) -> None:
+    def _drop(self, key: int, begun_here: bool) -> None:
         self.kept -= begun_here
         try:
-            self.keeper.send({"op": "drop", "key": COOKIE.unpack(pair.client.key)[0]})
+            self.keeper.send({"op": "drop", "key": key})
         except OSError as e:   # the master is gone: its copies went with it
             log.debug("dropping a kept pair: %s", e)
 
@@ -518,15 +542,12 @@ class KernelRelay:
         go: no side is paused then (a FIN is carried only after a resume, which
         removes the RELAY_CONTROL entry)."""
         self._leave_idle(pair)
+        for side in pair.sides:   # first: a map error below must not leave the numbers watched
+            self._unwatch(side.fd)
         if not finished:
             self._forget_sockets(pair)
         totals, redirected = [], []
         for side in pair.sides:
-            if self._pairs_by_fd.pop(side.fd, None) is not None:
-                try:
-                    self._epoll.unregister(side.fd)
-                except OSError:
-                    pass
             kernel = KernelCounts.of(self.connections.pop(side.key))
             redirected.append(kernel.redirected)
             totals.append(side.early + side.forwarded + kernel.redirected)

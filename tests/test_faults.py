@@ -440,7 +440,9 @@ def test_a_killed_worker_loses_only_its_own_connections(proxy, plain, pin_path, 
         for t in fresh_threads:
             t.join(2 * timeout)
         assert not any(t.is_alive() for t in fresh_threads), "a transfer hung"
-        assert [fresh_outcomes[i][2] for i in range(len(fresh))] == ["intact"] * len(fresh)
+        assert [fresh_outcomes[i][2] for i in range(len(fresh))] == ["intact"] * len(fresh), \
+            f"queued {queued}, the victim {victim}, replaced by {replacement}; (greeting, served by, outcome) " \
+            f"{fresh_outcomes}; log:\n{p.output()[-3000:]}"
         assert all(fresh_outcomes[i][0] == greeting[i] for i in range(len(fresh)))
         assert [fresh_outcomes[i][1] for i in queued] == [replacement] * len(queued)
         if mode == "require":

@@ -209,3 +209,36 @@ def test_the_channel_holds_a_handover_and_a_keep_that_cannot_wait_leaks_no_fd():
                 keeper._close(copies)
             link.waiting.clear()
             loop.destroy()
+
+
+def test_a_handover_waits_for_a_full_channel_and_closes_nothing():
+    """The master hands a dead worker's pair to a live one whose channel is full: the pair
+    waits for the next turn, its sockets open (closing them ended a live connection), and
+    goes over once the worker has read what filled the channel."""
+    from sniproxy import keeper
+    master, worker = keeper.channel()
+    a, b = socket.socketpair()
+    k = keeper.Keeper()
+    k.add_worker(4242, master)
+    with master, worker, a, b:
+        copies = (os.dup(a.fileno()), os.dup(b.fileno()))
+        k.orphans = [keeper.join(copies, keeper.pack({"key": 7, "record": {}, "sides": []}))]
+        filled = 0
+        while True:
+            try:
+                keeper.send(master, {"op": "filler"})
+            except BlockingIOError:
+                break
+            filled += 1
+        k.hand_over([4242])
+        assert len(k.orphans) == 1 and k.kept[4242] == {}
+        assert [os.fstat(fd).st_ino for fd in copies] == [os.fstat(s.fileno()).st_ino for s in (a, b)]
+        for _ in range(filled):
+            assert keeper.receive(worker)[0] == {"op": "filler"}
+        k.hand_over([4242])
+        assert k.orphans == [] and list(k.kept[4242]) == [7]
+        message, _, fds = keeper.receive(worker)
+        assert message == {"op": "adopt"} and len(fds) == 2
+        for fd in fds:
+            os.close(fd)
+        k.close()

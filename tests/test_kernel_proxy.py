@@ -483,9 +483,10 @@ def test_the_proxy_files_are_its_own(proxy, backends, pin_path, tmp_path):
     assert {str(path): oct(path.stat().st_mode & 0o077) for path in paths} == {str(path): "0o0" for path in paths}
 
 
-def _sink_in_child(listener: socket.socket) -> int:
+def _sink_in_child(listener: socket.socket, closes: Path) -> int:
     """Fork a backend that takes every connection, discards what it reads and closes at
-    EOF: thousands of sockets, in a process (and fd table) of its own."""
+    EOF: thousands of sockets, in a process (and fd table) of its own. It appends the peer
+    port of each connection it closes, and why, to `closes` (a failure's detail)."""
     pid = os.fork()
     if pid:
         return pid
@@ -493,19 +494,27 @@ def _sink_in_child(listener: socket.socket) -> int:
         import selectors
         sel = selectors.DefaultSelector()
         sel.register(listener, selectors.EVENT_READ)
-        while True:
-            for key, _ in sel.select():
-                if key.fileobj is listener:
-                    conn, _ = listener.accept()
-                    sel.register(conn, selectors.EVENT_READ)
-                elif not key.fileobj.recv(65536):
+        with open(closes, "a", buffering=1) as log:
+            while True:
+                for key, _ in sel.select():
+                    if key.fileobj is listener:
+                        conn, peer = listener.accept()
+                        sel.register(conn, selectors.EVENT_READ, peer[1])
+                        continue
+                    try:
+                        if key.fileobj.recv(65536):
+                            continue
+                        why = "eof"
+                    except OSError as e:
+                        why = f"error {e.errno}"
+                    log.write(f"{time.monotonic():.3f} {key.data} {why}\n")
                     sel.unregister(key.fileobj)
                     key.fileobj.close()
     finally:
         os._exit(0)
 
 
-def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
+def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path, tmp_path):
     """10,000 connections at once through the kernel relay with 2 workers, then all
     closed, twice: the maps are empty again, the workers' fds are back where they were,
     and the second round leaves RSS where the first left it (within 10%)."""
@@ -515,7 +524,8 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
     assert hard >= count + 1000, f"the fd limit ({hard}) is too low for {count} connections"
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
-    sink = _sink_in_child(listener)
+    sink_closes = tmp_path / "sink-closes"
+    sink = _sink_in_child(listener, sink_closes)
     sink_port = listener.getsockname()[1]
     clients = []
     try:
@@ -525,7 +535,8 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
         workers = p.worker_pids()
 
         def hold_and_close(n: int) -> None:
-            deadline = time.monotonic() + 60
+            began = time.monotonic()
+            deadline = began + 60
             before = measure.tcp_ext_counters("ListenOverflows", "ListenDrops", "SyncookiesSent", "SyncookiesRecv",
                                               "SyncookiesFailed", "TCPAbortOnData", "TCPAbortOnClose")
             while len(clients) < n and time.monotonic() < deadline:
@@ -553,7 +564,9 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path):
                         f"{_states_of(sink_port)}, of which not established "
                         f"{[line for line in _sockets_of(sink_port) if not line.startswith(('ESTAB', 'LISTEN'))][:5]}"
                         f"; the odd clients' sockets "
-                        f"{[_sockets_of(port) for port in sorted(odd)[:3]]}; log:\n{p.output()[-3000:]}")
+                        f"{[_sockets_of(port) for port in sorted(odd)[:3]]}; the sink closed (time, peer port, why) "
+                        f"{[line for line in sink_closes.read_text().splitlines() if float(line.split()[0]) >= began][:5]}"
+                        f"; log:\n{p.output()[-3000:]}")
             wait_until(counted, timeout=60, interval=0.5, what=missing)
             assert sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in workers) >= 2 * n
             for c in clients:
