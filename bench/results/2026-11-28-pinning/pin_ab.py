@@ -1,9 +1,11 @@
-# connection rate: sniproxy copy unpinned, pinned (one CPU per worker), pinned + SO_INCOMING_CPU; haproxy
+# Scratch A/B for NOTES.md (run with the project's .venv python). Connection rate: sniproxy copy unpinned, pinned (one CPU per worker), pinned + SO_INCOMING_CPU; haproxy
 import os, sys, statistics, runpy, subprocess, ctypes, socket, re
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))
 from bench import origins, measure
 from bench.systems import Sniproxy, Haproxy
-cr = runpy.run_path("/work/main/bench/connrate", run_name="connrate")
+cr = runpy.run_path(str(REPO / "bench" / "connrate"), run_name="connrate")
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 libc = ctypes.CDLL(None, use_errno=True)
 SO_INCOMING_CPU = 49
