@@ -129,6 +129,12 @@ class Backend:
             raw.close()
 
     def close(self) -> None:
+        # shutdown() first: it wakes the acceptor thread's accept(), which close() alone
+        # does not, and leaves no thread waiting on a number that another socket may take.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 

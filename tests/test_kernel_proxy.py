@@ -489,6 +489,11 @@ def _sink_in_child(listener: socket.socket, closes: Path) -> int:
     port of each connection it closes, and why, to `closes` (a failure's detail)."""
     pid = os.fork()
     if pid:
+        # Only the sink holds the listening socket: a thread of this process still blocked
+        # in accept() on a closed fd whose number the listener took would take connections
+        # from it (it happened: one was taken by a TLS test backend's acceptor, which closed
+        # it at once, and the proxy rightly passed the FIN on).
+        listener.close()
         return pid
     try:
         import selectors
@@ -525,12 +530,12 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path, tmp_pat
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
     sink_closes = tmp_path / "sink-closes"
-    sink = _sink_in_child(listener, sink_closes)
     sink_port = listener.getsockname()[1]
+    sink = _sink_in_child(listener, sink_closes)
     clients = []
     try:
         port = free_port()
-        p = proxy(make_config(port, [], fallback="127.0.0.1:%d" % listener.getsockname()[1], mode="require",
+        p = proxy(make_config(port, [], fallback=f"127.0.0.1:{sink_port}", mode="require",
                               pin_path=pin_path, workers=2, bpf=AT_ONCE), wait_ports=(port,))
         workers = p.worker_pids()
 
@@ -595,7 +600,6 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path, tmp_pat
             c.close()
         os.kill(sink, 9)
         os.waitpid(sink, 0)
-        listener.close()
 
 
 def _sockets_of(port: int) -> list[str]:
