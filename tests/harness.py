@@ -156,7 +156,9 @@ def https_get(port: int, name: str | None, host: str = "127.0.0.1", timeout: flo
         data = b""
         while chunk := s.recv(4096):
             data += chunk
-    return data.split(b"\r\n\r\n", 1)[1].decode()
+    _, headers_end, body = data.partition(b"\r\n\r\n")
+    assert headers_end, f"the answer ended before its headers: {data[:200]!r}"
+    return body.decode()
 
 
 def curl(port: int, name: str, *extra: str, host: str = "127.0.0.1") -> subprocess.CompletedProcess:
