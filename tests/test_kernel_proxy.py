@@ -564,10 +564,11 @@ def test_ten_thousand_kernel_pairs_leave_nothing_behind(proxy, pin_path, tmp_pat
                 states = collections.Counter(TcpCounters.of(c).state for c in clients)   # 1 ESTABLISHED, 7 CLOSE
                 odd = {c.getsockname()[1] for c in clients if TcpCounters.of(c).state != 1}
                 drops = {k: v - before[k] for k, v in measure.tcp_ext_counters(*before).items()}
+                toward_sink = _sockets_of(sink_port)
                 return (f"every pair in the kernel; the workers counted {seen}, in all {totals}; the clients' TCP "
                         f"states {dict(states)}; in this round {drops}; the sockets toward the backend "
-                        f"{_states_of(sink_port)}, of which not established "
-                        f"{[line for line in _sockets_of(sink_port) if not line.startswith(('ESTAB', 'LISTEN'))][:5]}"
+                        f"{dict(collections.Counter(line.split()[0] for line in toward_sink))}, of which not established "
+                        f"{[line for line in toward_sink if not line.startswith(('ESTAB', 'LISTEN'))][:5]}"
                         f"; the odd clients' sockets "
                         f"{[_sockets_of(port) for port in sorted(odd)[:3]]}; the sink closed (time, peer port, why) "
                         f"{[line for line in sink_closes.read_text().splitlines() if float(line.split()[0]) >= began][:5]}"
@@ -607,11 +608,6 @@ def _sockets_of(port: int) -> list[str]:
     holding each (a failure's detail: a socket shut down, or closed under its owner)."""
     out = subprocess.run(["ss", "-tanpH", f"( sport = :{port} or dport = :{port} )"], capture_output=True, text=True)
     return [" ".join(line.split()) for line in out.stdout.splitlines()]
-
-
-def _states_of(port: int) -> dict[str, int]:
-    """How many TCP sockets with this local or remote port are in each state."""
-    return dict(collections.Counter(line.split()[0] for line in _sockets_of(port)))
 
 
 def _wait_for_accept_queues(ports, deadline: float) -> None:
