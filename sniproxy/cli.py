@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -12,6 +13,8 @@ import time
 from . import config as config_mod
 from .config import Config, ConfigError
 from .runtime import RuntimePaths
+
+START_WAIT = 120.0   # seconds `start` waits for every worker to boot (BPF compiles included)
 
 EPILOG = """\
 Without -c, the built-in default configuration is used (the same as etc/sniproxy.toml):
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="TOML config file" + ("" if config_required else " (default: the built-in config)"))
         return p
 
-    start = command("start", "Start the master and its workers (in the background unless --foreground).")
+    start = command("start", "Start the master and its workers: in the background, returning once every "
+                             "worker serves (or saying why not), unless --foreground.")
     start.add_argument("--foreground", action="store_true", help="stay in the foreground, log to stderr")
     command("stop", "Stop gracefully: stop accepting, let connections finish until master.graceful_timeout.")
     command("reload", "Reload the config (as SIGHUP): new routes for new connections; live ones go on.")
@@ -103,11 +107,19 @@ def cmd_start(cfg: Config, args) -> int:
     os.close(ready_w)
     os.waitpid(child, 0)
     with os.fdopen(ready_r) as ready:
-        answer = ready.readline().strip()
+        # "ok" once every worker serves; a worker stuck in its boot is replaced, and would
+        # keep this command waiting.
+        answer = ready.readline().strip() if select.select([ready], [], [], START_WAIT)[0] else None
+    log_path = _daemon_log(cfg, args)
     if answer == "ok":
-        print(f"sniproxy-master: started; its log is {_daemon_log(cfg, args)}")
+        print(f"sniproxy-master: started; its log is {log_path}")
         return 0
-    print(f"sniproxy-master: {answer.removeprefix('error: ') or 'the master exited during start'}", file=sys.stderr)
+    if answer is None:
+        print(f"sniproxy-master: its workers have not all booted after {START_WAIT:.0f}s; it runs on, "
+              f"see its log ({log_path})", file=sys.stderr)
+    else:
+        print(f"sniproxy-master: {answer.removeprefix('error: ') or 'the master exited during start'} "
+              f"(its log: {log_path})", file=sys.stderr)
     return 1
 
 

@@ -83,8 +83,7 @@ class Master:
         except StartError as e:
             self._tell_ready(f"error: {e}")
             raise
-        self._tell_ready("ok")
-        try:
+        try:   # the starting command hears "ok" once every worker has booted (tell_systemd_when_ready)
             while True:
                 self.reap_workers()
                 if self.upgrading and not self.workers:
@@ -100,6 +99,9 @@ class Master:
                 self.sweep_stale_pairs()
                 if not self.stopping:
                     self.manage_workers()
+        except StartError as e:   # a worker that cannot boot
+            self._tell_ready(f"error: {e}")
+            raise
         finally:
             self.cleanup()
 
@@ -432,13 +434,14 @@ class Master:
 
     def tell_systemd_when_ready(self) -> None:
         """READY=1 once every worker of the current generation has booted (at start, and
-        after each reload)."""
+        after each reload); at start, also the "ok" that `sniproxy-master start` waits for."""
         if self.ready_generation == self.generation or self.stopping:
             return
         current = [w for w in self.workers.values() if w.generation == self.generation]
         if len(current) == worker_count(self.cfg) and all(w.heartbeat.booted for w in current):
             self.ready_generation = self.generation
             self.write_state()
+            self._tell_ready("ok")
             systemd.notify("READY=1", f"STATUS={len(current)} workers, relay {self.bpf.relay_kind}, "
                                       f"listening on {', '.join(lc.address for lc in self.cfg.listener)}")
 
