@@ -1,5 +1,5 @@
 # Scratch A/B for NOTES.md (run with the project's .venv python). Connection rate: sniproxy copy unpinned, pinned (one CPU per worker), pinned + SO_INCOMING_CPU; haproxy
-import os, sys, statistics, runpy, subprocess, ctypes, socket, re
+import os, sys, runpy, subprocess, ctypes, socket, re
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
@@ -45,9 +45,4 @@ with origins.running("pin-") as (workdir, backends):
         for s in systems:
             s.stop()
 print("\n".join(measure.machine()))
-ref = statistics.median(r["rate"] for r in runs["haproxy"])
-for name, vals in runs.items():
-    rates = [v["rate"] for v in vals]
-    print(f"{name:28s} {statistics.median(rates):8.0f} [{min(rates):.0f}-{max(rates):.0f}] {statistics.median(rates)/ref:5.2f}x "
-          f"user {statistics.median(v['user_ms'] or 0 for v in vals):.3f} sys {statistics.median(v['system_ms'] or 0 for v in vals):.3f} "
-          f"machine {statistics.median(v['machine_ms'] for v in vals):.3f}")
+cr["print_table"](runs)

@@ -2,7 +2,7 @@
 # Connection rate with 2 workers: reuseport's hash against a SK_REUSEPORT program that sends each new
 # connection to one preferred worker while its accept queue holds at most BACKLOG connections, and to
 # the other worker otherwise.
-import os, sys, statistics, runpy, subprocess, ctypes, socket, re
+import os, sys, runpy, subprocess, ctypes, socket, re
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
@@ -103,9 +103,4 @@ if __name__ == '__main__':
           for s in systems:
               s.stop()
   print("\n".join(measure.machine()))
-  ref = statistics.median(r["rate"] for r in runs["haproxy"])
-  for name, vals in runs.items():
-      rates = [v["rate"] for v in vals]
-      print(f"{name:28s} {statistics.median(rates):8.0f} [{min(rates):.0f}-{max(rates):.0f}] {statistics.median(rates)/ref:5.2f}x "
-            f"user {statistics.median(v['user_ms'] or 0 for v in vals):.3f} sys {statistics.median(v['system_ms'] or 0 for v in vals):.3f} "
-            f"sleeps {statistics.median(v['sleeps'] or 0 for v in vals):.2f} machine {statistics.median(v['machine_ms'] for v in vals):.3f}")
+  cr["print_table"](runs)
