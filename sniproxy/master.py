@@ -78,12 +78,17 @@ class Master:
     # --- lifecycle ------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until stopped. `sniproxy-master start` hears "ok" once every worker has booted
+        (tell_systemd_when_ready), or why the start failed: here, or a worker that cannot boot."""
         try:
             self.start()
+            return self._serve()
         except StartError as e:
             self._tell_ready(f"error: {e}")
             raise
-        try:   # the starting command hears "ok" once every worker has booted (tell_systemd_when_ready)
+
+    def _serve(self) -> int:
+        try:
             while True:
                 self.reap_workers()
                 if self.upgrading and not self.workers:
@@ -99,9 +104,6 @@ class Master:
                 self.sweep_stale_pairs()
                 if not self.stopping:
                     self.manage_workers()
-        except StartError as e:   # a worker that cannot boot
-            self._tell_ready(f"error: {e}")
-            raise
         finally:
             self.cleanup()
 
