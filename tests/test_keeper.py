@@ -64,15 +64,21 @@ def test_a_2_gib_transfer_survives_10_worker_kills_10_reloads_and_an_upgrade(pro
     random.Random(7).shuffle(faults)
     master, sock_map_id = p.proc.pid, bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
     kills = 0
+    done = []   # (seconds in, fault): what a failure message lists
     started = time.monotonic()
     try:
         for i, chunk in enumerate(chunks):
-            client.sendall(chunk)
+            try:
+                client.sendall(chunk)
+            except OSError as e:
+                raise AssertionError(f"{e} at chunk {i} of {len(chunks)}, {time.monotonic() - started:.2f} s in, "
+                                     f"after {done}; received {got[0]}; the proxy's log:\n{p.output()[-4000:]}") from e
             sent.update(chunk)
             due = started + i * 22.0 / len(chunks)      # about 22 s in all
             time.sleep(max(0.0, due - time.monotonic()))
             if faults and time.monotonic() - started > 21 - len(faults):   # one a second from 1 s
                 fault = faults.pop()
+                done.append((round(time.monotonic() - started, 2), fault))
                 if fault == "kill":   # the worker that watches it (once one adopted it)
                     owner = wait_until(lambda: _watcher(client, p), timeout=5, what="a worker to watch the pair")
                     os.kill(owner, signal.SIGKILL)
