@@ -70,7 +70,8 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
 
 
 def serve_in_threads(listening: socket.socket, handle) -> None:
-    """Accept on listening until it closes, each connection handled in a thread of its own."""
+    """Accept on listening until stop_serving(listening), each connection handled in a thread
+    of its own."""
     def serve() -> None:
         while True:
             try:
@@ -79,6 +80,17 @@ def serve_in_threads(listening: socket.socket, handle) -> None:
                 return
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
     threading.Thread(target=serve, daemon=True).start()
+
+
+def stop_serving(listening: socket.socket) -> None:
+    """Close a listening socket that serve_in_threads accepts on. shutdown() first: it wakes
+    the acceptor thread's accept(), which close() alone does not, and leaves no thread waiting
+    on a number that another socket may take."""
+    try:
+        listening.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listening.close()
 
 
 class Backend:
@@ -129,13 +141,7 @@ class Backend:
             raw.close()
 
     def close(self) -> None:
-        # shutdown() first: it wakes the acceptor thread's accept(), which close() alone
-        # does not, and leaves no thread waiting on a number that another socket may take.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        stop_serving(self.sock)
 
 
 def tls_client(port: int, name: str | None, host: str = "127.0.0.1", timeout: float = 10.0,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from harness import free_port, serve_in_threads, wait_until
+from harness import free_port, serve_in_threads, stop_serving, wait_until
 from test_firstflight import (
     CURL_HTTP,
     EXT_PADDING,
@@ -670,7 +670,7 @@ class Recorder:
             record["error"] = repr(e)
 
     def close(self) -> None:
-        self.sock.close()
+        stop_serving(self.sock)
 
 
 # --- clients -------------------------------------------------------------------------
