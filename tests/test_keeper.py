@@ -50,9 +50,16 @@ def test_a_2_gib_transfer_survives_10_worker_kills_10_reloads_and_an_upgrade(pro
     p = proxy(_config(port, echo, pin_path, access_log), wait_ports=(port,))
     block = os.urandom(CHUNK)
     sent, received, got = hashlib.sha256(), hashlib.sha256(), [0]
+    count = 2 * GiB // CHUNK
+
+    def chunk(i: int) -> bytes:   # made as sent: all of them at once took 2 GiB, and seconds
+        return b"\x00" + block[1:] if i == 0 else block[i % 997:] + block[:i % 997]
+    faults = ["kill", "reload"] * 10 + ["upgrade"]
+    random.Random(7).shuffle(faults)
+    master, sock_map_id = p.proc.pid, bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
+    # Connected just before the first send: the proxy waits timeouts.client_hello for it.
     client = socket.create_connection(("127.0.0.1", port), timeout=30)
     client_address = "%s:%d" % client.getsockname()
-    chunks = [b"\x00" + block[1:]] + [block[i % 997:] + block[:i % 997] for i in range(1, 2 * GiB // CHUNK)]
 
     def read_back():
         while got[0] < 2 * GiB and (data := client.recv(CHUNK)):
@@ -60,21 +67,19 @@ def test_a_2_gib_transfer_survives_10_worker_kills_10_reloads_and_an_upgrade(pro
             got[0] += len(data)
     reader = threading.Thread(target=read_back, daemon=True)
     reader.start()
-    faults = ["kill", "reload"] * 10 + ["upgrade"]
-    random.Random(7).shuffle(faults)
-    master, sock_map_id = p.proc.pid, bpftool("map", "show", "pinned", f"{pin_path}/SOCK_MAP")["id"]
     kills = 0
     done = []   # (seconds in, fault): what a failure message lists
     started = time.monotonic()
     try:
-        for i, chunk in enumerate(chunks):
+        for i in range(count):
+            data = chunk(i)
             try:
-                client.sendall(chunk)
+                client.sendall(data)
             except OSError as e:
-                raise AssertionError(f"{e} at chunk {i} of {len(chunks)}, {time.monotonic() - started:.2f} s in, "
+                raise AssertionError(f"{e} at chunk {i} of {count}, {time.monotonic() - started:.2f} s in, "
                                      f"after {done}; received {got[0]}; the proxy's log:\n{p.output()[-4000:]}") from e
-            sent.update(chunk)
-            due = started + i * 22.0 / len(chunks)      # about 22 s in all
+            sent.update(data)
+            due = started + i * 22.0 / count      # about 22 s in all
             time.sleep(max(0.0, due - time.monotonic()))
             if faults and time.monotonic() - started > 21 - len(faults):   # one a second from 1 s
                 fault = faults.pop()
