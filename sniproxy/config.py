@@ -76,6 +76,13 @@ class RelayConfig(_Section):
     # (ahead in 3 of 6), and cheaper in every run (system-wide CPU per GB; the proxy's own a
     # quarter or less). Another kernel build found splice ahead: bench/run --only bulk tells.
     fast_relay: Literal["kernel", "splice"] = "kernel"
+    # A fast pair goes to the kernel only if its busier direction arrives in segments that
+    # fill at least this share of the MSS on average; smaller, it goes to splice. The verdict
+    # hands each segment to a kworker, so small ones cost a context switch each: a TLS
+    # download from an origin on this host (16 KiB records, a quarter of loopback's MSS) took
+    # 80,000 a GB, and made 0.70-0.77x splice's rate (bench/results/2026-11-28-segments).
+    # Large writes fill two thirds (iperf3). 0: every fast pair to the kernel.
+    kernel_segment: float = 0.5
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
@@ -289,6 +296,8 @@ def check(cfg: Config):
         yield bad("relay.splice_rate", cfg.relay.splice_rate, "must be positive")
     if not -1 <= cfg.relay.kernel_rate < max(cfg.relay.splice_rate // 2, 1):
         yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
+    if not 0 <= cfg.relay.kernel_segment <= 1:
+        yield bad("relay.kernel_segment", cfg.relay.kernel_segment, "must be from 0 (off) to 1")
     if cfg.relay.kernel_messages < 0:
         yield bad("relay.kernel_messages", cfg.relay.kernel_messages, "must be 0 (never) or more")
     if cfg.resolver.cache_size <= 0:
