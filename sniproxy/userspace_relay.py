@@ -108,9 +108,12 @@ class UserspacePair:
             reads = up.reads + down.reads - self.window_reads
             age = now - (self.handoff_due - handoff.after)   # of the window
             if moved >= handoff.bytes or moved >= handoff.rate * max(age, RATE_SPAN):
-                busier = up if up.count >= down.count else down
-                self.due_outcome = "fast_small" if handoff.segment and \
-                    segment_fill(busier.src) < handoff.segment else "fast"
+                self.due_outcome = "fast"
+                if handoff.segment:
+                    fill = segment_fill((up if up.count >= down.count else down).src)
+                    log.debug("fast, in segments that fill %.2f of the MSS", fill)
+                    if fill < handoff.segment:
+                        self.due_outcome = "fast_small"
             elif reads >= handoff.messages and moved <= reads * SMALL_MESSAGE:
                 self.due_outcome = "chatty"
             elif now >= self.handoff_due:
