@@ -76,13 +76,6 @@ class RelayConfig(_Section):
     # (ahead in 3 of 6), and cheaper in every run (system-wide CPU per GB; the proxy's own a
     # quarter or less). Another kernel build found splice ahead: bench/run --only bulk tells.
     fast_relay: Literal["kernel", "splice"] = "kernel"
-    # A fast pair goes to the kernel only if its busier direction arrived in segments that
-    # fill at least this share of the MSS on average; less, it goes to splice. The verdict
-    # hands each skb to a kworker, so small ones cost a context switch each: a TLS download
-    # from an origin on this host (16 KiB records, a quarter of loopback's 64 KiB MSS) took
-    # 80,000 a GB through the kernel relay. Judged in copy, its segments filled 0.36-0.70 and
-    # iperf3's 0.87-0.93, one in 20 0.68 (bench/results/2026-11-28-segments). 0: off.
-    kernel_segment: float = 0.8
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
@@ -296,8 +289,6 @@ def check(cfg: Config):
         yield bad("relay.splice_rate", cfg.relay.splice_rate, "must be positive")
     if not -1 <= cfg.relay.kernel_rate < max(cfg.relay.splice_rate // 2, 1):
         yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
-    if not 0 <= cfg.relay.kernel_segment <= 1:
-        yield bad("relay.kernel_segment", cfg.relay.kernel_segment, "must be from 0 (off) to 1")
     if cfg.relay.kernel_messages < 0:
         yield bad("relay.kernel_messages", cfg.relay.kernel_messages, "must be 0 (never) or more")
     if cfg.resolver.cache_size <= 0:

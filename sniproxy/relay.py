@@ -17,7 +17,6 @@ from __future__ import annotations
 import _socket
 import math
 import socket
-import struct
 import time
 from typing import Callable, NamedTuple, Protocol
 
@@ -38,8 +37,7 @@ class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
     # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
-    # of a Chain: "fast" | "fast_small" | "chatty" | "quiet" (stopped for the next, see
-    # Handoff) | "declined",
+    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined",
     # or STOWED
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
@@ -63,32 +61,15 @@ RATE_SPAN = 1.0
 class Handoff(NamedTuple):
     """When the relay holding a pair in a Chain stops it for the next one: with outcome
     "fast" once `bytes` moved within one window of `after` seconds, or as soon as the
-    window so far moved `rate` bytes a second (over RATE_SPAN at least), and "fast_small"
-    instead if its busier direction arrived in segments that fill less than `segment` of
-    the MSS on average (segment_fill); "chatty" once it made `messages` reads within one,
-    of SMALL_MESSAGE bytes or fewer on average (ping-pong); or "quiet" at the end of a
-    window in which at most `quiet` bytes moved. A busier window starts the next. The
-    default quiet (any count) makes `after` a plain age limit."""
+    window so far moved `rate` bytes a second (over RATE_SPAN at least); "chatty" once it made
+    `messages` reads within one, of SMALL_MESSAGE bytes or fewer on average (ping-pong);
+    or "quiet" at the end of a window in which at most `quiet` bytes moved. A busier
+    window starts the next. The default quiet (any count) makes `after` a plain age limit."""
     bytes: float
     after: float
     quiet: float = math.inf
     messages: float = math.inf
     rate: float = math.inf
-    segment: float = 0.0
-
-
-_TCP_INFO_SIZE = 160   # through tcpi_data_segs_out
-
-
-def segment_fill(sock) -> float:
-    """The data segments sock received, on average, as a fraction of its MSS: TCP_INFO's
-    bytes_received / data_segs_in / advmss. Where nothing merges a sender's writes (loopback
-    has no GRO), each write arrives as a segment of its own: a TLS origin's 16 KiB records
-    fill a quarter of loopback's 64 KiB MSS, and iperf3's 128 KiB writes two thirds."""
-    info = raw_socket(sock).getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    (advmss,), (received,), (segments,) = (struct.unpack_from(f, info, at) for f, at in
-                                           (("<I", 84), ("<Q", 128), ("<I", 152)))
-    return received / segments / advmss if segments and advmss else 1.0
 
 
 class Progress(NamedTuple):
@@ -118,7 +99,7 @@ class Relay(Protocol):
 
 class Stage(NamedTuple):
     """One relay of a Chain: when a pair leaves it, and where it goes next by outcome
-    ("fast", "fast_small", "chatty", "quiet", or "declined" from a relay that could not take it)."""
+    ("fast", "chatty", "quiet", or "declined" from a relay that could not take it)."""
     relay: "Relay"
     handoff: Handoff | None = None   # None: the pair stays to its end, unless declined
     moves: dict[str, str] = {}

@@ -3,9 +3,9 @@
 Every pair is moved by event-loop callbacks in the hub, so no greenlet waits
 for a pair, and a wakeup moves only the direction it is for. What the reader
 cannot take yet is copied out of the shared buffer, so idle pairs hold none.
-With a Handoff (relay.Chain), it stops with its outcome ("fast", "fast_small",
-"chatty" or "quiet") once that is due, at a point where no byte is in hand and
-neither side has sent its FIN.
+With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty" or
+"quiet") once that is due, at a point where no byte is in hand and neither side
+has sent its FIN.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 
 import gevent
 
-from .relay import RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket, segment_fill
+from .relay import RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -109,11 +109,6 @@ class UserspacePair:
             age = now - (self.handoff_due - handoff.after)   # of the window
             if moved >= handoff.bytes or moved >= handoff.rate * max(age, RATE_SPAN):
                 self.due_outcome = "fast"
-                if handoff.segment:
-                    fill = segment_fill((up if up.count >= down.count else down).src)
-                    log.debug("fast, in segments that fill %.2f of the MSS", fill)
-                    if fill < handoff.segment:
-                        self.due_outcome = "fast_small"
             elif reads >= handoff.messages and moved <= reads * SMALL_MESSAGE:
                 self.due_outcome = "chatty"
             elif now >= self.handoff_due:

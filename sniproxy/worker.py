@@ -242,11 +242,9 @@ class Worker:
             kernel.on_park = self._freed_one
             kernel.ends_kept = self._unowned_ended
         self.kernel = kernel
-        # auto's fast pairs go to relay.fast_relay, and to splice where the kernel is not there;
-        # to the kernel, only those that arrive in large segments (relay.kernel_segment)
+        # auto's fast pairs go to relay.fast_relay, and to splice where the kernel is not there
         fast_to = "kernel" if kernel and relay.fast_relay == "kernel" else "splice"
-        segment = relay.kernel_segment if fast_to == "kernel" else 0.0
-        if policy == "splice" or policy == "auto" and (fast_to == "splice" or segment):
+        if policy == "splice" or policy == "auto" and fast_to == "splice":
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
         copy = UserspaceRelay()
@@ -256,8 +254,8 @@ class Worker:
         fast = relay.splice_rate * relay.window
         quiet = relay.kernel_rate * relay.window if kernel else -1
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
-        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, relay.splice_rate, segment),
-                                {"fast": fast_to, "fast_small": "splice", "quiet": "kernel", "chatty": "kernel"})}
+        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate),
+                                {"fast": fast_to, "quiet": "kernel", "chatty": "kernel"})}
         if splice is not None:
             stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy

@@ -1,6 +1,5 @@
 """relay.policy = "auto" in the real master: each connection moves between the copy,
 splice and kernel relays by what it does, and no move loses or reorders a byte."""
-import hashlib
 import os
 import socket
 import threading
@@ -8,15 +7,14 @@ import time
 
 import pytest
 
-from harness import free_port, sha, tls_client, wait_until
+from harness import free_port, sha, wait_until
 from test_proxy import make_config, stats, stats_json
 
 MiB = 1 << 20
 # Windows of 0.2 s: at 4 MiB/s or more (0.8 MiB in a window) a pair is fast, and goes to the
 # kernel (relay.fast_relay) or splice, and from splice back to copy below half that; a
-# window with no byte at all sends it to the kernel. Whatever its segments: how full they
-# are depends on how the windows grew, and relay.kernel_segment has a test of its own.
-AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\nkernel_segment = 0\n"
+# window with no byte at all sends it to the kernel.
+AUTO = "window = 0.2\nsplice_rate = 4194304\nkernel_rate = 0\n"
 MOVES = ("moved_to_copy", "moved_to_splice", "moved_to_kernel")
 
 
@@ -114,7 +112,7 @@ def test_auto_judges_a_fast_pair_by_its_first_second_not_its_whole_window(proxy,
     on (to the kernel, or splice without BPF) long before its window ends. Every byte
     arrives once and in order (sha256)."""
     kernel = mode == "require"
-    p, client, greeting, base = _burst(proxy, plain, request, mode, "", auto="window = 30.0\nsplice_rate = 4194304\nkernel_segment = 0\n")
+    p, client, greeting, base = _burst(proxy, plain, request, mode, "", auto="window = 30.0\nsplice_rate = 4194304\n")
     fast = "moved_to_kernel" if kernel else "moved_to_splice"
     wait_until(lambda: moves(p)[fast] > base[fast], timeout=5, what=f"{fast} in the burst")
     got = client.finish()
@@ -196,39 +194,3 @@ def test_auto_sends_a_chatty_pair_to_the_kernel(proxy, plain, request, tmp_path,
         assert " relay=kernel " in line + " "
     else:
         assert " relay=userspace " in line + " "
-
-
-@pytest.mark.bpf
-@pytest.mark.parametrize("segment", [None, 0.0])
-def test_auto_sends_a_fast_pair_in_small_segments_to_splice(proxy, backends, pin_path, tmp_path, segment):
-    """TLS both ways through a TLS echo: every write is one record of 16 KiB at most, and
-    arrives over loopback as a segment of its own, a quarter of the MSS, unless a queue
-    merged it with others. Fast, the pair goes to splice, not the kernel, at
-    relay.kernel_segment's default; at 0, to the kernel. The client reads back every byte
-    it sent, in order."""
-    b = backends("echo")
-    port, access_log = free_port(), tmp_path / "access.log"
-    relay = AUTO.replace("kernel_segment = 0\n", "" if segment is None else f"kernel_segment = {segment}\n")
-    p = proxy(make_config(port, [("echo.test", b.address)], mode="require", pin_path=pin_path, workers=1,
-                          policy="auto", relay=relay, extra=f'[log]\naccess = "{access_log}"\n'), wait_ports=(port,))
-    base = moves(p)
-    sent, received = hashlib.sha256(), hashlib.sha256()
-    with tls_client(port, "echo.test", timeout=20) as client:
-        for _ in range(64):   # 16 MiB each way, 256 KiB at a time
-            data = os.urandom(256 << 10)
-            client.sendall(data)
-            sent.update(data)
-            got = 0
-            while got < len(data):
-                chunk = client.recv(len(data) - got)
-                assert chunk, "EOF from the echo"
-                received.update(chunk)
-                got += len(chunk)
-    assert received.hexdigest() == sent.hexdigest()
-    wait_until(lambda: "name=echo.test" in access_log.read_text(), what="the log line")
-    moved = {name: count - base[name] for name, count in moves(p).items()}
-    to = "splice" if segment is None else "kernel"
-    other = "kernel" if to == "splice" else "splice"
-    assert moved[f"moved_to_{to}"] >= 1 and moved[f"moved_to_{other}"] == 0, moved
-    [line] = [line for line in access_log.read_text().splitlines() if "name=echo.test" in line]
-    assert f" relay={to} " in line + " ", line
