@@ -4,6 +4,7 @@ all killed when the benchmark ends, however it ends."""
 import ctypes
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -125,3 +126,10 @@ def log_tail(log_path: Path, lines: int = 3) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def raise_fd_limit() -> int:
+    """The soft file limit raised to the hard one (the loads hold thousands of sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
-from bench import measure, origins, tools  # noqa: E402
+from bench import measure, origins, procs, tools  # noqa: E402
 from bench.scenarios import MODES  # noqa: E402
 from bench.systems import Haproxy, Sniproxy, System  # noqa: E402
 
 COUNT, ROUNDS = 6000, int(sys.argv[1]) if len(sys.argv) > 1 else 3
 TICK = os.sysconf("SC_CLK_TCK")
 SEGMENTS = ("TcpOutSegs", "TcpOutRsts")
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+hard = procs.raise_fd_limit()
 
 
 def cpu_s(pids: list[int]) -> float:

@@ -1,47 +1,10 @@
 # Scratch A/B for NOTES.md (run with the project's .venv python: ROUNDS). The default policy with
 # relay.fast_relay = "kernel" (its default) and "splice", beside HAProxy with splice, on the bulk,
 # TLS download and mixed loads, in interleaved rounds; medians.
-import resource, statistics, sys
-from dataclasses import replace
+import sys
 from pathlib import Path
-REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO))
-from bench import measure, origins
-from bench.scenarios import MODES, Bulk, Context, Mixed, TlsDownload
-from bench.systems import HaproxySplice, Sniproxy
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bench import ab  # noqa: E402
+from bench.scenarios import Bulk, Mixed, TlsDownload  # noqa: E402
 
-rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-settings = replace(MODES["full"], idle_connections=2000)
-
-
-class AutoFastSplice(Sniproxy):
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.name = "sniproxy-auto-fastsplice"
-
-    def config(self, workers: int) -> str:
-        return super().config(workers).replace('policy = "auto"\n', 'policy = "auto"\nfast_relay = "splice"\n')
-
-
-with origins.running("fastab-", download_bytes=settings.download_bytes, nofile=hard) as (workdir, backends):
-    systems = [Sniproxy(backends, workdir, "auto"), AutoFastSplice(backends, workdir, "auto"),
-               HaproxySplice(backends, workdir, settings.idle_connections + 100)]
-    ctx = Context(settings, workdir, backends.hold)
-    values: dict[tuple[str, str], list[float]] = {}
-    for system in systems:
-        system.start(1)
-    try:
-        for r in range(rounds):
-            for system in systems:
-                for scenario in (Bulk(), TlsDownload(), Mixed()):
-                    for metric, value in scenario.measure(system, ctx).items():
-                        values.setdefault((system.name, f"{scenario.name} {metric}"), []).append(value)
-                print(f"[round {r + 1}/{rounds}] {system.name}", file=sys.stderr, flush=True)
-    finally:
-        for system in systems:
-            system.stop()
-print("\n".join(measure.machine()))
-for (name, metric), vs in sorted(values.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-    print(f"{metric:40s} {name:28s} {statistics.median(vs):12.4g} [{min(vs):.4g}-{max(vs):.4g}]")
+ab.compare_auto("fastab-", [("sniproxy-auto-fastsplice", 'fast_relay = "splice"\n')], [Bulk(), TlsDownload(), Mixed()])

@@ -1,20 +1,19 @@
 # For NOTES.md (run with the project's .venv python): how full, as a share of the MSS, the
 # segments of each fast pair were when the default policy judged it in copy (its debug log),
-# over ROUNDS of the bench's TLS download and bulk loads.
+# over ROUNDS of the bench's TLS download and bulk loads. It needs sniproxy/ of 03526c4, the
+# revision that logged the fill.
 import re
-import resource
 import sys
 from dataclasses import replace
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
-from bench import origins  # noqa: E402
+from bench import origins, procs  # noqa: E402
 from bench.scenarios import MODES, Bulk, Context, TlsDownload  # noqa: E402
 from bench.systems import Sniproxy  # noqa: E402
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+hard = procs.raise_fd_limit()
 settings = replace(MODES["full"], idle_connections=200)
 FILL = re.compile(r"fast, in segments that fill (\d\.\d+)")
 

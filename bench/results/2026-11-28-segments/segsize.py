@@ -3,7 +3,6 @@
 # bytes_received / data_segs_in, against advmss), with no proxy: the TLS download's, and
 # iperf3's in its reverse mode (the server sends).
 import re
-import resource
 import subprocess
 import sys
 import threading
@@ -11,12 +10,11 @@ import time
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
-from bench import origins, tools  # noqa: E402
+from bench import origins, procs, tools  # noqa: E402
 from bench.scenarios import MODES  # noqa: E402
 from bench.systems import System  # noqa: E402
 
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+hard = procs.raise_fd_limit()
 
 
 def fill(port: int) -> str:

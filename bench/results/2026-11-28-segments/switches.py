@@ -1,7 +1,6 @@
 # For NOTES.md (run with the project's .venv python, as root, with perf): context switches by
 # process name (perf's sched:sched_switch, system-wide) during one TLS download of the bench
 # through each system, and the download's MB/s.
-import resource
 import subprocess
 import sys
 import time
@@ -10,12 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
-from bench import origins  # noqa: E402
+from bench import origins, procs  # noqa: E402
 from bench.scenarios import MODES, Context, TlsDownload  # noqa: E402
 from bench.systems import HaproxySplice, Sniproxy  # noqa: E402
 
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+hard = procs.raise_fd_limit()
 settings = replace(MODES["full"], idle_connections=200)
 policies = sys.argv[1].split(",") if len(sys.argv) > 1 else ["auto", "splice", "copy"]
 

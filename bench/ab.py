@@ -1,0 +1,62 @@
+"""A/B runs for the scripts beside bench/results' notes: systems started together, and every
+one measured in each round in turn, so that the machine's drift hits them alike."""
+import statistics
+import sys
+from dataclasses import replace
+
+from bench import measure, origins, procs
+from bench.scenarios import MODES, Context, Scenario
+from bench.systems import HaproxySplice, Sniproxy, System
+
+
+class Variant(Sniproxy):
+    """This proxy under relay.policy with more [relay] lines, under a name of its own."""
+
+    def __init__(self, origins, workdir, policy: str, name: str, relay_lines: str):
+        super().__init__(origins, workdir, policy)
+        self.name, self.relay_lines = name, relay_lines
+
+    def config(self, workers: int) -> str:
+        line = f'policy = "{self.policy}"\n'
+        return super().config(workers).replace(line, line + self.relay_lines)
+
+
+def measure_rounds(systems: list[System], scenarios: list[Scenario], ctx: Context,
+                   rounds: int) -> dict[tuple[str, str], list[float]]:
+    """(system name, "scenario metric") -> its value in each round."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for system in systems:
+        system.start(1)
+    try:
+        for r in range(rounds):
+            for system in systems:
+                for scenario in scenarios:
+                    for metric, value in scenario.measure(system, ctx).items():
+                        values.setdefault((system.name, f"{scenario.name} {metric}"), []).append(value)
+                print(f"[round {r + 1}/{rounds}] {system.name}", file=sys.stderr, flush=True)
+    finally:
+        for system in systems:
+            system.stop()
+    return values
+
+
+def print_medians(values: dict[tuple[str, str], list[float]]) -> None:
+    """A line per metric and system: the median, and the range."""
+    for (name, metric), vs in sorted(values.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{metric:40s} {name:28s} {statistics.median(vs):12.4g} [{min(vs):.4g}-{max(vs):.4g}]")
+
+
+def compare_auto(prefix: str, variants: list[tuple[str, str]], scenarios: list[Scenario]) -> None:
+    """The default policy, each variant ((name, [relay] lines)) of it and HAProxy with splice,
+    one worker (thread) each, over ROUNDS (the first argument, 3 by default) of the scenarios in
+    full mode with 2,000 idle connections; the machine, then the medians."""
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    hard = procs.raise_fd_limit()
+    settings = replace(MODES["full"], idle_connections=2000)
+    with origins.running(prefix, download_bytes=settings.download_bytes, nofile=hard) as (workdir, backends):
+        systems = [Sniproxy(backends, workdir, "auto"),
+                   *(Variant(backends, workdir, "auto", name, lines) for name, lines in variants),
+                   HaproxySplice(backends, workdir, settings.idle_connections + 100)]
+        values = measure_rounds(systems, scenarios, Context(settings, workdir, backends.hold), rounds)
+    print("\n".join(measure.machine()))
+    print_medians(values)
