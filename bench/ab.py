@@ -10,15 +10,16 @@ from bench.systems import HaproxySplice, Sniproxy, System
 
 
 class Variant(Sniproxy):
-    """This proxy under relay.policy with more [relay] lines, under a name of its own."""
+    """This proxy under relay.policy with more [relay] (and [bpf]) lines, under a name of its own."""
 
-    def __init__(self, origins, workdir, policy: str, name: str, relay_lines: str):
+    def __init__(self, origins, workdir, policy: str, name: str, relay_lines: str, bpf_lines: str = ""):
         super().__init__(origins, workdir, policy)
-        self.name, self.relay_lines = name, relay_lines
+        self.name, self.relay_lines, self.bpf_lines = name, relay_lines, bpf_lines
 
     def config(self, workers: int) -> str:
         line = f'policy = "{self.policy}"\n'
-        return super().config(workers).replace(line, line + self.relay_lines)
+        return super().config(workers).replace(line, line + self.relay_lines).replace("[bpf]\n",
+                                                                                        "[bpf]\n" + self.bpf_lines)
 
 
 def measure_rounds(systems: list[System], scenarios: list[Scenario], ctx: Context,
@@ -46,8 +47,8 @@ def print_medians(values: dict[tuple[str, str], list[float]]) -> None:
         print(f"{metric:40s} {name:28s} {statistics.median(vs):12.4g} [{min(vs):.4g}-{max(vs):.4g}]")
 
 
-def compare_auto(prefix: str, variants: list[tuple[str, str]], scenarios: list[Scenario]) -> None:
-    """The default policy, each variant ((name, [relay] lines)) of it and HAProxy with splice,
+def compare_auto(prefix: str, variants: list[tuple[str, ...]], scenarios: list[Scenario]) -> None:
+    """The default policy, each variant ((name, [relay] lines[, [bpf] lines])) of it and HAProxy with splice,
     one worker (thread) each, over ROUNDS (the first argument, 3 by default) of the scenarios in
     full mode with 2,000 idle connections; the machine, then the medians."""
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -55,7 +56,7 @@ def compare_auto(prefix: str, variants: list[tuple[str, str]], scenarios: list[S
     settings = replace(MODES["full"], idle_connections=2000)
     with origins.running(prefix, download_bytes=settings.download_bytes, nofile=hard) as (workdir, backends):
         systems = [Sniproxy(backends, workdir, "auto"),
-                   *(Variant(backends, workdir, "auto", name, lines) for name, lines in variants),
+                   *(Variant(backends, workdir, "auto", *variant) for variant in variants),
                    HaproxySplice(backends, workdir, settings.idle_connections + 100)]
         values = measure_rounds(systems, scenarios, Context(settings, workdir, backends.hold), rounds)
     print("\n".join(measure.machine()))

@@ -44,13 +44,14 @@ class KernelCounts(NamedTuple):
     redirected: int   # received and redirected to the peer
     passed: int       # received while paused: kept on the socket for userspace
     broken: bool = False   # the verdict could not cut bytes received twice (CONNECTION_BROKEN)
+    skbs: int = 0     # the skbs of `redirected`
 
     @classmethod
     def of(cls, raw: bytes | None) -> "KernelCounts":
         if not raw:
             return cls(0, 0)
         entry = Connection.unpack(raw)
-        return cls(entry.bytes, entry.passed, bool(entry.flags & CONNECTION_BROKEN))
+        return cls(entry.bytes, entry.passed, bool(entry.flags & CONNECTION_BROKEN), entry.skbs)
 
 
 NO_COUNTS = KernelCounts(0, 0)

@@ -238,6 +238,7 @@ class Worker:
                 not (policy == "auto" and relay.kernel_rate < 0):
             from .kernel_relay import KernelRelay
             kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
+                                 batch_bytes=bpf.batch_bytes, batch_rate=relay.splice_rate,
                                  keeper=self.keeper)
             kernel.on_park = self._freed_one
             kernel.ends_kept = self._unowned_ended

@@ -43,6 +43,7 @@ def test_empty_file_and_example_are_the_builtin_default():
     ("[relay]\nsplice_rate = -5", "relay.splice_rate = -5: must be positive"),
     ("[relay]\nkernel_rate = 40000000", "relay.kernel_rate = 40000000: must be -1 (never) or more, below splice_rate / 2"),
     ("[relay]\nkernel_messages = -1", "relay.kernel_messages = -1: must be 0 (never) or more"),
+    ("[bpf]\nbatch_bytes = -1", "bpf.batch_bytes = -1: must be 0 (off) or more"),
     ("[relay]\npolicy = 'fastest'", "relay.policy = 'fastest': Invalid enum value 'fastest'"),
     ("[[table.default]]\nmatch = '~a('\nbackend = '1.2.3.4:1'", "table.default[0].match = '~a(': bad regex"),
     ("[[table.default]]\nmatch = 'a b'\nbackend = '1.2.3.4:1'", "table.default[0].match = 'a b': expected a DNS"),

@@ -625,3 +625,115 @@ def test_a_retransmission_overlapping_received_bytes_is_relayed_once(relay, rela
         watch.kill()
         for s in (capture, client, c, u, server):
             s.close()
+
+
+def _echo(sock: socket.socket) -> None:
+    while data := sock.recv(MiB):
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _exchanges(sock: socket.socket, count: int, size: int) -> float:
+    """count exchanges of size random bytes, each echoed whole before the next: seconds."""
+    started = time.monotonic()
+    for _ in range(count):
+        block = os.urandom(size)
+        sock.sendall(block)
+        got = bytearray()
+        while len(got) < size:
+            data = sock.recv(size - len(got))
+            assert data, f"EOF after {len(got)} of {size} bytes"
+            got += data
+        assert got == block
+    elapsed = time.monotonic() - started
+    sock.shutdown(socket.SHUT_WR)
+    assert sock.recv(1) == b""
+    return elapsed
+
+
+@pytest.mark.parametrize("batch_bytes, size, batched", [(256 << 10, 8 << 10, True), (0, 8 << 10, False),
+                                                        (256 << 10, 1 << 20, False)])
+def test_a_fast_pair_in_small_skbs_is_batched_and_what_waits_is_flushed(relay_pins, batch_bytes, size, batched):
+    """At batch_rate or more, in skbs of BATCH_BELOW or less, a pair's verdict waits for
+    batch_bytes on a socket (its SO_RCVLOWAT), and the flush runs it over what waits every
+    BATCH_FLUSH: 300 exchanges of 8 KiB, each echoed whole before the next, never wait for
+    a check of the pair. Half-closed, it leaves the batch. With batch_bytes 0, or in skbs of
+    64 KiB (1 MiB writes), no low-water mark is ever set. Every byte comes back in order."""
+    relay = KernelRelay(relay_pins.pin_path, batch_bytes=batch_bytes, batch_rate=1 << 20)
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    client.settimeout(5)
+    lowats: set[int] = set()
+
+    def sample():
+        while True:
+            lowats.add(c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+            gevent.sleep(0.001)
+    sampler = gevent.spawn(sample)
+    count = 300 if size < MiB else 30
+    try:
+        echo, exchanges = Background(_echo, server), Background(_exchanges, client, count, size)
+        result = run_relay(relay, c, u, idle=30)
+        elapsed = exchanges.join()
+        echo.join()
+    finally:
+        sampler.kill()
+        relay.close()
+    assert result[:3] == (count * size, count * size, "done")
+    assert lowats == ({1, batch_bytes} if batched else {1})
+    assert c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert elapsed < 10, elapsed   # a wait for each check would take minutes
+    for s in (client, c, u, server):
+        s.close()
+
+
+def test_a_batched_pairs_last_bytes_wait_no_longer_than_the_flush(relay_pins):
+    """A download in 16 KiB writes, batched behind a low-water mark of 256 KiB, ends with
+    10 KiB that the sender follows with nothing: the flush hands them over within
+    milliseconds. Without it they would wait for the pair's next check, which at this rate
+    and a max_queued of 1 GiB comes about a second later. Large fixed buffers stand for
+    the ones a fast pair's autotuning grows (small ones would let the window flush it)."""
+    relay = KernelRelay(relay_pins.pin_path, batch_bytes=256 << 10, batch_rate=1 << 20, max_queued=1 << 30)
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    for s in (c, u, client):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    client.settimeout(10)
+    block, tail, count = os.urandom(16 << 10), os.urandom(10 << 10), 2048
+    tail_sent = []
+
+    def download():
+        for _ in range(count):
+            server.sendall(block)
+        time.sleep(0.2)              # past several flushes: the pair is batched by now
+        tail_sent.append(time.monotonic())
+        server.sendall(tail)
+        assert server.recv(2) == b"ok"
+        server.close()
+
+    def receive() -> tuple[bytes, float]:
+        got, want = hashlib.sha256(), count * len(block) + len(tail)
+        received = 0
+        while received < want:
+            data = client.recv(MiB)
+            assert data, f"EOF after {received} of {want} bytes"
+            got.update(data)
+            received += len(data)
+        arrived = time.monotonic()
+        client.sendall(b"ok")
+        assert client.recv(1) == b""
+        client.close()
+        return got.hexdigest(), arrived
+
+    sender, receiver = Background(download), Background(receive)
+    try:
+        result = run_relay(relay, c, u, idle=30)
+        digest, arrived = receiver.join()
+        sender.join()
+    finally:
+        relay.close()
+    assert result.outcome == "done"
+    assert digest == hashlib.sha256(block * count + tail).hexdigest()
+    assert arrived - tail_sent[0] < 0.3, arrived - tail_sent[0]
+    for s in (c, u):
+        s.close()
