@@ -723,11 +723,11 @@ class KernelRelay:
             pass  # the first check keeps the pace it was given
         elif sample != last:
             pair.last_activity = now
-            moved = sum(k.redirected + k.passed for k in sample[:2]) - sum(k.redirected + k.passed for k in last[:2])
-            rate = moved / max(now - pair.last_check, 1e-6)
+            (c1, u1), (c0, u0) = sample[:2], last[:2]
+            redirected = c1.redirected + u1.redirected - c0.redirected - u0.redirected
+            skbs = c1.skbs + u1.skbs - c0.skbs - u0.skbs
+            rate = (redirected + c1.passed + u1.passed - c0.passed - u0.passed) / max(now - pair.last_check, 1e-6)
             interval = self._check_interval(rate, worst_queued) if rate > 0 else MIN_CHECK_INTERVAL
-            skbs = sum(k.skbs for k in sample[:2]) - sum(k.skbs for k in last[:2])
-            redirected = sum(k.redirected for k in sample[:2]) - sum(k.redirected for k in last[:2])
             # Once batched, skbs that wait in the queue merge (TCP coalesces them): only
             # the rate ends a batch.
             small = pair in self._batched or skbs > 0 and redirected < skbs * BATCH_BELOW
@@ -761,7 +761,7 @@ class KernelRelay:
             self._unbatch(pair)
             return
         for side in pair.sides:
-            side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.batch_bytes)
+            self._hold(side.sock)
         if not self._batched:
             self._flusher.start(self._flush_batched)
         self._batched.add(pair)
@@ -784,9 +784,13 @@ class KernelRelay:
             for side in pair.sides:
                 try:
                     _kick(side.sock)
-                    side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.batch_bytes)
+                    self._hold(side.sock)
                 except OSError:
                     pass
+
+    def _hold(self, sock: socket.socket) -> None:
+        """No verdict until batch_bytes wait (or the next flush)."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.batch_bytes)
 
     # -- the idle sweep -------------------------------------------------------
 
