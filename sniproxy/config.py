@@ -48,9 +48,10 @@ class BpfConfig(_Section):
     # average) runs its verdict once this many bytes wait on a socket (SO_RCVLOWAT), and every
     # 2 ms over whatever waits, rather than for each skb: each redirect wakes a kworker. A TLS
     # download from a local origin (16 KiB records, an skb each) made 707 MB/s at 80,950
-    # context switches a GB; batched, 917 at 16,900 (bench/results/2026-11-28-batching).
+    # context switches a GB; batched at 256 KiB, 917 at 16,900 (bench/results/2026-11-28-batching),
+    # and at 1 MiB 4% faster again than at 256 KiB, at 7,200 (mark_ab.py there, 21 rounds).
     # 0: a verdict for each skb.
-    batch_bytes: int = 256 << 10
+    batch_bytes: int = 1 << 20
     # relay.policy kernel or splice: a pair starts in the copy relay and moves on once this
     # many bytes moved or it lived this long: registering costs more than relaying a short exchange.
     handoff_bytes: int = 64 << 10

@@ -31,6 +31,7 @@ NAMES = (
     "dns_cache_hits", "dns_cache_misses",   # names of "*" or named backends: answered from the cache, or not
     # relay.policy = "auto": pairs moved to a relay after the first (a pair may move several times)
     "moved_to_copy", "moved_to_splice", "moved_to_kernel",
+    "kernel_batched",      # times a kernel-relayed pair's verdict began to be batched (bpf.batch_bytes)
 )
 # Gauges: what a worker holds now, set (not added) once a second; read per live worker.
 GAUGES = (

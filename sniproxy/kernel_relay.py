@@ -765,6 +765,8 @@ class KernelRelay:
         if not self._batched:
             self._flusher.start(self._flush_batched)
         self._batched.add(pair)
+        if self.counters is not None:
+            self.counters.add("kernel_batched")
 
     def _unbatch(self, pair: Pair) -> None:
         """Back to a verdict for each skb, run now over whatever waits."""

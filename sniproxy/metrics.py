@@ -105,6 +105,8 @@ class MasterCollector(Collector):
         yield moves
         yield _counter("kernel_maps_full", "Pairs the kernel relay could not take, its maps being full "
                        "(bpf.max_pairs): they were relayed in userspace.", c["kernel_maps_full"])
+        yield _counter("kernel_batched", "Times a kernel-relayed pair, fast in small skbs, began to run its "
+                       "verdict in batches (bpf.batch_bytes).", c["kernel_batched"])
 
         relayed = CounterMetricFamily(
             "sniproxy_relayed_bytes", "Bytes relayed, by direction (up: client to backend, first flight "

@@ -18,6 +18,7 @@ from bpf_fixtures import relay_pins  # noqa: F401 - fixtures
 from harness import MiB, Background, LoopbackCapture, Segment, recv_stream, run_relay, send_stream, sha, tcp_pair
 from sniproxy import keeper, kernel_relay
 from sniproxy.bpfsys import PinnedMap
+from sniproxy.counters import CounterTable
 from sniproxy.kernel_abi import DIRECTION_DOWN, DIRECTION_UP, PERCPU_COUNTERS, RELAY_STATS, Connection
 from sniproxy.kernel_pair import StowedPair
 from sniproxy.kernel_relay import KernelRelay
@@ -653,13 +654,16 @@ def _exchanges(sock: socket.socket, count: int, size: int) -> float:
 
 @pytest.mark.parametrize("batch_bytes, size, batched", [(256 << 10, 8 << 10, True), (0, 8 << 10, False),
                                                         (256 << 10, 1 << 20, False)])
-def test_a_fast_pair_in_small_skbs_is_batched_and_what_waits_is_flushed(relay_pins, batch_bytes, size, batched):
+def test_a_fast_pair_in_small_skbs_is_batched_and_what_waits_is_flushed(relay_pins, tmp_path, batch_bytes, size,
+                                                                       batched):
     """At batch_rate or more, in skbs of BATCH_BELOW or less, a pair's verdict waits for
     batch_bytes on a socket (its SO_RCVLOWAT), and the flush runs it over what waits every
     BATCH_FLUSH: 300 exchanges of 8 KiB, each echoed whole before the next, never wait for
     a check of the pair. Half-closed, it leaves the batch. With batch_bytes 0, or in skbs of
-    64 KiB (1 MiB writes), no low-water mark is ever set. Every byte comes back in order."""
-    relay = KernelRelay(relay_pins.pin_path, batch_bytes=batch_bytes, batch_rate=1 << 20)
+    64 KiB (1 MiB writes), no low-water mark is ever set. Every byte comes back in order,
+    and the worker's kernel_batched counter says whether the pair was batched."""
+    table = CounterTable(tmp_path / "counters", create=True)
+    relay = KernelRelay(relay_pins.pin_path, batch_bytes=batch_bytes, batch_rate=1 << 20, counters=table.row(0))
     client, c = tcp_pair()
     u, server = tcp_pair()
     client.settimeout(5)
@@ -681,6 +685,7 @@ def test_a_fast_pair_in_small_skbs_is_batched_and_what_waits_is_flushed(relay_pi
         relay.close()
     assert result[:3] == (count * size, count * size, "done")
     assert lowats == ({1, batch_bytes} if batched else {1})
+    assert (table.totals()["kernel_batched"] > 0) == batched
     assert c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
     assert elapsed < 10, elapsed   # a wait for each check would take minutes
     for s in (client, c, u, server):

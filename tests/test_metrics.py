@@ -110,7 +110,7 @@ def test_counts_match_the_traffic_and_reloads_restarts_rebind(proxy, backends, p
     assert not any(dict(labels).get("relay") == "kernel" for name, labels in m if name.startswith("sniproxy_relayed"))
     assert ("sniproxy_kernel_map_pairs", ()) not in m
     assert get(m, "sniproxy_workers") == 2 and get(m, "sniproxy_worker_restarts_total") == 0
-    assert get(m, "sniproxy_kernel_maps_full_total") == 0
+    assert get(m, "sniproxy_kernel_maps_full_total") == get(m, "sniproxy_kernel_batched_total") == 0
     assert get(m, "sniproxy_build_info", version=importlib.metadata.version("sniproxy")) == 1
     assert get(m, "sniproxy_reloads_total", result="ok") == get(m, "sniproxy_reloads_total", result="rejected") == 0
     started = get(m, "sniproxy_last_reload_success_timestamp_seconds")
@@ -198,7 +198,7 @@ def test_kernel_bytes_and_pairs(proxy, backends, pin_path):
                  for relay in ("kernel", "userspace")} for d in ("up", "down"))
     assert up["kernel"] >= len(payload) and down["kernel"] >= 2 * len(payload)
     assert (sum(up.values()), sum(down.values())) == (len(first + payload), 2 * len(first + payload))
-    assert get(m, "sniproxy_kernel_maps_full_total") == 0
+    assert get(m, "sniproxy_kernel_maps_full_total") == get(m, "sniproxy_kernel_batched_total") == 0
     assert ("sniproxy_kernel_redirect_failures_total", ()) in m
     assert m[("sniproxy_kernel_trim_failures_total", ())] == 0
     # One registration, in the histogram's +Inf bucket and in exactly one finite bucket and up.

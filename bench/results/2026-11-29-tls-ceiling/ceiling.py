@@ -1,0 +1,22 @@
+# For NOTES.md (run with the project's .venv python: ROUNDS). The bench's TLS download direct,
+# through each relay of this proxy (auto at the default mark and at bpf.batch_bytes = 1 MiB),
+# and through HAProxy with splice, one worker (thread) each, in interleaved rounds; medians.
+import sys
+from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bench import ab, measure, origins, procs  # noqa: E402
+from bench.scenarios import MODES, Context, TlsDownload  # noqa: E402
+from bench.systems import HaproxySplice, Sniproxy, System  # noqa: E402
+
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+settings = replace(MODES["full"], idle_connections=0)
+with origins.running("ceiling-", download_bytes=settings.download_bytes,
+                     nofile=procs.raise_fd_limit()) as (workdir, backends):
+    systems = [System(backends, workdir),
+               *(Sniproxy(backends, workdir, policy) for policy in ("auto", "kernel", "splice", "copy")),
+               ab.Variant(backends, workdir, "auto", "sniproxy-auto-mark1m", "", "batch_bytes = 1048576\n"),
+               HaproxySplice(backends, workdir, 100)]
+    values = ab.measure_rounds(systems, [TlsDownload()], Context(settings, workdir, backends.hold), rounds)
+print("\n".join(measure.machine()))
+ab.print_medians(values)
