@@ -194,3 +194,26 @@ def test_auto_sends_a_chatty_pair_to_the_kernel(proxy, plain, request, tmp_path,
         assert " relay=kernel " in line + " "
     else:
         assert " relay=userspace " in line + " "
+
+
+@pytest.mark.bpf
+def test_a_fast_pair_in_small_writes_is_batched_in_the_kernel(proxy, plain, pin_path):
+    """Exchanges of 8 KiB, each echoed whole before the next: fast enough to move to the
+    kernel, in skbs of 8 KiB. There the verdict runs in batches (bpf.batch_bytes), which the
+    worker counts as kernel_batched, and every byte still comes back in order, each
+    exchange's tail handed on by the flush."""
+    b = plain("echo")
+    port = free_port()
+    p = proxy(make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path, workers=1,
+                          policy="auto", relay=AUTO), wait_ports=(port,))
+    client = Client(port, b"\x00")
+    client.read_until(1)
+    started = time.monotonic()
+    while time.monotonic() - started < 5.0 and stats(p)["kernel_batched"] == 0:
+        for _ in range(50):
+            client.send(os.urandom(8 << 10))
+            client.read_until(len(client.sent))
+    got = client.finish()
+    assert sha(got) == sha(bytes(client.sent))
+    counted = stats(p)
+    assert counted["moved_to_kernel"] == 1 and counted["kernel_batched"] >= 1
