@@ -90,7 +90,7 @@ class ClosedEarly(Exception):
 
 class Connection:
     __slots__ = ("ctx", "lc", "client", "peer", "upstream", "record", "started", "data", "name", "choice",
-                 "addresses", "unsent", "watcher", "timer", "ended", "awaiting_proxy")
+                 "addresses", "unsent", "watcher", "timer", "ended", "awaiting_proxy", "tls")
 
     def __init__(self, ctx: Context, lc: ListenerConfig, client: _socket.socket, peer):
         self.ctx, self.lc, self.client, self.peer = ctx, lc, client, peer
@@ -102,6 +102,7 @@ class Connection:
         self.watcher = self.timer = None   # what a step before the relay waits on, and its deadline
         self.ended = False
         self.awaiting_proxy = lc.accept_proxy   # a PROXY header comes before the first flight
+        self.tls = False        # the first flight was a ClientHello (relay.tls_fast_relay)
 
     def start(self) -> None:
         self.ctx.counters.add("accepted")
@@ -217,6 +218,7 @@ class Connection:
         record["name"] = flight.name or f"({flight.name_problem})"
         record["alpn"] = ",".join(flight.alpn) or "-"
         self.name = flight.name
+        self.tls = self.lc.protocol == "tls" and flight.name_problem != "not_tls"
         choice = ctx.router.choose(self.lc, flight)
         if isinstance(choice, Refusal):
             raise Refused(choice.reason, choice.detail)
@@ -314,7 +316,8 @@ class Connection:
         # shares) would otherwise stay with the connection for as long as it lives, and
         # the rest with each of thousands of idle ones.
         self.data = self.unsent = self.addresses = self.choice = self.peer = None
-        self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record)
+        self.ctx.relay.start(self.client, self.upstream, self.ctx.limits, self._relayed, record=self.record,
+                             tls=self.tls)
 
     def _relayed(self, result: RelayResult) -> None:
         if result.outcome == STOWED:   # the kernel relay ends it, and the worker logs it then

@@ -123,8 +123,11 @@ class Chain:
                     "then": Stage(then, None, {"declined": "rest"}),
                     "rest": Stage(first)}, "first")
 
-    def start(self, client, upstream, limits: Limits, on_done: OnDone, record: dict | None = None) -> "_Chained":
-        chained = _Chained(self, client, upstream, limits, on_done, record)
+    def start(self, client, upstream, limits: Limits, on_done: OnDone, record: dict | None = None,
+              tls: bool = False) -> "_Chained":
+        """tls: the pair speaks TLS (its first flight was a ClientHello); a stage's moves
+        may then send an outcome elsewhere, under the key "<outcome>:tls"."""
+        chained = _Chained(self, client, upstream, limits, on_done, record, tls)
         chained.enter(self.first, None)
         return chained
 
@@ -148,12 +151,14 @@ class _Chained:
     """One pair's way through a Chain: the relay that holds it now, and what the
     relays before it moved."""
     __slots__ = ("chain", "client", "upstream", "limits", "on_done", "record", "started", "handle", "turn", "so_far",
-                 "most", "name")
+                 "most", "name", "tls")
     # Every connection passes through here, most of them through one relay only: what
     # the later ones need (the record's copy, the sums) is made only for them.
 
-    def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone, record: dict | None):
+    def __init__(self, chain: Chain, client, upstream, limits: Limits, on_done: OnDone, record: dict | None,
+                 tls: bool = False):
         self.chain, self.client, self.upstream, self.limits, self.on_done = chain, client, upstream, limits, on_done
+        self.tls = tls
         self.record = record   # the access-log record so far, for a pair that may end in another worker
         self.started = time.monotonic()
         self.handle = None
@@ -188,7 +193,8 @@ class _Chained:
         self.left(self.name, result)
 
     def left(self, name: str, result: RelayResult) -> None:
-        following = self.chain.stages[name].moves.get(result.outcome)
+        moves = self.chain.stages[name].moves
+        following = self.tls and moves.get(f"{result.outcome}:tls") or moves.get(result.outcome)
         moved = result.up + result.down
         if self.so_far is None:      # the first relay: the totals are its own
             total = result

@@ -186,8 +186,9 @@ class UserspaceRelay:
         self._buffer = memoryview(bytearray(buffer_size))
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
-              before=None, record: dict | None = None) -> UserspacePair:
-        """before, record: what a Chain tells the relays whose pairs may end elsewhere (unused here)."""
+              before=None, record: dict | None = None, tls: bool = False) -> UserspacePair:
+        """before, record: what a Chain tells the relays whose pairs may end elsewhere; tls,
+        what a connection tells a Chain (all unused here)."""
         return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
 
     def _release(self, pair: UserspacePair) -> None:

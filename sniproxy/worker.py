@@ -243,9 +243,11 @@ class Worker:
             kernel.on_park = self._freed_one
             kernel.ends_kept = self._unowned_ended
         self.kernel = kernel
-        # auto's fast pairs go to relay.fast_relay, and to splice where the kernel is not there
+        # auto's fast pairs go to relay.fast_relay (TLS ones to relay.tls_fast_relay), and to
+        # splice where the kernel is not there
         fast_to = "kernel" if kernel and relay.fast_relay == "kernel" else "splice"
-        if policy == "splice" or policy == "auto" and fast_to == "splice":
+        tls_fast_to = "kernel" if kernel and relay.tls_fast_relay == "kernel" else "splice"
+        if policy == "splice" or policy == "auto" and "splice" in (fast_to, tls_fast_to):
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
         copy = UserspaceRelay()
@@ -256,7 +258,7 @@ class Worker:
         quiet = relay.kernel_rate * relay.window if kernel else -1
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
         stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate),
-                                {"fast": fast_to, "quiet": "kernel", "chatty": "kernel"})}
+                                {"fast": fast_to, "fast:tls": tls_fast_to, "quiet": "kernel", "chatty": "kernel"})}
         if splice is not None:
             stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy

@@ -45,6 +45,7 @@ def test_empty_file_and_example_are_the_builtin_default():
     ("[relay]\nkernel_messages = -1", "relay.kernel_messages = -1: must be 0 (never) or more"),
     ("[bpf]\nbatch_bytes = -1", "bpf.batch_bytes = -1: must be 0 (off) or more"),
     ("[relay]\npolicy = 'fastest'", "relay.policy = 'fastest': Invalid enum value 'fastest'"),
+    ("[relay]\ntls_fast_relay = 'copy'", "relay.tls_fast_relay = 'copy': Invalid enum value 'copy'"),
     ("[[table.default]]\nmatch = '~a('\nbackend = '1.2.3.4:1'", "table.default[0].match = '~a(': bad regex"),
     ("[[table.default]]\nmatch = 'a b'\nbackend = '1.2.3.4:1'", "table.default[0].match = 'a b': expected a DNS"),
     ("[[table.default]]\nmatch = 'a.test'\nbackend = '*'", "table.default[0].backend = '*': expected host:port"),

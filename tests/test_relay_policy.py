@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from harness import free_port, sha, wait_until
+from harness import echo_through, free_port, sha, wait_until
 from test_proxy import make_config, stats, stats_json
 
 MiB = 1 << 20
@@ -217,3 +217,22 @@ def test_a_fast_pair_in_small_writes_is_batched_in_the_kernel(proxy, plain, pin_
     assert sha(got) == sha(bytes(client.sent))
     counted = stats(p)
     assert counted["moved_to_kernel"] == 1 and counted["kernel_batched"] >= 1
+
+
+@pytest.mark.parametrize("tls_fast_relay, moved_to", [("splice", "moved_to_splice"),
+                                                      ("kernel", "moved_to_kernel")])
+@pytest.mark.bpf
+def test_auto_sends_a_fast_tls_pair_to_relay_tls_fast_relay(proxy, backends, pin_path, tls_fast_relay, moved_to):
+    """A TLS pair (its first flight a ClientHello) that turns fast goes to tls_fast_relay,
+    the kernel or splice, while the plain pairs of the tests above go to fast_relay (the
+    kernel). 32 MiB echoed through the TLS session come back whole and in order."""
+    b = backends("tls")
+    port = free_port()
+    p = proxy(make_config(port, [("example.com", b.address)], mode="require", pin_path=pin_path, workers=1,
+                          policy="auto", relay=AUTO + f'tls_fast_relay = "{tls_fast_relay}"\n'), wait_ports=(port,))
+    base = moves(p)
+    payload = os.urandom(32 * MiB)
+    assert sha(echo_through(port, "example.com", payload)) == sha(payload)
+    moved = {name: count - base[name] for name, count in moves(p).items()}
+    assert moved[moved_to] >= 1
+    assert moved["moved_to_kernel" if moved_to == "moved_to_splice" else "moved_to_splice"] == 0
