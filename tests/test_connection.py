@@ -66,8 +66,8 @@ class FakeRelay:
     def __init__(self):
         self.started = []
 
-    def start(self, client, upstream, limits, on_done, record=None):
-        pair = SimpleNamespace(client=client, upstream=upstream, limits=limits, on_done=on_done,
+    def start(self, client, upstream, limits, on_done, record=None, tls=False):
+        pair = SimpleNamespace(client=client, upstream=upstream, limits=limits, on_done=on_done, tls=tls,
                                cancel=lambda: pytest.fail("a Connection never cancels its relay"))
         self.started.append(pair)
         return pair
@@ -217,6 +217,7 @@ def test_hello_is_sent_to_the_backend_and_the_pair_relayed(rig, backend, result,
     assert (pair.client, pair.upstream) == (conn.client, conn.upstream)
     assert pair.upstream.getpeername() == backend.sock.getsockname()
     assert pair.limits == Limits(77.0, 7.0)
+    assert pair.tls is True          # a ClientHello: relay.tls_fast_relay applies
     gevent.sleep(0.3)          # past client_hello and connect: their timers were stopped
     assert r.ended == [] and r.records() == []
     pair.on_done(result)
@@ -251,6 +252,7 @@ def test_not_tls_goes_to_the_fallback(rig, backend):
     r = rig([(NAME, "192.0.2.1:1")], fallback=backend.address)
     _, _, pair = r.run(IPERF3)
     backend_got(backend.sock, IPERF3)
+    assert pair.tls is False
     pair.on_done(RelayResult(0, 3, "done"))
     [record] = r.records()
     assert (record["name"], record["backend"], record["outcome"]) == ("(not_tls)", backend.address, "done")
