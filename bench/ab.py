@@ -3,8 +3,11 @@ one measured in each round in turn, so that the machine's drift hits them alike.
 import statistics
 import sys
 from dataclasses import replace
+from pathlib import Path
+from typing import Callable
 
 from bench import measure, origins, procs
+from bench.origins import Origins
 from bench.scenarios import MODES, Context, Scenario
 from bench.systems import HaproxySplice, Sniproxy, System
 
@@ -47,17 +50,33 @@ def print_medians(values: dict[tuple[str, str], list[float]]) -> None:
         print(f"{metric:40s} {name:28s} {statistics.median(vs):12.4g} [{min(vs):.4g}-{max(vs):.4g}]")
 
 
-def compare_auto(prefix: str, variants: list[tuple[str, ...]], scenarios: list[Scenario]) -> None:
-    """The default policy, each variant ((name, [relay] lines[, [bpf] lines])) of it and HAProxy with splice,
-    one worker (thread) each, over ROUNDS (the first argument, 3 by default) of the scenarios in
-    full mode with 2,000 idle connections; the machine, then the medians."""
+def print_rounds(values: dict[tuple[str, str], list[float]]) -> None:
+    """A line per metric and system: its value in each round, in order."""
+    for (name, metric), vs in values.items():
+        print(f"{metric:40s} {name:28s} each round: {', '.join(f'{v:.4g}' for v in vs)}")
+
+
+def run(prefix: str, systems_of: Callable[[Origins, Path], list[System]], scenarios: list[Scenario],
+        idle_connections: int = 2000) -> dict[tuple[str, str], list[float]]:
+    """The systems that systems_of(backends, workdir) makes, one worker (thread) each, over ROUNDS
+    (the first argument, 3 by default) of the scenarios in full mode with idle_connections
+    held; prints the machine, then the medians, and returns every round's values."""
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     hard = procs.raise_fd_limit()
-    settings = replace(MODES["full"], idle_connections=2000)
+    settings = replace(MODES["full"], idle_connections=idle_connections)
     with origins.running(prefix, download_bytes=settings.download_bytes, nofile=hard) as (workdir, backends):
-        systems = [Sniproxy(backends, workdir, "auto"),
-                   *(Variant(backends, workdir, "auto", *variant) for variant in variants),
-                   HaproxySplice(backends, workdir, settings.idle_connections + 100)]
-        values = measure_rounds(systems, scenarios, Context(settings, workdir, backends.hold), rounds)
+        values = measure_rounds(systems_of(backends, workdir), scenarios, Context(settings, workdir, backends.hold),
+                                rounds)
     print("\n".join(measure.machine()))
     print_medians(values)
+    return values
+
+
+def compare_auto(prefix: str, variants: list[tuple[str, ...]], scenarios: list[Scenario]) -> None:
+    """The default policy, each variant ((name, [relay] lines[, [bpf] lines])) of it and HAProxy with splice,
+    through run(), with 2,000 idle connections."""
+    idle = 2000
+    run(prefix, lambda backends, workdir: [
+        Sniproxy(backends, workdir, "auto"),
+        *(Variant(backends, workdir, "auto", *variant) for variant in variants),
+        HaproxySplice(backends, workdir, idle + 100)], scenarios, idle_connections=idle)

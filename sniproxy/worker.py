@@ -245,8 +245,8 @@ class Worker:
         self.kernel = kernel
         # auto's fast pairs go to relay.fast_relay (TLS ones to relay.tls_fast_relay), and to
         # splice where the kernel is not there
-        fast_to = "kernel" if kernel and relay.fast_relay == "kernel" else "splice"
-        tls_fast_to = "kernel" if kernel and relay.tls_fast_relay == "kernel" else "splice"
+        fast_to, tls_fast_to = ("kernel" if kernel and choice == "kernel" else "splice"
+                                for choice in (relay.fast_relay, relay.tls_fast_relay))
         if policy == "splice" or policy == "auto" and "splice" in (fast_to, tls_fast_to):
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()

@@ -4,21 +4,14 @@
 # run-15-rounds.txt was made when the default was 256 KiB: its sniproxy-auto is this script's
 # sniproxy-auto-mark256k, and its sniproxy-auto-mark1m is today's sniproxy-auto.
 import sys
-from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from bench import ab, measure, origins, procs  # noqa: E402
-from bench.scenarios import MODES, Context, TlsDownload  # noqa: E402
+from bench import ab  # noqa: E402
+from bench.scenarios import TlsDownload  # noqa: E402
 from bench.systems import HaproxySplice, Sniproxy, System  # noqa: E402
 
-rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-settings = replace(MODES["full"], idle_connections=0)
-with origins.running("ceiling-", download_bytes=settings.download_bytes,
-                     nofile=procs.raise_fd_limit()) as (workdir, backends):
-    systems = [System(backends, workdir),
-               *(Sniproxy(backends, workdir, policy) for policy in ("auto", "kernel", "splice", "copy")),
-               ab.Variant(backends, workdir, "auto", "sniproxy-auto-mark256k", "", "batch_bytes = 262144\n"),
-               HaproxySplice(backends, workdir, 100)]
-    values = ab.measure_rounds(systems, [TlsDownload()], Context(settings, workdir, backends.hold), rounds)
-print("\n".join(measure.machine()))
-ab.print_medians(values)
+ab.run("ceiling-", lambda backends, workdir: [
+    System(backends, workdir),
+    *(Sniproxy(backends, workdir, policy) for policy in ("auto", "kernel", "splice", "copy")),
+    ab.Variant(backends, workdir, "auto", "sniproxy-auto-mark256k", "", "batch_bytes = 262144\n"),
+    HaproxySplice(backends, workdir, 100)], [TlsDownload()], idle_connections=0)
