@@ -26,11 +26,11 @@ class Variant(Sniproxy):
 
 
 def measure_rounds(systems: list[System], scenarios: list[Scenario], ctx: Context,
-                   rounds: int) -> dict[tuple[str, str], list[float]]:
+                   rounds: int, workers: int = 1) -> dict[tuple[str, str], list[float]]:
     """(system name, "scenario metric") -> its value in each round."""
     values: dict[tuple[str, str], list[float]] = {}
     for system in systems:
-        system.start(1)
+        system.start(workers)
     try:
         for r in range(rounds):
             for system in systems:
@@ -57,8 +57,8 @@ def print_rounds(values: dict[tuple[str, str], list[float]]) -> None:
 
 
 def run(prefix: str, systems_of: Callable[[Origins, Path], list[System]], scenarios: list[Scenario],
-        idle_connections: int = 2000) -> dict[tuple[str, str], list[float]]:
-    """The systems that systems_of(backends, workdir) makes, one worker (thread) each, over ROUNDS
+        idle_connections: int = 2000, workers: int = 1) -> dict[tuple[str, str], list[float]]:
+    """The systems that systems_of(backends, workdir) makes, with `workers` workers (threads) each, over ROUNDS
     (the first argument, 3 by default) of the scenarios in full mode with idle_connections
     held; prints the machine, then the medians, and returns every round's values."""
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -66,7 +66,7 @@ def run(prefix: str, systems_of: Callable[[Origins, Path], list[System]], scenar
     settings = replace(MODES["full"], idle_connections=idle_connections)
     with origins.running(prefix, download_bytes=settings.download_bytes, nofile=hard) as (workdir, backends):
         values = measure_rounds(systems_of(backends, workdir), scenarios, Context(settings, workdir, backends.hold),
-                                rounds)
+                                rounds, workers)
     print("\n".join(measure.machine()))
     print_medians(values)
     return values

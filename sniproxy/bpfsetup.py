@@ -13,7 +13,7 @@ from .config import Config, parse_listen_address
 from .kernel_abi import CONNECTION_MAP, RELAY_CONTROL, SOCK_TARGETS, map_sizes
 
 log = logging.getLogger("sniproxy.bpf")
-PROGRAMS = ("relay", "dns_cache", "xdp_filter")
+PROGRAMS = ("relay", "dns_cache", "xdp_filter", "steer")
 
 
 class BpfSetupError(Exception):
@@ -27,6 +27,7 @@ class BpfSetup:
         self.pins_for_workers: str | None = None   # set when workers have pinned maps to open
         self.loaded = None
         self.xdp_attached: dict[str, int] = {}     # interface -> XDP flags used
+        self.steering = False                      # bpf/steer.c chooses the worker of a new connection
         self.skipped: list[str] = []
         self._suspects: set[bytes] = set()         # relay entries with no socket at the last sweep
 
@@ -105,6 +106,17 @@ class BpfSetup:
             log.info("removed the relay entries of %d sockets that no longer exist", len(stale))
         return len(stale)
 
+    def steer(self, sockets: dict) -> None:
+        """bpf.steering over the listening sockets the master holds now: (slot, address) -> socket."""
+        if self.loaded is None:
+            return
+        from . import steering
+        try:
+            self.steering = steering.place(self.cfg.bpf.pin_path, self.cfg, sockets)
+        except OSError as e:   # the hash still spreads connections: worth a warning, not a stop
+            log.warning("bpf.steering: new connections are hashed over the workers instead: %s", e)
+            self.steering = False
+
     def reload(self, cfg: Config) -> None:
         self.cfg = cfg
         if self.loaded is not None:
@@ -128,5 +140,7 @@ class BpfSetup:
         if self.loaded is not None:
             lines.append(f"pins: {self.cfg.bpf.pin_path}")
         lines += [f"xdp: {name}" for name in self.xdp_attached]
+        if self.loaded is not None:
+            lines.append(f"steering: {'fill' if self.steering else 'hash'}")
         lines += [f"skipped {s}" for s in self.skipped]
         return lines

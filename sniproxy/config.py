@@ -56,6 +56,14 @@ class BpfConfig(_Section):
     # many bytes moved or it lived this long: registering costs more than relaying a short exchange.
     handoff_bytes: int = 64 << 10
     handoff_after: float = 0.1
+    # Which worker takes a new connection (bpf/steer.c). fill: the lowest worker slot with
+    # at most steering_backlog connections sent to it and not yet accepted, and at most
+    # steering_margin connections more than the least loaded worker holds; hash: the
+    # kernel's SO_REUSEPORT hash, even whatever the load. A Python worker pays for each
+    # wakeup, so one busy worker serves a connection for less than two half-busy ones.
+    steering: Literal["fill", "hash"] = "fill"
+    steering_backlog: int = 4
+    steering_margin: int = 64
 
 
 class RelayConfig(_Section):
@@ -297,6 +305,9 @@ def check(cfg: Config):
     for key in ("sndbuf", "max_queued", "max_pairs"):
         if getattr(cfg.bpf, key) <= 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be positive")
+    for key in ("steering_backlog", "steering_margin"):
+        if not 0 <= getattr(cfg.bpf, key) < 1 << 32:
+            yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 or more")
     for key in ("handoff_bytes", "handoff_after"):
         if getattr(cfg.bpf, key) < 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 (at once) or more")

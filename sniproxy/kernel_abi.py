@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 # --- bpf/relay.c ---------------------------------------------------------------
 SOCK_MAP = "SOCK_MAP"              # sockhash: socket cookie -> socket; relay_verdict runs here
@@ -95,6 +95,19 @@ PERCPU_COUNTERS = {
     XDP_STATS: ("passed", "dropped_deny", "dropped_not_allowed"),
 }
 
+# --- bpf/steer.c -------------------------------------------------------------------
+STEER_PROGRAM = "steer_connection"
+STEER_SLOTS = "STEER_SLOTS"          # mmapable array: worker slot -> struct steer_slot
+STEER_CONFIG = "STEER_CONFIG"        # array[1] of struct steer_config
+STEER_LISTENERS = "STEER_LISTENERS"  # hash: struct steer_address -> u32 listener index
+STEER_SOCKETS = "STEER_SOCKETS"      # sockmap: listener index * STEER_WORKERS_MAX + slot -> socket
+STEER_LISTENERS_MAX, STEER_WORKERS_MAX = 16, 64
+# struct steer_slot: live, steered[STEER_LISTENERS_MAX], accepted[STEER_LISTENERS_MAX] (u64 each)
+STEER_SLOT_CELLS = 1 + 2 * STEER_LISTENERS_MAX
+STEER_CONFIG_LAYOUT = struct.Struct("=IIII")    # workers, backlog, margin, pad
+STEER_ADDRESS = struct.Struct("=II16s")         # family, port (host order), address (network order)
+SOCKET_FD = struct.Struct("=I")                 # a sockmap value on update: the socket's descriptor
+
 # --- the loader's own map --------------------------------------------------------
 LAYOUT = "LAYOUT"                  # array[1] of struct layout; pinned last: "the pins are complete"
 LAYOUT_VALUE = struct.Struct("<II")   # version, owner_pid
@@ -108,13 +121,15 @@ VALUE_SIZES = {
     **{name: len(PRESENT) for name in (*ACCESS_ALLOW.values(), *ACCESS_DENY.values(), XDP_PORTS)},
     XDP_CONFIG: XDP_CONFIG_LAYOUT.size,
     XDP_STATS: 8 * len(PERCPU_COUNTERS[XDP_STATS]),
+    STEER_SLOTS: 8 * STEER_SLOT_CELLS, STEER_CONFIG: STEER_CONFIG_LAYOUT.size, STEER_LISTENERS: 4,
+    STEER_SOCKETS: SOCKET_FD.size,
     LAYOUT: LAYOUT_VALUE.size,
 }
 
 # --- programs ----------------------------------------------------------------------
-PROG_XDP, PROG_SK_SKB = 6, 14
+PROG_XDP, PROG_SK_SKB, PROG_SK_REUSEPORT = 6, 14, 21
 ATTACH_SK_SKB_STREAM_PARSER, ATTACH_SK_SKB_STREAM_VERDICT = 4, 5
-PROG_TYPE_NAMES = {PROG_XDP: "xdp", PROG_SK_SKB: "sk_skb"}
+PROG_TYPE_NAMES = {PROG_XDP: "xdp", PROG_SK_SKB: "sk_skb", PROG_SK_REUSEPORT: "sk_reuseport"}
 SOCKMAP_ATTACH_NAMES = {ATTACH_SK_SKB_STREAM_PARSER: "stream parser", ATTACH_SK_SKB_STREAM_VERDICT: "stream verdict"}
 
 
@@ -126,14 +141,17 @@ class ProgramSpec:
 
 
 # Every function a bpf/*.c file exports, with its type. XDP programs are
-# attached to interfaces by their owner, from the pinned program.
+# attached to interfaces by their owner, from the pinned program; the steering
+# program to listening sockets by the master (steering.py).
 PROGRAMS = {
     RELAY_PROGRAM: ProgramSpec(PROG_SK_SKB, SOCK_MAP, ATTACH_SK_SKB_STREAM_VERDICT),
     XDP_PROGRAM: ProgramSpec(PROG_XDP),
+    STEER_PROGRAM: ProgramSpec(PROG_SK_REUSEPORT),
 }
 
 
 def map_sizes(max_pairs: int, dns_cache_size: int) -> dict[str, int]:
     """The -D knobs that size the maps: a pair is two sockets, each with its own
     SOCK_MAP, SOCK_TARGETS, CONNECTION_MAP (and RELAY_CONTROL) entry."""
-    return {"SOCK_MAP_MAX": 2 * max_pairs, "CONNECTION_MAP_MAX": 2 * max_pairs, "DNS_CACHE_SIZE": dns_cache_size}
+    return {"SOCK_MAP_MAX": 2 * max_pairs, "CONNECTION_MAP_MAX": 2 * max_pairs, "DNS_CACHE_SIZE": dns_cache_size,
+            "STEER_LISTENERS_MAX": STEER_LISTENERS_MAX, "STEER_WORKERS_MAX": STEER_WORKERS_MAX}

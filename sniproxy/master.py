@@ -126,6 +126,7 @@ class Master:
             self.bpf.start(reuse_pins=upgraded["xdp"] if upgraded is not None else None)
         except BpfSetupError as e:
             raise StartError(str(e)) from None
+        self.bpf.steer(self.sockets)
         malloc_trim()   # what compiling the programs took and freed (some 50 MB with BCC's LLVM)
         self._set_owner()
         if self.bpf.relay_kind == "kernel":
@@ -282,6 +283,7 @@ class Master:
                 self.metrics_server.stop()
             self.metrics_server = metrics.start(cfg.metrics.address, self)
         self.bpf.reload(cfg)
+        self.bpf.steer(self.sockets)
         self._set_owner()
         self.generation += 1
         old = [w for w in self.workers.values() if w.generation < self.generation]

@@ -6,7 +6,8 @@ import struct
 
 from .config import Config
 from .counters import CounterTable
-from .kernel_abi import ARRAY_KEY_0, PERCPU_COUNTERS, PROG_TYPE_NAMES, SOCKMAP_ATTACH_NAMES
+from .kernel_abi import (ARRAY_KEY_0, PERCPU_COUNTERS, PROG_TYPE_NAMES, SOCKMAP_ATTACH_NAMES, STEER_LISTENERS_MAX,
+                         STEER_SLOT_CELLS, STEER_SLOTS, STEER_WORKERS_MAX)
 
 
 def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
@@ -20,6 +21,25 @@ def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
         values = percpu_totals(os.path.join(cfg.bpf.pin_path, name), fields)
         if values is not None:
             out[name.lower()] = values
+    if state is not None:
+        slots = steering_slots(os.path.join(cfg.bpf.pin_path, STEER_SLOTS),
+                               sorted({w["index"] for w in state["workers"] if "index" in w}))
+        if slots is not None:
+            out["steering"] = slots
+    return out
+
+
+def steering_slots(path: str, slots: list[int]) -> dict[str, int] | None:
+    """Per worker slot of bpf/steer.c: connections steered to it, accepted, and held now."""
+    if not os.path.exists(path):
+        return None
+    from .bpfsys import PinnedMap
+    out = {}
+    with PinnedMap.open(path) as m:
+        for slot in (s for s in slots if s < STEER_WORKERS_MAX):
+            live, *counts = struct.unpack(f"{STEER_SLOT_CELLS}Q", m.lookup(struct.pack("=I", slot)))
+            out |= {f"slot{slot}_steered": sum(counts[:STEER_LISTENERS_MAX]),
+                    f"slot{slot}_accepted": sum(counts[STEER_LISTENERS_MAX:]), f"slot{slot}_live": live}
     return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .config import Config, ListenerConfig
 from .counters import CounterTable
+from .kernel_abi import STEER_LISTENERS_MAX
 
 log = logging.getLogger("sniproxy.worker")
 
@@ -113,6 +114,7 @@ class Worker:
         self.alive = True
         self.held = False            # full (master.max_connections): not accepting for now
         self.kernel = None           # the kernel relay, if the policy has one
+        self.steering = None         # our slot of bpf/steer.c's counters (steering.SlotCells)
         self.fd_errors_logged = -math.inf
 
     # --- in the child ---------------------------------------------------------
@@ -174,6 +176,7 @@ class Worker:
             listener_slots={lc.address: i for i, lc in enumerate(self.cfg.listener)})
         if self.keeper is not None:
             self.loop.io(self.keeper.sock.fileno(), 1).start(self._on_keeper)
+        self.steering = self._steering()
         if self.owner is not None:   # before the first client byte is read
             from .privileges import drop
             drop(self.owner, set(self.caps))
@@ -228,6 +231,22 @@ class Worker:
             cache = LocalDnsCache(self.cfg.resolver.cache_size)
         return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect, counters=self.counters)
 
+    def _steering(self):
+        """Our slot of bpf/steer.c's counters, where the program chooses among workers."""
+        from .kernel_abi import STEER_SLOTS, STEER_WORKERS_MAX
+        if self.cfg.bpf.steering != "fill" or not self.bpf_pins or self.index >= STEER_WORKERS_MAX or \
+                not os.path.exists(os.path.join(self.bpf_pins, STEER_SLOTS)):
+            return None
+        from .steering import SlotCells
+        cells = SlotCells(self.bpf_pins, self.index)
+        self._correct_steering(cells)
+        return cells
+
+    def _correct_steering(self, cells) -> None:
+        cells.holding(len(self.connections))
+        for listener, (_, listening) in enumerate(self.slot.listeners[:STEER_LISTENERS_MAX]):
+            cells.correct(listener, listening)
+
     def _open_relay(self, counters):
         """relay.policy, as a Chain: every connection starts in the copy relay."""
         from .relay import Chain, Handoff, Stage
@@ -276,6 +295,8 @@ class Worker:
                 self.heartbeat.beat()
                 due = now + interval
             self._set_gauges()
+            if self.steering is not None:
+                self._correct_steering(self.steering)
             self._trim_memory()
             if os.getppid() != self.master_pid:
                 log.warning("worker %d: master %d is gone, stopping", self.index, self.master_pid)
@@ -304,6 +325,7 @@ class Worker:
         # Stop accepting, but never shutdown() the listening socket: that would
         # reset its accept queue, which the master keeps for the next worker.
         self.alive = False
+        self.steering = None   # the slot's next worker counts from here
         for acceptor in self.acceptors:
             acceptor.close()
         self.acceptors.clear()
@@ -384,12 +406,15 @@ class Worker:
         """Start a Connection for everything waiting in the accept queue."""
         family = listening.family   # read once: it converts to an enum on every read
         limit = self.cfg.master.max_connections
+        steering, index = self.steering, self.ctx.listener_slots[lc.address]
         while True:
             if limit and self._holding() >= limit:
                 return self._hold()
             try:
                 fd, peer = listening._accept()
             except BlockingIOError:
+                if steering is not None:
+                    steering.holding(len(self.connections))
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and acceptor is not None:
@@ -403,6 +428,8 @@ class Worker:
             # It stays in blocking mode: every call on it passes MSG_DONTWAIT. It inherits
             # TCP_NODELAY from the listening socket.
             client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            if steering is not None and index < STEER_LISTENERS_MAX:
+                steering.accepted(index)
             connection = self.Connection(self.ctx, lc, client, peer)
             self.connections.add(connection)
             connection.start()
@@ -428,6 +455,8 @@ class Worker:
 
     def connection_ended(self, connection) -> None:
         self.connections.discard(connection)
+        if self.steering is not None:
+            self.steering.holding(len(self.connections))
         self._one_ended()
 
     def _one_ended(self) -> None:

@@ -28,8 +28,10 @@ HELLO_NAME = "curl.example.test"          # the SNI of the fixture ClientHello H
 
 def _config(port, routes, mode, pin_path, **kw):
     kernel = mode == "require"
+    # Steered with no margin, held connections alternate between the workers, so that
+    # both hold some (without BPF, the kernel's hash spreads them).
     return make_config(port, routes, mode=mode, pin_path=pin_path if kernel else None,
-                       bpf=AT_ONCE if kernel else "", **kw)
+                       bpf=AT_ONCE + "steering_margin = 0\n" if kernel else "", **kw)
 
 
 def _raise_nofile(needed: int):
