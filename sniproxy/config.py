@@ -95,10 +95,11 @@ class RelayConfig(_Section):
     # Where auto sends a fast pair that speaks TLS (its first flight a ClientHello). A TLS
     # server writes records of 16 KiB at most, which on a local path reach the verdict as an
     # skb each. On the bench's TLS download splice led the kernel relay by 2-9% at 6% less
-    # system-wide CPU (bench/results/2026-11-29-tls-splice, -tls-ceiling, -tls-veth). But a
-    # splice pair ends with its worker, after master.graceful_timeout on a reload, where a
-    # kernel-relayed one outlives it (keeper.py): so the default stays the kernel.
-    tls_fast_relay: Literal["kernel", "splice"] = "kernel"
+    # system-wide CPU (bench/results/2026-11-29-tls-splice, -tls-ceiling, -tls-veth). A
+    # worker that leaves (a reload, a stop) moves its splice pairs to the kernel relay, which
+    # outlives it (relay.LEAVING, keeper.py); a worker that crashes takes them with it, where
+    # kernel-relayed ones would live on.
+    tls_fast_relay: Literal["kernel", "splice"] = "splice"
     window: float = 5.0               # seconds
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel

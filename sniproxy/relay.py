@@ -37,8 +37,8 @@ class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
     # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
-    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined",
-    # or STOWED
+    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined"
+    # | LEAVING, or STOWED
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
     kernel_up: int = 0       # of up and down, the bytes the verdict redirected;
@@ -48,6 +48,10 @@ class RelayResult(NamedTuple):
 # The relay holds the pair alone from now on, and ends it without its owner: the pair
 # no longer holds the owner's state (kernel_relay.py stows idle pairs the master keeps).
 STOWED = "stowed"
+
+# The worker is leaving (a reload, a stop): a Chain moves the pair to a relay that
+# outlives it, the kernel's, where one is there (Chain.leaving).
+LEAVING = "leaving"
 
 SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
 
@@ -114,12 +118,15 @@ class Chain:
     def __init__(self, stages: dict[str, Stage], first: str, on_move: Callable[[str], None] | None = None):
         self.stages, self.first = stages, first
         self.on_move = on_move   # told the name of each stage a pair moves to after the first
+        self.is_leaving = False  # the worker is leaving: pairs move on LEAVING where a stage says
 
     @classmethod
     def of(cls, first, then, handoff: Handoff) -> "Chain":
         """`first` until the handoff, then `then`; a pair `then` declines (it half-closed
-        meanwhile, or the kernel's maps are full) goes back to `first` for good."""
-        return cls({"first": Stage(first, handoff, {"fast": "then", "quiet": "then"}),
+        meanwhile, or the kernel's maps are full) goes back to `first` for good. A pair
+        still in `first` when the worker leaves goes to `then` if that is the kernel."""
+        moves = {"fast": "then", "quiet": "then", **({LEAVING: "then"} if then.kind == "kernel" else {})}
+        return cls({"first": Stage(first, handoff, moves),
                     "then": Stage(then, None, {"declined": "rest"}),
                     "rest": Stage(first)}, "first")
 
@@ -130,6 +137,15 @@ class Chain:
         chained = _Chained(self, client, upstream, limits, on_done, record, tls)
         chained.enter(self.first, None)
         return chained
+
+    def leaving(self) -> None:
+        """The worker is leaving: every pair in a stage that moves LEAVING on stops at its
+        next point with no byte in hand, and moves there, instead of being cut at the
+        graceful timeout. Pairs that begin from now on go there at once."""
+        self.is_leaving = True
+        for stage in self.stages.values():
+            if LEAVING in stage.moves:
+                stage.relay.leaving()
 
     def _relays(self) -> list:
         return list({id(s.relay): s.relay for s in self.stages.values()}.values())
@@ -171,6 +187,9 @@ class _Chained:
         stage = self.chain.stages[name]
         if stage.handoff is not None and stage.handoff.bytes <= 0:
             return self.left(name, RelayResult(0, 0, "fast"))
+        if self.chain.is_leaving and LEAVING in stage.moves and (self.so_far is None or
+                                                                  self.so_far.outcome != "declined"):
+            return self.left(name, RelayResult(0, 0, LEAVING))
         record = None
         if self.record is not None and stage.relay.wants_record:   # what the log line says if it ends elsewhere
             up, down = (self.so_far.up, self.so_far.down) if self.so_far is not None else (0, 0)

@@ -17,7 +17,7 @@ import time
 
 import gevent
 
-from .relay import RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
+from .relay import LEAVING, RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -172,6 +172,7 @@ class UserspacePair:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+        self.relay.pairs.discard(self)
         self.relay._release(self)
 
 
@@ -184,12 +185,24 @@ class UserspaceRelay:
         # One buffer per worker: bytes are sent on at once, and what the peer cannot
         # take yet is copied out, so idle connections hold no buffer.
         self._buffer = memoryview(bytearray(buffer_size))
+        self.pairs: set[UserspacePair] = set()   # live ones: the worker may leave (leaving)
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
               before=None, record: dict | None = None, tls: bool = False) -> UserspacePair:
         """before, record: what a Chain tells the relays whose pairs may end elsewhere; tls,
         what a connection tells a Chain (all unused here)."""
-        return UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
+        pair = UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
+        self.pairs.add(pair)
+        return pair
+
+    def leaving(self) -> None:
+        """The worker is leaving: each pair with a Handoff (in a Chain) stops with outcome
+        LEAVING at its next point with no byte in hand (at once when it holds none), and
+        neither side has sent its FIN: the kernel relay takes no half-closed pair."""
+        for pair in list(self.pairs):
+            if pair.handoff is not None:
+                pair.due_outcome = LEAVING
+                pair._on_timer()
 
     def _release(self, pair: UserspacePair) -> None:
         """The pair is done with the relay: what it held goes back."""

@@ -249,7 +249,7 @@ class Worker:
 
     def _open_relay(self, counters):
         """relay.policy, as a Chain: every connection starts in the copy relay."""
-        from .relay import Chain, Handoff, Stage
+        from .relay import LEAVING, Chain, Handoff, Stage
         from .userspace_relay import UserspaceRelay
         bpf, relay, policy = self.cfg.bpf, self.cfg.relay, self.cfg.relay.policy
         kernel = splice = None
@@ -276,10 +276,13 @@ class Worker:
         fast = relay.splice_rate * relay.window
         quiet = relay.kernel_rate * relay.window if kernel else -1
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
+        # A leaving worker's pairs go to the kernel relay, which outlives it (keeper.py).
+        leaving = {LEAVING: "kernel"} if kernel else {}
         stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate),
-                                {"fast": fast_to, "fast:tls": tls_fast_to, "quiet": "kernel", "chatty": "kernel"})}
+                                {"fast": fast_to, "fast:tls": tls_fast_to, "quiet": "kernel", "chatty": "kernel",
+                                 **leaving})}
         if splice is not None:
-            stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy"})
+            stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy", **leaving})
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
         return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))
@@ -330,6 +333,8 @@ class Worker:
             acceptor.close()
         self.acceptors.clear()
         self._accept_what_waits()
+        if self.kernel is not None:   # the relay is a Chain, and its pairs can outlive us there
+            self.relay.leaving()
         # Our copies only: the master keeps a slot that goes on for the next worker, and
         # one that a reload removed leaves SO_REUSEPORT's group now instead of when we exit.
         for _, listening in self.slot.listeners:

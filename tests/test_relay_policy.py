@@ -236,3 +236,33 @@ def test_auto_sends_a_fast_tls_pair_to_relay_tls_fast_relay(proxy, backends, pin
     moved = {name: count - base[name] for name, count in moves(p).items()}
     assert moved[moved_to] >= 1
     assert moved["moved_to_kernel" if moved_to == "moved_to_splice" else "moved_to_splice"] == 0
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("fast_relay", ["splice", "kernel"])
+def test_a_leaving_worker_hands_its_userspace_pairs_to_the_kernel(proxy, plain, pin_path, fast_relay):
+    """A reload: the old worker's pairs in the copy relay (a young pair, and with fast_relay =
+    "kernel" the fast one went to the kernel before) and in splice move to the kernel relay,
+    which outlives the worker, so that it leaves at once rather than at graceful_timeout (10 s
+    here) with the pair cut. Every byte, before and after, comes back in order."""
+    b = plain("echo")
+    port = free_port()
+    config = make_config(port, [], fallback=b.address, mode="require", pin_path=pin_path, workers=1,
+                         policy="auto", relay=AUTO.replace("window = 0.2", "window = 5.0") +
+                         f'fast_relay = "{fast_relay}"\n')   # fast by its rate; quiet only after 5 s
+    p = proxy(config, wait_ports=(port,))
+    fast = Client(port, b"\x00" + os.urandom(1000))          # not TLS: the fallback, an echo
+    fast.stream(os.urandom(8 * MiB), len(fast.sent) + 8 * MiB)
+    young = Client(port, b"\x00" + os.urandom(1000))
+    young.read_until(len(young.sent))
+    [old] = p.worker_pids()
+    before = moves(p)
+    assert before["moved_to_kernel" if fast_relay == "kernel" else "moved_to_splice"] == 1
+    p.reload(config + "\n")
+    wait_until(lambda: old not in p.worker_pids(), timeout=5, what="the old worker to leave")
+    kernel_before = before["moved_to_kernel"]
+    assert moves(p)["moved_to_kernel"] == kernel_before + (1 if fast_relay == "kernel" else 2)
+    for client in (fast, young):
+        client.stream(os.urandom(2 * MiB), len(client.sent) + 2 * MiB)
+        got = client.finish()
+        assert len(got) == len(client.sent) and sha(got) == sha(bytes(client.sent))
