@@ -4,8 +4,9 @@
 // The kernel's hash spreads connections evenly over the workers whatever their
 // load. On a busy machine a Python worker pays for every wakeup, and two half-busy
 // workers cost more than one busy one. So a connection goes to the lowest worker
-// slot that keeps up: fewer than `backlog` connections steered to it and not yet
-// accepted, and no more than `margin` connections above the least loaded worker,
+// slot that keeps up: at most `backlog` connections steered to it and not yet
+// accepted when this one comes, and at most `margin` connections above the least
+// loaded worker (connections it serves; pairs parked in the kernel cost it nothing),
 // so that long-lived connections still spread. Where none keeps up, the kernel's
 // hash picks. bpf.steering = "hash" detaches the program.
 #include <uapi/linux/bpf.h>
@@ -101,7 +102,7 @@ int steer_connection(struct sk_reuseport_md *ctx)
             break;
         u32 key = i;
         struct steer_slot *s = STEER_SLOTS.lookup(&key);
-        // Signed: the once-a-second correction may leave accepted ahead for a moment.
+        // Signed: a correction counts handshakes not yet queued (TCP_DEFER_ACCEPT) as accepted.
         if (!s || (s64)(s->steered[listener] - s->accepted[listener]) > (s64)cfg->backlog ||
                 s->live > least + cfg->margin)
             continue;

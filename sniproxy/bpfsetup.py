@@ -8,6 +8,7 @@ others: XDP failing on an interface leaves the relay on.
 from __future__ import annotations
 
 import logging
+import os
 
 from .config import Config, parse_listen_address
 from .kernel_abi import CONNECTION_MAP, RELAY_CONTROL, SOCK_TARGETS, map_sizes
@@ -43,8 +44,7 @@ class BpfSetup:
             problems = bpfload.probe(bpf.pin_path).problems()
             if problems:
                 raise bpfload.BpfLoadError("; ".join(problems))
-            self.loaded = bpfload.reuse(bpf.pin_path) if reuse_pins is not None else \
-                bpfload.load(bpf.pin_path, PROGRAMS, cflags=self._cflags())
+            self.loaded = bpfload.reuse(bpf.pin_path) if reuse_pins is not None else self._load(bpfload)
         except bpfload.BpfLoadError as e:
             if bpf.mode == "require":
                 raise BpfSetupError(f"bpf.mode = require, but the kernel relay is unavailable: {e}") from None
@@ -59,6 +59,19 @@ class BpfSetup:
                 self.xdp_attached[ifname] = reuse_pins[ifname]
             else:
                 self._attach_xdp(ifname)
+
+    def _load(self, bpfload):
+        """Every program; steering is the one the relay does without (it needs 5.14's
+        sk_reuseport_md.sk): where it fails, the kernel's hash spreads connections."""
+        try:
+            return bpfload.load(self.cfg.bpf.pin_path, PROGRAMS, cflags=self._cflags())
+        except bpfload.BpfLoadError as e:
+            if not str(e).startswith("bpf/steer.c"):
+                raise
+            log.warning("bpf.steering unavailable, new connections are hashed over the workers: %s", e)
+            self.skipped.append(f"steering: {e}")
+            return bpfload.load(self.cfg.bpf.pin_path, tuple(p for p in PROGRAMS if p != "steer"),
+                                cflags=self._cflags())
 
     def layout_version(self) -> int | None:
         """The layout of the maps pinned now (None: nothing pinned)."""
@@ -108,7 +121,8 @@ class BpfSetup:
 
     def steer(self, sockets: dict) -> None:
         """bpf.steering over the listening sockets the master holds now: (slot, address) -> socket."""
-        if self.loaded is None:
+        from .kernel_abi import STEER_PROGRAM
+        if self.loaded is None or not os.path.exists(self.loaded.map_path(STEER_PROGRAM)):
             return
         from . import steering
         try:

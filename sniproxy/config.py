@@ -99,8 +99,9 @@ class RelayConfig(_Section):
     # server writes records of 16 KiB at most, which on a local path reach the verdict as an
     # skb each. On the bench's TLS download splice led the kernel relay by 2-9% at 6% less
     # system-wide CPU (bench/results/2026-11-29-tls-splice, -tls-ceiling, -tls-veth). A
-    # worker that leaves (a reload, a stop) moves its splice pairs to the kernel relay, which
-    # outlives it (relay.LEAVING, keeper.py); a worker that crashes takes them with it, where
+    # worker that a reload or an upgrade replaces moves its splice pairs to the kernel relay,
+    # where that is in use, and they outlive it (relay.LEAVING, keeper.py); on a stop they get
+    # master.graceful_timeout, and a worker that crashes takes them with it, where
     # kernel-relayed ones would live on.
     tls_fast_relay: Literal["kernel", "splice"] = "splice"
     window: float = 5.0               # seconds
@@ -311,7 +312,7 @@ def check(cfg: Config):
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be positive")
     for key in ("steering_backlog", "steering_margin"):
         if not 0 <= getattr(cfg.bpf, key) < 1 << 32:
-            yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 or more")
+            yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 to 4294967295")
     for key in ("handoff_bytes", "handoff_after"):
         if getattr(cfg.bpf, key) < 0:
             yield bad(f"bpf.{key}", getattr(cfg.bpf, key), "must be 0 (at once) or more")

@@ -220,7 +220,7 @@ class Master:
         self.stopping = self.upgrading = True
         self.stop_deadline = time.monotonic() + self.cfg.master.graceful_timeout
         systemd.notify("RELOADING=1", "STATUS=upgrading")
-        self.signal_workers(signal.SIGTERM)
+        self.signal_workers(signal.SIGUSR2)   # they leave, handing their pairs to the kernel relay
 
     def _upgrade_problem(self) -> str | None:
         """Why the code on disk cannot take over: it fails to start, reads another
@@ -288,8 +288,8 @@ class Master:
         self.generation += 1
         old = [w for w in self.workers.values() if w.generation < self.generation]
         self.manage_workers()
-        for w in old:
-            _kill(w.pid, signal.SIGTERM)
+        for w in old:   # they leave, handing their pairs to the kernel relay
+            _kill(w.pid, signal.SIGUSR2)
         log.info("reloaded %s: %d workers", self.config_path or "(built-in config)", worker_count(cfg))
 
     # --- listening sockets ------------------------------------------------------

@@ -49,8 +49,8 @@ class RelayResult(NamedTuple):
 # no longer holds the owner's state (kernel_relay.py stows idle pairs the master keeps).
 STOWED = "stowed"
 
-# The worker is leaving (a reload, a stop): a Chain moves the pair to a relay that
-# outlives it, the kernel's, where one is there (Chain.leaving).
+# The worker is leaving for a successor (a reload, an upgrade): a Chain moves the pair
+# to a relay that outlives it, the kernel's, where one is there (Chain.leaving).
 LEAVING = "leaving"
 
 SMALL_MESSAGE = 1024   # bytes a read averages at most in a chatty pair (see Handoff)
@@ -143,9 +143,10 @@ class Chain:
         next point with no byte in hand, and moves there, instead of being cut at the
         graceful timeout. Pairs that begin from now on go there at once."""
         self.is_leaving = True
-        for stage in self.stages.values():
-            if LEAVING in stage.moves:
-                stage.relay.leaving()
+        names = {name for name, stage in self.stages.items() if LEAVING in stage.moves}
+        for relay in {id(self.stages[n].relay): self.stages[n].relay for n in names}.values():
+            relay.leaving(lambda pair: isinstance(pair.on_done, _Chained) and pair.on_done.chain is self and
+                          pair.on_done.name in names)
 
     def _relays(self) -> list:
         return list({id(s.relay): s.relay for s in self.stages.values()}.values())

@@ -32,6 +32,7 @@ _TCPI_UNACKED = struct.Struct("=24xI")             # tcp_info of a listener: its
 def address_key(sock: socket.socket) -> bytes:
     """A listening socket's address as the program reads it from struct bpf_sock."""
     host, port = sock.getsockname()[:2]
+    host = host.split("%")[0]   # a link-local address's scope
     return STEER_ADDRESS.pack(sock.family, port, socket.inet_pton(sock.family, host).ljust(16, b"\0"))
 
 
@@ -88,7 +89,8 @@ def place(pin_path: str, cfg, sockets: dict[tuple[int, str], socket.socket]) -> 
 class SlotCells:
     """A worker's slot of STEER_SLOTS, written as plain memory: the program reads it
     for every new connection, and a system call per accept would cost more than
-    steering saves. Only the slot's current worker writes it; a draining one stops."""
+    steering saves. The slot's worker writes it; one that leaves stops, though for the
+    moment between a reload's fork and its signal, both may (correct() mends that)."""
 
     def __init__(self, pin_path: str, slot: int):
         fd = bpfsys.obj_get(os.path.join(pin_path, STEER_SLOTS))
@@ -101,7 +103,10 @@ class SlotCells:
         self._cells = memoryview(self._map).cast("Q")[base:base + STEER_SLOT_CELLS]
 
     def accepted(self, listener: int) -> None:
-        self._cells[_ACCEPTED + listener] += 1
+        """One more accepted; not past what the program steered here (the kernel's hash
+        places some, while the program is being attached or a reload re-places sockets)."""
+        if self._cells[_ACCEPTED + listener] < self._cells[_STEERED + listener]:
+            self._cells[_ACCEPTED + listener] += 1
 
     def holding(self, live: int) -> None:
         self._cells[0] = live
@@ -110,6 +115,7 @@ class SlotCells:
         """Accepted, from what the program steered and what waits in the accept queue:
         a worker that drained on reload accepted from the same socket, and a slot's
         previous worker may have died with connections in its queue."""
+        steered = self._cells[_STEERED + listener]   # first: what it counts next may not be queued yet
         queued = _TCPI_UNACKED.unpack(listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
                                                            _TCPI_UNACKED.size))[0]
-        self._cells[_ACCEPTED + listener] = max(self._cells[_STEERED + listener] - queued, 0)
+        self._cells[_ACCEPTED + listener] = max(steered - queued, 0)

@@ -195,12 +195,13 @@ class UserspaceRelay:
         self.pairs.add(pair)
         return pair
 
-    def leaving(self) -> None:
-        """The worker is leaving: each pair with a Handoff (in a Chain) stops with outcome
-        LEAVING at its next point with no byte in hand (at once when it holds none), and
-        neither side has sent its FIN: the kernel relay takes no half-closed pair."""
+    def leaving(self, which) -> None:
+        """The worker is leaving: each pair that which(pair) picks (a Chain's, in a stage
+        that moves LEAVING on) stops with that outcome at its next point with no byte in
+        hand (at once when it holds none), and neither side has sent its FIN: the kernel
+        relay takes no half-closed pair."""
         for pair in list(self.pairs):
-            if pair.handoff is not None:
+            if pair.handoff is not None and which(pair):
                 pair.due_outcome = LEAVING
                 pair._on_timer()
 

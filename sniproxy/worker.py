@@ -115,6 +115,7 @@ class Worker:
         self.held = False            # full (master.max_connections): not accepting for now
         self.kernel = None           # the kernel relay, if the policy has one
         self.steering = None         # our slot of bpf/steer.c's counters (steering.SlotCells)
+        self.handing_over = False    # leaving for a successor (SIGUSR2), not stopping (SIGTERM)
         self.fd_errors_logged = -math.inf
 
     # --- in the child ---------------------------------------------------------
@@ -198,9 +199,10 @@ class Worker:
 
     def _take_signals(self) -> None:
         import gevent
+        # SIGTERM: a stop; SIGUSR2: a reload or an upgrade, where a successor goes on.
         handlers = {signal.SIGTERM: self._on_term, signal.SIGQUIT: lambda: os._exit(0),
-                    signal.SIGUSR1: self.access_log.reopen}
-        defaults = {signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_DFL, signal.SIGUSR2: signal.SIG_IGN,
+                    signal.SIGUSR1: self.access_log.reopen, signal.SIGUSR2: self._on_handover}
+        defaults = {signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_DFL,
                     signal.SIGCHLD: signal.SIG_DFL}
         assert set(handlers) | set(defaults) == set(SIGNALS)
         for sig, action in defaults.items():
@@ -232,14 +234,20 @@ class Worker:
         return Resolver(self.cfg.resolver, cache, timeout=self.cfg.timeouts.connect, counters=self.counters)
 
     def _steering(self):
-        """Our slot of bpf/steer.c's counters, where the program chooses among workers."""
+        """Our slot of bpf/steer.c's counters, where the program chooses among workers;
+        None where it does not (or cannot: then the kernel's hash serves, as it did)."""
         from .kernel_abi import STEER_SLOTS, STEER_WORKERS_MAX
         if self.cfg.bpf.steering != "fill" or not self.bpf_pins or self.index >= STEER_WORKERS_MAX or \
                 not os.path.exists(os.path.join(self.bpf_pins, STEER_SLOTS)):
             return None
         from .steering import SlotCells
-        cells = SlotCells(self.bpf_pins, self.index)
-        self._correct_steering(cells)
+        try:
+            cells = SlotCells(self.bpf_pins, self.index)
+            self._correct_steering(cells)
+        except OSError as e:
+            log.warning("worker %d: bpf.steering cannot map its slot's counters (%s); the program will "
+                        "send it few connections", self.index, e)
+            return None
         return cells
 
     def _correct_steering(self, cells) -> None:
@@ -324,16 +332,21 @@ class Worker:
         self.counters.set("live_kernel_pairs", getattr(self.relay, "live_pairs", 0))
         self.counters.set("loop_watchers", self.loop.activecnt)
 
-    def _on_term(self) -> None:
+    def _on_handover(self) -> None:
+        """Leave as on a stop, but first hand what can outlive us to the kernel relay."""
+        self._on_term(hand_over=True)
+
+    def _on_term(self, hand_over: bool = False) -> None:
         # Stop accepting, but never shutdown() the listening socket: that would
         # reset its accept queue, which the master keeps for the next worker.
         self.alive = False
+        self.handing_over = hand_over
         self.steering = None   # the slot's next worker counts from here
         for acceptor in self.acceptors:
             acceptor.close()
         self.acceptors.clear()
         self._accept_what_waits()
-        if self.kernel is not None:   # the relay is a Chain, and its pairs can outlive us there
+        if hand_over and self.kernel is not None:   # a Chain, whose pairs can outlive us there
             self.relay.leaving()
         # Our copies only: the master keeps a slot that goes on for the next worker, and
         # one that a reload removed leaves SO_REUSEPORT's group now instead of when we exit.
@@ -348,19 +361,23 @@ class Worker:
             self._accept_all(lc, listening)
 
     def _stop_gracefully(self) -> None:
-        """Serve what is in flight until graceful_timeout, then leave. Pairs the master
-        keeps (kernel-relayed) do not hold us: another worker adopts them."""
+        """Serve what is in flight until graceful_timeout, then leave. Handing over to a
+        successor, pairs the master keeps (kernel-relayed) do not hold us: another worker
+        adopts them. On a stop there is none, and the master's copies end with it, so
+        every pair we hold does, the kernel-relayed ones included."""
         self.alive = False
         timeout = self.cfg.master.graceful_timeout
         deadline = time.monotonic() + timeout
-        while len(self.connections) > self._kept_connections() and time.monotonic() < deadline:
+        still_held = (lambda: len(self.connections) - self._kept_connections()) if self.handing_over else \
+            self._holding
+        while still_held() > 0 and time.monotonic() < deadline:
             # Not a latch: the last connection may have left before the ones accepted at
             # TERM arrived (a probe that closed at once), and those must be served too.
             self.all_ended.clear()
             self.all_ended.wait(min(deadline - time.monotonic(), 0.1 if self.keeper is not None else math.inf))
-        if self.connections:
+        if still_held() > 0:
             log.warning("worker %d: %d connections still open after %.0fs, closing them",
-                        self.index, len(self.connections), timeout)
+                        self.index, still_held(), timeout)
         self.relay.close()
         os._exit(0)
 

@@ -520,10 +520,17 @@ def _serving_pids(port: int) -> set[int]:
     return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
 
 
-def test_graceful_stop_lets_a_transfer_finish(proxy, backends):
+@pytest.mark.parametrize("mode, policy", [("off", "auto"), pytest.param("require", "auto", marks=pytest.mark.bpf),
+                                          pytest.param("require", "kernel", marks=pytest.mark.bpf)])
+def test_graceful_stop_lets_a_transfer_finish(proxy, backends, request, mode, policy):
+    """With BPF and relay.policy auto, the pair is in copy or splice when the stop comes, and
+    stays there (a stop has no successor to hand it to); with kernel, the kernel relays it,
+    and the master's copy of it must not end it before it ends."""
     a = backends("echo")
     port = free_port()
-    p = proxy(make_config(port, [("example.com", a.address)]), wait_ports=(port,))
+    pin_path = request.getfixturevalue("pin_path") if mode == "require" else None
+    p = proxy(make_config(port, [("example.com", a.address)], mode=mode, pin_path=pin_path, policy=policy),
+              wait_ports=(port,))
     payload = os.urandom(8 << 20)
     with tls_client(port, "example.com", timeout=30) as s:
         s.sendall(payload[:1 << 20])
@@ -557,11 +564,11 @@ def test_workers_take_their_signals_once_booted(proxy, backends):
                      (line.split(":") for line in status if line.startswith(("SigBlk:", "SigIgn:", "SigCgt:")))}
         return {key: {sig for sig in SIGNALS if mask & (1 << (sig - 1))} for key, mask in masks.items()}
 
-    # The worker's: its own handlers for SIGTERM, SIGQUIT, SIGUSR1; SIGINT ignored (the
-    # terminal's ^C goes to the master), and SIGUSR2 (the master's upgrade); SIGHUP and
-    # SIGCHLD back to their defaults. The master catches all seven.
-    worker = {"SigBlk": set(), "SigIgn": {signal.SIGINT, signal.SIGUSR2},
-              "SigCgt": {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1}}
+    # The worker's: its own handlers for SIGTERM, SIGQUIT, SIGUSR1 and SIGUSR2 (leave for a
+    # successor); SIGINT ignored (the terminal's ^C goes to the master); SIGHUP and SIGCHLD
+    # back to their defaults. The master catches all seven.
+    worker = {"SigBlk": set(), "SigIgn": {signal.SIGINT},
+              "SigCgt": {signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}}
     assert dispositions(p.proc.pid) == {"SigBlk": set(), "SigIgn": set(), "SigCgt": set(SIGNALS)}
     pids = p.worker_pids()
     assert len(pids) == 2

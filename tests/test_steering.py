@@ -115,3 +115,32 @@ def test_hash_detaches_the_program_and_a_reload_brings_it_back(proxy, backends, 
     for _ in range(5):
         assert https_get(port, "example.com") == "backend=a\n"
     assert steered(pin_path) == [5, 0]
+
+
+def test_without_the_steering_program_the_relay_loads_and_the_hash_spreads(pin_path, monkeypatch):
+    """A kernel whose verifier refuses bpf/steer.c (before 5.14 it has no sk_reuseport_md.sk)
+    still gets the kernel relay: steering is skipped, said once, and nothing is attached."""
+    import socket
+
+    from sniproxy import bpfload
+    from sniproxy.bpfsetup import BpfSetup
+    from sniproxy import config
+
+    real = bpfload._read_source
+    monkeypatch.setattr(bpfload, "_read_source", lambda name: "int steer_connection(struct sk_reuseport_md *ctx)"
+                        " { return ctx->no_such_field; }" if name == "steer" else real(name))
+    cfg = config.load(text=f'[bpf]\nmode = "require"\npin_path = "{pin_path}"\n')
+    setup = BpfSetup(cfg)
+    setup.start()
+    try:
+        assert setup.relay_kind == "kernel"
+        assert [s for s in setup.skipped if s.startswith("steering: bpf/steer.c: compiling failed")]
+        assert not os.path.exists(f"{pin_path}/STEER_SLOTS") and os.path.exists(f"{pin_path}/SOCK_MAP")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            setup.steer({(0, "127.0.0.1:%d" % sock.getsockname()[1]): sock})   # nothing to place: no error
+        assert setup.steering is False and "steering: hash" in setup.describe()
+    finally:
+        setup.stop()
