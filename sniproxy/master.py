@@ -208,8 +208,9 @@ class Master:
     def handle_usr2(self) -> None:
         """Upgrade: re-execute this master with the code now on disk, keeping its pid,
         the listening sockets (connections wait in their queues), the pins and the
-        kernel-relayed pairs (keeper.py). The workers stop first, as on a stop; pairs
-        the master keeps go on relaying meanwhile, and the new workers adopt them."""
+        kernel-relayed pairs (keeper.py). The workers leave first, as on a reload, handing
+        their pairs to the kernel relay; pairs the master keeps go on relaying meanwhile, and
+        the new workers adopt them."""
         if self.stopping:
             return
         problem = self._upgrade_problem()
