@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bench import procs
+from sniproxy import bpfload
 
 SNI_NAME = "origin.bench.test"
 BIG_FILE = "big"
@@ -108,6 +109,8 @@ def running(prefix: str, download_bytes: int = 1 << 20, nofile: int = 4096) -> I
     stopped and the directory removed."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     workdir.chmod(0o755)
+    # What a bench run killed outright left pinned (its proxies' pin directories carry its pid).
+    bpfload.remove_orphaned("sniproxy-benchrun")
     try:
         yield workdir, start(workdir, download_bytes, nofile)
     finally:

@@ -148,6 +148,18 @@ def unpin(pin_path: str) -> None:
     os.rmdir(pin_path)
 
 
+def remove_orphaned(prefix: str, root: str = "/sys/fs/bpf") -> list[str]:
+    """Pin directories named <prefix>-<pid>-... whose process is gone (killed outright,
+    so no cleanup ran: a test run, a bench run): removed; their paths."""
+    removed = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        pid = name[len(prefix) + 1:].split("-")[0]
+        if name.startswith(prefix + "-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            unpin(os.path.join(root, name))
+            removed.append(os.path.join(root, name))
+    return removed
+
+
 # BPF objects of this process. BCC registers an atexit cleanup per object;
 # a forked worker must not run it (see forget_in_child).
 _live_objects: "weakref.WeakSet" = weakref.WeakSet()

@@ -102,8 +102,11 @@ STEER_CONFIG = "STEER_CONFIG"        # array[1] of struct steer_config
 STEER_LISTENERS = "STEER_LISTENERS"  # hash: struct steer_address -> u32 listener index
 STEER_SOCKETS = "STEER_SOCKETS"      # sockmap: listener index * STEER_WORKERS_MAX + slot -> socket
 STEER_LISTENERS_MAX, STEER_WORKERS_MAX = 16, 64
-# struct steer_slot: live, steered[STEER_LISTENERS_MAX], accepted[STEER_LISTENERS_MAX] (u64 each)
+# struct steer_slot: live, steered[STEER_LISTENERS_MAX], accepted[STEER_LISTENERS_MAX] (u64 each):
+# the cells' offsets, and their count
+STEER_LIVE, STEER_STEERED, STEER_ACCEPTED = 0, 1, 1 + STEER_LISTENERS_MAX
 STEER_SLOT_CELLS = 1 + 2 * STEER_LISTENERS_MAX
+STEER_KEY = struct.Struct("=I")                 # STEER_SLOTS and STEER_SOCKETS keys, STEER_LISTENERS values
 STEER_CONFIG_LAYOUT = struct.Struct("=IIII")    # workers, backlog, margin, pad
 STEER_ADDRESS = struct.Struct("=II16s")         # family, port (host order), address (network order)
 SOCKET_FD = struct.Struct("=I")                 # a sockmap value on update: the socket's descriptor

@@ -6,8 +6,8 @@ import struct
 
 from .config import Config
 from .counters import CounterTable
-from .kernel_abi import (ARRAY_KEY_0, PERCPU_COUNTERS, PROG_TYPE_NAMES, SOCKMAP_ATTACH_NAMES, STEER_LISTENERS_MAX,
-                         STEER_SLOT_CELLS, STEER_SLOTS, STEER_WORKERS_MAX)
+from .kernel_abi import (ARRAY_KEY_0, PERCPU_COUNTERS, PROG_TYPE_NAMES, SOCKMAP_ATTACH_NAMES, STEER_ACCEPTED,
+                         STEER_KEY, STEER_LIVE, STEER_SLOT_CELLS, STEER_SLOTS, STEER_STEERED, STEER_WORKERS_MAX)
 
 
 def collect(cfg: Config, state: dict | None) -> dict[str, dict]:
@@ -37,9 +37,9 @@ def steering_slots(path: str, slots: list[int]) -> dict[str, int] | None:
     out = {}
     with PinnedMap.open(path) as m:
         for slot in (s for s in slots if s < STEER_WORKERS_MAX):
-            live, *counts = struct.unpack(f"{STEER_SLOT_CELLS}Q", m.lookup(struct.pack("=I", slot)))
-            out |= {f"slot{slot}_steered": sum(counts[:STEER_LISTENERS_MAX]),
-                    f"slot{slot}_accepted": sum(counts[STEER_LISTENERS_MAX:]), f"slot{slot}_live": live}
+            cells = struct.unpack(f"{STEER_SLOT_CELLS}Q", m.lookup(STEER_KEY.pack(slot)))
+            out |= {f"slot{slot}_steered": sum(cells[STEER_STEERED:STEER_ACCEPTED]),
+                    f"slot{slot}_accepted": sum(cells[STEER_ACCEPTED:]), f"slot{slot}_live": cells[STEER_LIVE]}
     return out
 
 

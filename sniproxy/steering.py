@@ -17,15 +17,13 @@ import socket
 import struct
 
 from . import bpfsys
-from .kernel_abi import (ARRAY_KEY_0, SOCKET_FD, STEER_ADDRESS, STEER_CONFIG, STEER_CONFIG_LAYOUT, STEER_LISTENERS,
-                         STEER_LISTENERS_MAX, STEER_PROGRAM, STEER_SLOT_CELLS, STEER_SLOTS, STEER_SOCKETS,
-                         STEER_WORKERS_MAX)
+from .kernel_abi import (ARRAY_KEY_0, SOCKET_FD, STEER_ACCEPTED, STEER_ADDRESS, STEER_CONFIG, STEER_CONFIG_LAYOUT,
+                         STEER_KEY, STEER_LISTENERS, STEER_LISTENERS_MAX, STEER_LIVE, STEER_PROGRAM, STEER_SLOT_CELLS,
+                         STEER_SLOTS, STEER_SOCKETS, STEER_STEERED, STEER_WORKERS_MAX)
 
 log = logging.getLogger("sniproxy.bpf")
 
 SO_ATTACH_REUSEPORT_EBPF, SO_DETACH_REUSEPORT_BPF = 52, 68
-_LISTENER = struct.Struct("=I")
-_STEERED, _ACCEPTED = 1, 1 + STEER_LISTENERS_MAX   # cell offsets in struct steer_slot
 _TCPI_UNACKED = struct.Struct("=24xI")             # tcp_info of a listener: its accept queue's length
 
 
@@ -61,14 +59,14 @@ def place(pin_path: str, cfg, sockets: dict[tuple[int, str], socket.socket]) -> 
             addresses.delete(key)
         for key in set(range(STEER_LISTENERS_MAX * STEER_WORKERS_MAX)) - wanted_members.keys():
             try:   # a sockmap lists every index as a key; an empty one answers EINVAL
-                members.delete(_LISTENER.pack(key))
+                members.delete(STEER_KEY.pack(key))
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
         for key, index in wanted.items():
-            addresses.update(key, _LISTENER.pack(index))
+            addresses.update(key, STEER_KEY.pack(index))
         for key, sock in wanted_members.items():
-            members.update(_LISTENER.pack(key), SOCKET_FD.pack(sock.fileno()))
+            members.update(STEER_KEY.pack(key), SOCKET_FD.pack(sock.fileno()))
     program = bpfsys.obj_get(path(STEER_PROGRAM))
     try:
         for address in {address for _, address in sockets}:   # the program belongs to the group
@@ -105,17 +103,17 @@ class SlotCells:
     def accepted(self, listener: int) -> None:
         """One more accepted; not past what the program steered here (the kernel's hash
         places some, while the program is being attached or a reload re-places sockets)."""
-        if self._cells[_ACCEPTED + listener] < self._cells[_STEERED + listener]:
-            self._cells[_ACCEPTED + listener] += 1
+        if self._cells[STEER_ACCEPTED + listener] < self._cells[STEER_STEERED + listener]:
+            self._cells[STEER_ACCEPTED + listener] += 1
 
     def holding(self, live: int) -> None:
-        self._cells[0] = live
+        self._cells[STEER_LIVE] = live
 
     def correct(self, listener: int, listening: socket.socket) -> None:
         """Accepted, from what the program steered and what waits in the accept queue:
         a worker that drained on reload accepted from the same socket, and a slot's
         previous worker may have died with connections in its queue."""
-        steered = self._cells[_STEERED + listener]   # first: what it counts next may not be queued yet
+        steered = self._cells[STEER_STEERED + listener]   # first: what it counts next may not be queued yet
         queued = _TCPI_UNACKED.unpack(listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
                                                            _TCPI_UNACKED.size))[0]
-        self._cells[_ACCEPTED + listener] = max(steered - queued, 0)
+        self._cells[STEER_ACCEPTED + listener] = max(steered - queued, 0)

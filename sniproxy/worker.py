@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .config import Config, ListenerConfig
 from .counters import CounterTable
-from .kernel_abi import STEER_LISTENERS_MAX
+from .kernel_abi import STEER_LISTENERS_MAX, STEER_SLOTS, STEER_WORKERS_MAX
 
 log = logging.getLogger("sniproxy.worker")
 
@@ -236,7 +236,6 @@ class Worker:
     def _steering(self):
         """Our slot of bpf/steer.c's counters, where the program chooses among workers;
         None where it does not (or cannot: then the kernel's hash serves, as it did)."""
-        from .kernel_abi import STEER_SLOTS, STEER_WORKERS_MAX
         if self.cfg.bpf.steering != "fill" or not self.bpf_pins or self.index >= STEER_WORKERS_MAX or \
                 not os.path.exists(os.path.join(self.bpf_pins, STEER_SLOTS)):
             return None
@@ -428,15 +427,16 @@ class Worker:
         """Start a Connection for everything waiting in the accept queue."""
         family = listening.family   # read once: it converts to an enum on every read
         limit = self.cfg.master.max_connections
-        steering, index = self.steering, self.ctx.listener_slots[lc.address]
+        index = self.ctx.listener_slots[lc.address]
+        counted = self.steering if index < STEER_LISTENERS_MAX else None   # past those, the hash places
         while True:
             if limit and self._holding() >= limit:
                 return self._hold()
             try:
                 fd, peer = listening._accept()
             except BlockingIOError:
-                if steering is not None:
-                    steering.holding(len(self.connections))
+                if self.steering is not None:
+                    self.steering.holding(len(self.connections))
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and acceptor is not None:
@@ -450,8 +450,8 @@ class Worker:
             # It stays in blocking mode: every call on it passes MSG_DONTWAIT. It inherits
             # TCP_NODELAY from the listening socket.
             client = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            if steering is not None and index < STEER_LISTENERS_MAX:
-                steering.accepted(index)
+            if counted is not None:
+                counted.accepted(index)
             connection = self.Connection(self.ctx, lc, client, peer)
             self.connections.add(connection)
             connection.start()

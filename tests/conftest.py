@@ -66,10 +66,8 @@ def _remove_pins(path: str) -> None:
 def stale_pins_swept():
     """Pin directories of test processes that were killed outright (no finally ran) go
     before this run starts: their names carry the pid that made them."""
-    for path in Path("/sys/fs/bpf").glob("sniproxy-test-*"):
-        pid = path.name.split("-")[2]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _remove_pins(str(path))
+    from sniproxy import bpfload
+    bpfload.remove_orphaned("sniproxy-test")
 
 
 @pytest.fixture

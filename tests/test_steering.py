@@ -33,15 +33,16 @@ def held(p) -> list[int]:
 
 
 def steered_proxy(proxy, backends, pin_path, bpf: str = ""):
+    """A started master with two workers, [bpf] lines added: it, its port and its config."""
     a = backends("a")
     port = free_port()
-    p = proxy(make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path, policy="copy",
-                          bpf=bpf), wait_ports=(port,))
-    return p, port
+    config = make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path, policy="copy",
+                         bpf=bpf)
+    return proxy(config, wait_ports=(port,)), port, config
 
 
 def test_new_connections_fill_the_first_worker_while_it_keeps_up(proxy, backends, pin_path):
-    p, port = steered_proxy(proxy, backends, pin_path)
+    p, port, _ = steered_proxy(proxy, backends, pin_path)
     out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", f"{pin_path}/steer_connection"],
                          capture_output=True, text=True, timeout=30, check=True)
     assert json.loads(out.stdout)["type"] == "sk_reuseport"
@@ -55,7 +56,7 @@ def test_new_connections_fill_the_first_worker_while_it_keeps_up(proxy, backends
 
 
 def test_a_stopped_worker_gets_its_backlog_and_the_next_worker_the_rest(proxy, backends, pin_path):
-    p, port = steered_proxy(proxy, backends, pin_path, bpf="steering_backlog = 2\n")
+    p, port, _ = steered_proxy(proxy, backends, pin_path, bpf="steering_backlog = 2\n")
     first = {w["index"]: w["pid"] for w in p.state()["workers"]}[0]
     before = steered(pin_path)
     results = []
@@ -78,7 +79,7 @@ def test_a_stopped_worker_gets_its_backlog_and_the_next_worker_the_rest(proxy, b
 
 
 def test_the_margin_spreads_connections_that_stay(proxy, backends, pin_path):
-    p, port = steered_proxy(proxy, backends, pin_path, bpf="steering_margin = 3\n")
+    p, port, _ = steered_proxy(proxy, backends, pin_path, bpf="steering_margin = 3\n")
     clients = [tls_client(port, "example.com") for _ in range(12)]
     try:
         for c in clients:   # through to the backend: each pair is held by its worker
@@ -95,11 +96,7 @@ def test_the_margin_spreads_connections_that_stay(proxy, backends, pin_path):
 
 
 def test_hash_detaches_the_program_and_a_reload_brings_it_back(proxy, backends, pin_path):
-    a = backends("a")
-    port = free_port()
-    config = make_config(port, [("example.com", a.address)], mode="require", pin_path=pin_path, policy="copy",
-                         bpf='steering = "hash"\n')
-    p = proxy(config, wait_ports=(port,))
+    p, port, config = steered_proxy(proxy, backends, pin_path, bpf='steering = "hash"\n')
     clients = [tls_client(port, "example.com") for _ in range(24)]
     try:
         for c in clients:
