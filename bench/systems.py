@@ -68,7 +68,11 @@ class Proxy(System):
         return [(port, fallbacks[route]) for route, port in self._ports.items()]
 
     def start(self, workers: int = 1) -> None:
-        self._ports = {route: procs.free_port() for route in self.origins.fallback_ports()}
+        self._ports = {}
+        for route in self.origins.fallback_ports():   # each its own: two random draws may meet
+            while (port := procs.free_port()) in self._ports.values():
+                pass
+            self._ports[route] = port
         config_path = self.workdir / f"{self.name}.conf"
         config_path.write_text(self.config(workers))
         log = self.workdir / f"{self.name}.log"
