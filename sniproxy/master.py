@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
-from . import keeper, metrics, privileges, systemd
+from . import firstflight, keeper, metrics, privileges, systemd
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
@@ -137,6 +137,9 @@ class Master:
             log.info("upgraded: master %d now runs the code on disk, with %d kept pairs", os.getpid(),
                      len(upgraded["kept"]))
         self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
+        if not firstflight.COMPILED:
+            log.warning("the first-flight parser is not compiled (scripts/setup builds it): it runs interpreted, "
+                        "at more CPU per new connection")
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import collections
+import importlib.util
 import itertools
 import pathlib
 import struct
+import sys
 from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 
+from sniproxy import firstflight
 from sniproxy.firstflight import (
     MAX_CLIENT_HELLO,
     MAX_HTTP_HEAD,
@@ -826,3 +829,66 @@ def test_http_mutated_request(mutations, cut):
 def test_a_handshake_type_that_is_not_client_hello_is_refused_at_its_first_byte(flight):
     with pytest.raises(Malformed, match="not ClientHello"):
         parse_client_hello(flight)
+
+
+# --- compiled and interpreted ------------------------------------------------------
+
+def _interpreted():
+    """firstflight.py as the interpreter runs it, beside the compiled module tested above."""
+    source = pathlib.Path(firstflight.__file__).with_name("firstflight.py")
+    spec = importlib.util.spec_from_file_location("firstflight_interpreted", source)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # for its dataclasses
+    spec.loader.exec_module(module)
+    return module
+
+
+INTERPRETED = _interpreted()
+
+
+def test_the_parser_runs_compiled_from_its_current_source():
+    """scripts/setup compiles it (setup.py); a build older than its source would test stale code."""
+    assert firstflight.COMPILED, firstflight.__file__
+    assert not INTERPRETED.COMPILED
+    built = pathlib.Path(firstflight.__file__).stat().st_mtime
+    for source in ("firstflight.py", "firstflight.pxd"):
+        assert pathlib.Path(firstflight.__file__).with_name(source).stat().st_mtime <= built, \
+            f"{source} is newer than its compiled module: run scripts/setup"
+
+
+def decision(parse, data):
+    """What a parser decides, comparable across the two modules: the flight's fields,
+    NEED_MORE, or the refusal's class name and message."""
+    try:
+        flight = parse(data)
+    except Exception as error:  # noqa: BLE001 - a TypeError from the compiled one must show too
+        return type(error).__name__, str(error)
+    return flight if flight is NEED_MORE or flight is INTERPRETED.NEED_MORE else \
+        (flight.name, flight.alpn, flight.name_problem)
+
+
+def assert_both_decide_alike(data: bytes) -> None:
+    for name in ("parse_client_hello", "parse_http_request"):
+        compiled, interpreted = decision(getattr(firstflight, name), data), decision(getattr(INTERPRETED, name), data)
+        if compiled is NEED_MORE:
+            assert interpreted is INTERPRETED.NEED_MORE, (name, data)
+        else:
+            assert compiled == interpreted, (name, data)
+
+
+@fixture_names
+def test_compiled_and_interpreted_agree_on_real_hellos(fixture):
+    flight = HELLOS[fixture]
+    for cut in range(len(flight) + 1):
+        assert_both_decide_alike(flight[:cut])
+
+
+@FUZZ
+@given(fixture=st.sampled_from(sorted(HELLOS)), mutations=st.lists(mutation, min_size=1, max_size=4))
+def test_compiled_and_interpreted_agree_on_mutated_hellos(fixture, mutations):
+    assert_both_decide_alike(mutate(HELLOS[fixture], mutations))
+
+
+@FUZZ
+@given(data=st.binary(max_size=2000))
+def test_compiled_and_interpreted_agree_on_arbitrary_bytes(data):
+    assert_both_decide_alike(data)
