@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,27 @@ def test_routes_exact_wildcard_regex_with_three_clients(proxy, backends):
     counters = stats(p)
     assert counters["relayed_userspace"] == 6
     assert counters["accepted"] == 6 + counters["closed_early"]   # the harness probes the port
+
+
+def test_without_the_compiled_parser_the_proxy_routes_interpreted_and_says_so_once(proxy, backends, tmp_path):
+    """The same sources, without what setup.py compiled: the master and its workers import
+    firstflight.py, route as ever, and the master says once that the parser is interpreted."""
+    import shutil
+    import sniproxy
+    tree = tmp_path / "tree"
+    shutil.copytree(Path(sniproxy.__file__).parent, tree / "sniproxy", ignore=shutil.ignore_patterns("*.so", "*.c"))
+    shutil.copytree(Path(sniproxy.__file__).parent.parent / "bpf", tree / "bpf")
+    a = backends("a")
+    port = free_port()
+    run_from_tree = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                     "from sniproxy.cli import main; sys.exit(main())"]
+    p = proxy(make_config(port, [("example.com", a.address)]), start=False)
+    p.start(wait_ports=(port,), wrap=lambda argv: [*run_from_tree, *argv[len(MASTER):]])
+    for _ in range(3):
+        assert https_get(port, "example.com") == "backend=a\n"
+    assert p.output().count("the first-flight parser is not compiled") == 1
+    workers = p.worker_pids()
+    assert workers and not any("firstflight.cpython" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)
 
 
 def test_unknown_name_gets_unrecognized_name_alert(proxy, backends):
