@@ -195,7 +195,13 @@ class HostPort:
         return _is_ip_literal(self.host)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return hostport_text(self.host, self.port)
+
+
+def hostport_text(host: str, port: int) -> str:
+    """host:port as configs and logs write it ([v6]:port); what str(HostPort) gives, without
+    making one (the access-log record of every connection has two)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @functools.lru_cache(maxsize=1024)   # asked for every connection, of a few configured hosts

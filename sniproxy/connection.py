@@ -28,7 +28,7 @@ import gevent
 
 from . import proxy_protocol
 from .accesslog import AccessLog
-from .config import HostPort, ListenerConfig, TimeoutsConfig
+from .config import ListenerConfig, TimeoutsConfig, hostport_text
 from .counters import CounterRow, listener_counter
 from .firstflight import NEED_MORE, FirstFlight, Malformed, NotThisProtocol, parse_client_hello, parse_http_request
 from .relay import STOWED, Limits, Relay, RelayResult
@@ -273,7 +273,7 @@ class Connection:
                 error = e
                 continue
             self.upstream = sock
-            self.record["backend"] = str(HostPort(address, port))
+            self.record["backend"] = hostport_text(address, port)
             self.unsent = memoryview(self._proxy_header() + self.data)
             return self._send_first_flight()
         raise Refused("connect_failed", f"{self.choice.host}:{port}: {error}")
@@ -369,4 +369,4 @@ def _send_quietly(sock: _socket.socket, data: bytes) -> None:
 
 
 def _fmt_peer(peer) -> str:
-    return str(HostPort(peer[0], peer[1]))
+    return hostport_text(peer[0], peer[1])

@@ -34,6 +34,7 @@ class SpliceRelay(UserspaceRelay):
 
     def __init__(self, pool_size: int = 64):
         super().__init__(buffer_size=0)   # no buffer: the pipes hold the bytes
+        self.read_size = PIPE_SIZE
         self._pool: list[tuple[int, int]] = []   # empty pipes, for the next pairs
         self._pool_size = pool_size
 
@@ -72,8 +73,6 @@ class SpliceRelay(UserspaceRelay):
             for fd in d.pipe:
                 os.close(fd)
         d.pipe = None
-
-    read_size = PIPE_SIZE
 
     def _read(self, d: _Direction) -> int:
         if d.pipe is None:

@@ -41,14 +41,6 @@ class _Direction:
         self.reads = 0       # reads that returned bytes: messages, for a Handoff's "chatty"
         self.watcher = self.watched = None   # the started watcher, and its event
 
-    @property
-    def finished(self) -> bool:
-        return self.eof and self.pending is None
-
-    def wanted(self) -> int:
-        """The event it waits for: dst to take the pending bytes, else bytes to read."""
-        return _READ if self.pending is None else _WRITE
-
     def __call__(self) -> None:
         self.pair._on_ready(self)
 
@@ -79,10 +71,13 @@ class UserspacePair:
         self._set_timer(self.last)
 
     def _watch(self, d: _Direction) -> None:
-        """Watch what d now waits for, if that changed."""
-        wanted = None if d.finished else d.wanted()
-        if wanted == d.watched:
-            return
+        """Watch what d now waits for: dst to take the pending bytes, else bytes to read
+        (nothing once it is finished: its FIN carried, nothing pending)."""
+        wanted = _WRITE if d.pending is not None else None if d.eof else _READ
+        if wanted != d.watched:
+            self._rewatch(d, wanted)
+
+    def _rewatch(self, d: _Direction, wanted: int | None) -> None:
         if d.watcher is not None:
             d.watcher.close()
             d.watcher = None
@@ -141,11 +136,14 @@ class UserspacePair:
             return self._end("error")
         if moved:
             self.last = time.monotonic()
-        if up.finished and down.finished:
+        # This runs for every read a pair makes: what _watch asks is asked here inline.
+        if up.eof and down.eof and up.pending is None and down.pending is None:
             return self._end("done")
-        if self.handoff is not None and (outcome := self._handoff_ready(time.monotonic())):
+        if self.handoff is not None and (outcome := self._handoff_ready(self.last if moved else time.monotonic())):
             return self._end(outcome)
-        self._watch(d)
+        wanted = _WRITE if d.pending is not None else None if d.eof else _READ
+        if wanted != d.watched:
+            self._rewatch(d, wanted)
         if not was_half_closed and (up.eof or down.eof) and self.limits.half_closed is not None:
             self._set_timer(time.monotonic())   # the half-closed limit may be the shorter one
 
@@ -185,6 +183,7 @@ class UserspaceRelay:
         # One buffer per worker: bytes are sent on at once, and what the peer cannot
         # take yet is copied out, so idle connections hold no buffer.
         self._buffer = memoryview(bytearray(buffer_size))
+        self.read_size = buffer_size   # the most one read takes
         self.pairs: set[UserspacePair] = set()   # live ones: the worker may leave (leaving)
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
@@ -238,10 +237,6 @@ class UserspaceRelay:
         return moved
 
     # How a direction moves bytes: the splice relay moves them otherwise.
-
-    @property
-    def read_size(self) -> int:
-        return len(self._buffer)
 
     def _read(self, d: _Direction) -> int:
         return d.src.recv_into(self._buffer, 0, _NOWAIT)
