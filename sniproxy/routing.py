@@ -24,6 +24,7 @@ class Route:
     matches: Callable[[str], bool]
     alpn: frozenset[str] = frozenset()   # the hello must offer one of these; empty: any
     proxy_protocol: str = ""             # "", "v1" or "v2"
+    fastopen: bool = False               # connect with TCP Fast Open
 
     def takes(self, flight: FirstFlight) -> bool:
         return self.matches(flight.name) and (not self.alpn or not self.alpn.isdisjoint(flight.alpn))
@@ -39,6 +40,7 @@ class Choice(NamedTuple):
     public_only: bool        # the requested name itself is resolved: only public addresses may do
     fallback: bool           # the listener's fallback, not a route
     proxy_protocol: str = "" # "", "v1" or "v2": a PROXY header goes first
+    fastopen: bool = False   # the first flight rides the SYN (TCP Fast Open)
 
 
 class Refusal(NamedTuple):
@@ -59,7 +61,7 @@ def compile_matcher(pattern: str) -> Callable[[str], bool]:
 
 def compile_route(route: RouteConfig) -> Route:
     return Route(route.match, parse_hostport(route.backend), compile_matcher(route.match), frozenset(route.alpn),
-                 route.proxy_protocol)
+                 route.proxy_protocol, route.fastopen)
 
 
 class Router:
@@ -90,8 +92,8 @@ class Router:
             return Refusal("not_protocol" if flight.name_problem.startswith("not_") else "no_name",
                            flight.name_problem)
         if route.resolves_requested_name:
-            return Choice(route.backend, flight.name, True, fallback, route.proxy_protocol)
-        return Choice(route.backend, route.backend.host, False, fallback, route.proxy_protocol)
+            return Choice(route.backend, flight.name, True, fallback, route.proxy_protocol, route.fastopen)
+        return Choice(route.backend, route.backend.host, False, fallback, route.proxy_protocol, route.fastopen)
 
     def permitted(self, choice: Choice, addresses: list[str], allow_private: bool) -> list[str] | Refusal:
         """Of a resolved name's addresses, those a connection may go to. For a "*" backend

@@ -52,6 +52,10 @@ def test_empty_file_and_example_are_the_builtin_default():
     ("[[table.default]]\nmatch = '~a('\nbackend = '1.2.3.4:1'", "table.default[0].match = '~a(': bad regex"),
     ("[[table.default]]\nmatch = 'a b'\nbackend = '1.2.3.4:1'", "table.default[0].match = 'a b': expected a DNS"),
     ("[[table.default]]\nmatch = 'a.test'\nbackend = '*'", "table.default[0].backend = '*': expected host:port"),
+    ("[[table.default]]\nmatch = 'a.test'\nbackend = '1.2.3.4:1'\n[[table.web]]\nmatch = 'b.test'\n"
+     "backend = '1.2.3.4:1'\nfastopen = 'yes'", "table.web[0].fastopen = 'yes': Expected bool, got str"),
+    ("[[table.default]]\nmatch = 'a.test'\nbackend = '1.2.3.4:1'\nproxy_protocol = 'v3'",
+     "table.default[0].proxy_protocol = 'v3': Invalid enum value 'v3'"),
     ("[master\n", "TOML syntax"),
 ])
 def test_one_line_errors_name_the_key_and_the_value(text, line):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from netns import veth_netns
 from harness import (MASTER, DelayedDns, Dnsmasq, LoopbackCapture, cpu_seconds, stream_through, curl, echo_through, free_port, https_get, sha,
                      through_proxy, tls_client, wait_until)
 
@@ -35,8 +36,9 @@ def make_config(port, routes, *, fallback="", mode="off", extra="", protocol="tl
              *([f'[relay]\npolicy = "{policy}"\n{relay}'] if policy else []),
              f'[bpf]\nmode = "{mode}"\n' + (f'pin_path = "{pin_path}"\n' if pin_path else "") + bpf,
              f'[[listener]]\naddress = "{listen}"\nprotocol = "{protocol}"\nfallback = "{fallback}"\n']
-    for match, backend in routes:
-        lines.append(f'[[table.default]]\nmatch = \'{match}\'\nbackend = "{backend}"\n')
+    for match, backend, *keys in routes:   # more of the route's keys, as lines, after its backend
+        lines.append(f'[[table.default]]\nmatch = \'{match}\'\nbackend = "{backend}"\n' +
+                     "".join(f"{key}\n" for key in keys))
     return "\n".join(lines) + extra
 
 
@@ -338,6 +340,68 @@ def test_http_listener_routes_by_host(proxy, plain):
     counters = stats(p)
     assert counters["refused_no_route"] == 1 and counters["refused_malformed"] == 1
     assert (a.accepted, b.accepted) == (2, 1)
+
+
+FASTOPEN_BACKEND = r"""
+import socket, sys
+listening = socket.create_server((sys.argv[1], 7000))
+listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 64)
+print("ready", flush=True)
+while True:
+    conn, _ = listening.accept()
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += conn.recv(4096)
+    conn.sendall(b"got " + head)
+    conn.close()
+"""
+
+
+def _fastopen_accepts(ns) -> int:
+    """Connections whose SYN carried data that the namespace's TCP took (TcpExtTCPFastOpenPassive)."""
+    names, values = [line.split() for line in ns.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
+                     if line.startswith("TcpExt:")]
+    return int(dict(zip(names, values))["TCPFastOpenPassive"])
+
+
+def test_fastopen_routes_send_the_first_flight_in_the_syn(proxy):
+    """A route with fastopen = true connects with TCP Fast Open: after the first connection
+    fetched the backend's cookie, each first flight rides the SYN. A route without it never does."""
+    assert int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 1, "the client side of Fast Open is off"
+    with veth_netns() as ns:
+        assert ns.exec(["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"]).returncode == 0   # this namespace's own
+        backend = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", FASTOPEN_BACKEND,
+                                    ns.peer_v4s[0]], stdout=subprocess.PIPE)
+        try:
+            assert backend.stdout.readline() == b"ready\n"
+            port = free_port()
+            address = f"{ns.peer_v4s[0]}:7000"
+            p = proxy(make_config(port, [("fast.test", address, "fastopen = true"), ("plain.test", address)],
+                                  protocol="http"), wait_ports=(port,))
+
+            def get(host: str) -> bytes:
+                request = f"GET /{host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(request)
+                    answer = b""
+                    while chunk := s.recv(4096):
+                        answer += chunk
+                assert answer == b"got " + request
+                return answer
+
+            for _ in range(3):
+                get("plain.test")
+            assert _fastopen_accepts(ns) == 0
+            for _ in range(6):
+                get("fast.test")
+            assert _fastopen_accepts(ns) == 5   # the first asked for the cookie
+            for _ in range(3):
+                get("plain.test")
+            assert _fastopen_accepts(ns) == 5
+            assert stats(p)["relayed_userspace"] == 12
+        finally:
+            backend.kill()
+            backend.wait()
 
 
 def test_clients_waiting_on_one_slow_lookup_all_connect(proxy, backends, tmp_path):
