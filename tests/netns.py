@@ -47,6 +47,39 @@ class VethNetns:
         """Run code with this interpreter inside the namespace; args become sys.argv[1:]."""
         return self.exec([sys.executable, "-c", code, *args], timeout=timeout)
 
+    def tcp_counter(self, name: str) -> int:
+        """One of the namespace's own TcpExt counters (/proc/net/netstat), e.g. TCPFastOpenPassive."""
+        names, values = [line.split() for line in self.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
+                         if line.startswith("TcpExt:")]
+        return int(dict(zip(names, values))[name])
+
+    def fast_open_echo(self, address: str, port: int) -> subprocess.Popen:
+        """A server on address:port in the namespace that takes TCP Fast Open (turned on for this
+        namespace alone) and answers each connection's request head with b"got " and the head,
+        then closes. Ready when this returns; the caller kills it."""
+        assert self.exec(["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"]).returncode == 0
+        server = subprocess.Popen(["ip", "netns", "exec", self.name, sys.executable, "-c", _FAST_OPEN_ECHO,
+                                   address, str(port)], stdout=subprocess.PIPE)
+        if server.stdout.readline() != b"ready\n":
+            server.kill()
+            raise RuntimeError(f"the Fast Open server in {self.name} did not start")
+        return server
+
+
+_FAST_OPEN_ECHO = r"""
+import socket, sys
+listening = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=512)
+listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 256)
+print("ready", flush=True)
+while True:
+    conn, _ = listening.accept()
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += conn.recv(4096)
+    conn.sendall(b"got " + head)
+    conn.close()
+"""
+
 
 def _used_subnet_indexes() -> set[int]:
     used = set()

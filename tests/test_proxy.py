@@ -342,38 +342,13 @@ def test_http_listener_routes_by_host(proxy, plain):
     assert (a.accepted, b.accepted) == (2, 1)
 
 
-FASTOPEN_BACKEND = r"""
-import socket, sys
-listening = socket.create_server((sys.argv[1], 7000))
-listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 64)
-print("ready", flush=True)
-while True:
-    conn, _ = listening.accept()
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += conn.recv(4096)
-    conn.sendall(b"got " + head)
-    conn.close()
-"""
-
-
-def _fastopen_accepts(ns) -> int:
-    """Connections whose SYN carried data that the namespace's TCP took (TcpExtTCPFastOpenPassive)."""
-    names, values = [line.split() for line in ns.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
-                     if line.startswith("TcpExt:")]
-    return int(dict(zip(names, values))["TCPFastOpenPassive"])
-
-
 def test_fastopen_routes_send_the_first_flight_in_the_syn(proxy):
     """A route with fastopen = true connects with TCP Fast Open: after the first connection
     fetched the backend's cookie, each first flight rides the SYN. A route without it never does."""
     assert int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 1, "the client side of Fast Open is off"
     with veth_netns() as ns:
-        assert ns.exec(["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"]).returncode == 0   # this namespace's own
-        backend = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", FASTOPEN_BACKEND,
-                                    ns.peer_v4s[0]], stdout=subprocess.PIPE)
+        backend = ns.fast_open_echo(ns.peer_v4s[0], 7000)
         try:
-            assert backend.stdout.readline() == b"ready\n"
             port = free_port()
             address = f"{ns.peer_v4s[0]}:7000"
             p = proxy(make_config(port, [("fast.test", address, "fastopen = true"), ("plain.test", address)],
@@ -391,13 +366,13 @@ def test_fastopen_routes_send_the_first_flight_in_the_syn(proxy):
 
             for _ in range(3):
                 get("plain.test")
-            assert _fastopen_accepts(ns) == 0
+            assert ns.tcp_counter("TCPFastOpenPassive") == 0
             for _ in range(6):
                 get("fast.test")
-            assert _fastopen_accepts(ns) == 5   # the first asked for the cookie
+            assert ns.tcp_counter("TCPFastOpenPassive") == 5   # the first asked for the cookie
             for _ in range(3):
                 get("plain.test")
-            assert _fastopen_accepts(ns) == 5
+            assert ns.tcp_counter("TCPFastOpenPassive") == 5
             assert stats(p)["relayed_userspace"] == 12
         finally:
             backend.kill()

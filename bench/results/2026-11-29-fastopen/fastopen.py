@@ -1,12 +1,11 @@
 # For NOTES.md (run with the project's .venv python: ROUNDS COUNT). New connections through one
 # worker of this proxy to a backend in a network namespace behind a veth pair (198.18.0.0/15),
-# whose TCP takes Fast Open: the route "fast.test" has fastopen = true, "plain.test" not. Each
+# whose TCP takes Fast Open (tests/netns.py): the route "fast.test" has fastopen = true, "plain.test" not. Each
 # connection sends an HTTP request head and reads the backend's answer to its end; the client
 # times it from before connect() to the close. The two routes alternate, connection by
 # connection; medians and p90 per round, and the namespace's Fast Open count.
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -15,21 +14,6 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from bench import measure, procs  # noqa: E402
 from netns import veth_netns  # noqa: E402
-
-BACKEND = r"""
-import socket, sys
-listening = socket.create_server((sys.argv[1], 7000), backlog=512)
-listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 256)
-print("ready", flush=True)
-while True:
-    conn, _ = listening.accept()
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += conn.recv(4096)
-    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 512)
-    conn.close()
-"""
-
 
 def fetch(port: int, host: str) -> float:
     started = time.perf_counter()
@@ -40,19 +24,10 @@ def fetch(port: int, host: str) -> float:
     return time.perf_counter() - started
 
 
-def fastopen_accepts(ns) -> int:
-    names, values = [line.split() for line in ns.exec(["cat", "/proc/net/netstat"]).stdout.splitlines()
-                     if line.startswith("TcpExt:")]
-    return int(dict(zip(names, values))["TCPFastOpenPassive"])
-
-
 rounds, count = int(sys.argv[1]), int(sys.argv[2])
 print("\n".join(measure.machine()))
 with veth_netns(1) as ns, tempfile.TemporaryDirectory(prefix="fastopen-") as workdir:
-    ns.exec(["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"])
-    backend = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", BACKEND, ns.peer_v4s[0]],
-                               stdout=subprocess.PIPE)
-    assert backend.stdout.readline() == b"ready\n"
+    backend = ns.fast_open_echo(ns.peer_v4s[0], 7000)
     port = procs.free_port()
     address = f"{ns.peer_v4s[0]}:7000"
     config = Path(workdir) / "sniproxy.toml"
@@ -66,7 +41,7 @@ with veth_netns(1) as ns, tempfile.TemporaryDirectory(prefix="fastopen-") as wor
         procs.wait_listening(master, [port], Path(workdir) / "master.log", timeout=30)
         for host in ("fast.test", "plain.test") * 50:   # warm up; the first fast one fetches the cookie
             fetch(port, host)
-        before = fastopen_accepts(ns)
+        before = ns.tcp_counter("TCPFastOpenPassive")
         print(f"{count} connections per route per round, alternating; ms from connect to the answer's end")
         print(f"{'round':>5} {'fastopen p50':>13} {'plain p50':>10} {'ratio':>6} {'fastopen p90':>13} {'plain p90':>10}")
         for number in range(1, rounds + 1):
@@ -77,7 +52,7 @@ with veth_netns(1) as ns, tempfile.TemporaryDirectory(prefix="fastopen-") as wor
             fast, plain = (statistics.median(times[h]) * 1e3 for h in times)
             fast90, plain90 = (statistics.quantiles(times[h], n=10)[-1] * 1e3 for h in times)
             print(f"{number:5d} {fast:13.3f} {plain:10.3f} {fast / plain:6.2f} {fast90:13.3f} {plain90:10.3f}")
-        print(f"Fast Open accepts in the backend's namespace: {fastopen_accepts(ns) - before} "
+        print(f"Fast Open accepts in the backend's namespace: {ns.tcp_counter('TCPFastOpenPassive') - before} "
               f"of {rounds * count} fastopen connections")
     finally:
         procs.stop(master, grace=5)
