@@ -80,7 +80,8 @@ def _fmt(value: float | None) -> str:
 def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
     lines = ["# sniproxy benchmark", ""] + header + [
         "", "Medians over the repeats; min and max beside them. The run takes every system through one repeat",
-        "(each started fresh) before the next repeat, so a drift of the machine touches all alike.",
+        "(each started fresh) before the next repeat, so a drift of the machine touches all alike. The",
+        "systems of `conn_rate_side_by_side` run together instead, and take turns round after round, seconds apart.",
         "Ratios are median / reference:",
         "`vs direct` against no proxy at all, `vs best peer` against the best of "
         f"{', '.join(PEERS)} for that metric (named). Whether higher or lower is better is given per metric.", "",

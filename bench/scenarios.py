@@ -28,13 +28,14 @@ class Settings:
     idle_connections: int
     baseline_seconds: float
     slack: float          # how long past its nominal duration a stalled tool or wait may take
+    rounds: int           # of a scenario whose systems run together and take turns (together)
 
 
 # full: 3 repeats of 5 s keep the whole run near 15 minutes on 2 vCPUs.
 MODES = {
-    "full": Settings(3, 5, ((1, False), (1, True), (4, False), (4, True)), 1 << 30, 10_000, 3.0, 20.0),
-    "quick": Settings(1, 1, ((1, False), (4, True)), 256 << 20, 1_000, 1.0, 8.0),
-    "smoke": Settings(1, 1, ((1, False),), 32 << 20, 100, 0.5, 3.0),
+    "full": Settings(3, 5, ((1, False), (1, True), (4, False), (4, True)), 1 << 30, 10_000, 3.0, 20.0, 9),
+    "quick": Settings(1, 1, ((1, False), (4, True)), 256 << 20, 1_000, 1.0, 8.0, 2),
+    "smoke": Settings(1, 1, ((1, False),), 32 << 20, 100, 0.5, 3.0, 1),
 }
 
 
@@ -62,6 +63,11 @@ class Context:
 class Scenario:
     name = ""
     step_estimate = 2.0
+    # None: each system alone, started for the scenario's repeat and stopped after. Else the
+    # names of the systems that run together, with `workers` each, and take turns, round
+    # after round (bench/run's run_together).
+    together: tuple[str, ...] | None = None
+    workers = 1
 
     def metrics(self, system: System, settings: Settings) -> list[Metric]:
         raise NotImplementedError
@@ -172,6 +178,16 @@ class ConnRate(Scenario):
         if system.has_processes:
             values["cpu_us_per_conn"] = meter.read()[0] * 1e6 / count
         return values
+
+
+class ConnRateSideBySide(ConnRate):
+    """conn_rate with 2 workers (threads), as the connection-rate target reads it: this proxy,
+    HAProxy and direct run at once, and h2load visits each in turn, round after round. A drift
+    of the machine over minutes, which moved whole repeats by 20-40% on 2 vCPUs, then hits all
+    three alike (the repeats of worker_scaling are minutes apart; bench/connrate)."""
+    name = "conn_rate_side_by_side"
+    together = ("direct", "sniproxy-auto", "haproxy")
+    workers = 2
 
 
 class Concurrency(Scenario):
@@ -389,4 +405,4 @@ class Mixed(Scenario):
 
 
 SCENARIOS = [Bulk(), TlsDownload(), Latency(), ConnRate(), Concurrency(), ActiveConnections(), Mixed(),
-             WorkerScaling()]
+             WorkerScaling(), ConnRateSideBySide()]

@@ -85,9 +85,12 @@ def evaluate(rows: list[dict], peers: tuple[str, ...]) -> list[Verdict]:
             vs_peer("active", f"{size}_total_cpu_us_per_req", _AT_MOST, 0.8,
                     f"active {size}: system CPU per request <= 0.8x best peer", min)]
     verdicts += [
-        vs("haproxy", "worker_scaling", "conn_per_s_2workers", _AT_LEAST, 1.0,
+        # Both from the systems run side by side, 2 workers (threads) each: worker_scaling's and
+        # conn_rate's repeats are minutes apart, over which this machine drifts by 20-40%.
+        vs("haproxy", "conn_rate_side_by_side", "conn_per_s", _AT_LEAST, 1.0,
            "connection rate, 2 workers: >= HAProxy (2 threads)"),
-        vs("haproxy", "conn_rate", "cpu_us_per_conn", _AT_MOST, 2.0, "proxy CPU per connection: <= 2x HAProxy")]
+        vs("haproxy", "conn_rate_side_by_side", "cpu_us_per_conn", _AT_MOST, 2.0,
+           "proxy CPU per connection: <= 2x HAProxy")]
     for metric in ("added_p50_us", "added_p99_us"):
         verdicts.append(vs_peer("latency", metric, _AT_MOST, 1.0, f"latency {metric}: <= best peer", min))
     held = medians.get(AUTO, "concurrency", "connections")

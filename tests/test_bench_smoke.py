@@ -14,6 +14,7 @@ OURS = {"sniproxy-auto", "sniproxy-kernel", "sniproxy-copy", "sniproxy-splice"}
 SYSTEMS = {"direct", *OURS, "haproxy", "haproxy-splice", "nginx", "sniproxy-debian"}
 SCENARIOS = {"bulk", "tls_download", "latency", "conn_rate", "concurrency", "active", "mixed", "worker_scaling"}
 WITH_WORKERS = {*OURS, "haproxy", "haproxy-splice", "nginx"}
+SIDE_BY_SIDE = {"direct", "sniproxy-auto", "haproxy"}   # conn_rate_side_by_side runs these together
 TOOLS = ["iperf3", "h2load", "sockperf", "curl", "openssl", "nginx", "haproxy", "sniproxy"]
 
 
@@ -26,7 +27,8 @@ def test_bench_smoke(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())
 
-    assert {(r["system"], r["scenario"]) for r in rows} == {(s, c) for s in SYSTEMS for c in SCENARIOS}
+    assert {(r["system"], r["scenario"]) for r in rows} == \
+        {(s, c) for s in SYSTEMS for c in SCENARIOS} | {(s, "conn_rate_side_by_side") for s in SIDE_BY_SIDE}
     check_rows_are_well_formed(rows)
     check_measurements_are_real({(r["system"], r["scenario"], r["metric"]): r for r in rows})
 
@@ -38,6 +40,9 @@ def test_bench_smoke(tmp_path):
     assert f"- CPU: {cpu_model}" in report and f"- kernel: {os.uname().release} " in report
     assert "- CPU vulnerabilities" in report
     assert "## Targets" in report and "| latency added_p50_us: <= best peer |" in report
+    rate_target = next(line for line in report.splitlines() if "connection rate, 2 workers" in line)
+    assert "not measured" not in rate_target and "vs haproxy" in rate_target, rate_target
+    assert "round 1/1" in done.stdout and "sniproxy-auto start with 2 workers" in done.stdout
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ETA" in done.stdout and "elapsed" in done.stdout
     # Every child ran with its config under the run's work directory: none may be left.
@@ -77,6 +82,9 @@ def check_measurements_are_real(rows):
             assert (system, "latency", "added_p50_us") in rows
         if system in WITH_WORKERS - {"direct"}:
             assert rows[(system, "conn_rate", "cpu_us_per_conn")]["median"] > 0
+        if system in SIDE_BY_SIDE:
+            assert rows[(system, "conn_rate_side_by_side", "conn_per_s")]["median"] > 0
+            assert ((system, "conn_rate_side_by_side", "cpu_us_per_conn") in rows) == (system != "direct")
     # With BPF, idle connections really go to the kernel: both sockets of each are in SOCK_MAP.
     for system in ("sniproxy-auto", "sniproxy-kernel"):
         assert rows[(system, "concurrency", "kernel_relayed_conns")]["median"] == 100
