@@ -301,6 +301,21 @@ class Connection:
             return
         except OSError as e:
             return self._next_address(e)
+        if self.choice.fastopen and self.watcher is None:
+            # Fast Open's send returns once the SYN carries the first flight, before the backend
+            # answered. Wait for the handshake: a backend that refuses is found out here, where
+            # the next address can still be tried, and not as a reset in the relay.
+            return self._wait(self.upstream.fileno(), _WRITE, self.ctx.timeouts.connect,
+                              self._handshake_done, self._connect_timeout)
+        self._connected()
+
+    def _handshake_done(self) -> None:
+        error = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            return self._next_address(OSError(error, os.strerror(error)))
+        self._connected()
+
+    def _connected(self) -> None:
         # ... and from here on, ACKs go at once again: left delayed, a backend's small
         # writes would wait for them behind Nagle.
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)

@@ -351,7 +351,9 @@ def test_fastopen_routes_send_the_first_flight_in_the_syn(proxy):
         try:
             port = free_port()
             address = f"{ns.peer_v4s[0]}:7000"
-            p = proxy(make_config(port, [("fast.test", address, "fastopen = true"), ("plain.test", address)],
+            closed = f"{ns.peer_v4s[0]}:7001"   # nothing listens: the SYN is answered with a reset
+            p = proxy(make_config(port, [("fast.test", address, "fastopen = true"), ("plain.test", address),
+                                         ("closed.test", closed, "fastopen = true")],
                                   protocol="http"), wait_ports=(port,))
 
             def get(host: str) -> bytes:
@@ -374,6 +376,12 @@ def test_fastopen_routes_send_the_first_flight_in_the_syn(proxy):
                 get("plain.test")
             assert ns.tcp_counter("TCPFastOpenPassive") == 5
             assert stats(p)["relayed_userspace"] == 12
+            # A backend that refuses is found out before the relay begins, though the first flight
+            # went in the SYN (the address's cookie is held by now): the client gets the refusal.
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: closed.test\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert stats(p)["refused_connect_failed"] == 1
         finally:
             backend.kill()
             backend.wait()
