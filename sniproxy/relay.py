@@ -144,12 +144,14 @@ class Chain:
         graceful timeout. Pairs that begin from now on go there at once."""
         self.is_leaving = True
         names = {name for name, stage in self.stages.items() if LEAVING in stage.moves}
-        for relay in {id(self.stages[n].relay): self.stages[n].relay for n in names}.values():
+        for relay in self._relays(names):
             relay.leaving(lambda pair: isinstance(pair.on_done, _Chained) and pair.on_done.chain is self and
                           pair.on_done.name in names)
 
-    def _relays(self) -> list:
-        return list({id(s.relay): s.relay for s in self.stages.values()}.values())
+    def _relays(self, names=None) -> list:
+        """The relays of the stages named (all by default), each once."""
+        stages = [s for n, s in self.stages.items() if names is None or n in names]
+        return list({id(s.relay): s.relay for s in stages}.values())
 
     def find(self, kind: str):
         """The chain's relay of that kind, or None."""

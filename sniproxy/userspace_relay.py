@@ -74,10 +74,8 @@ class UserspacePair:
         """Watch what d now waits for: dst to take the pending bytes, else bytes to read
         (nothing once it is finished: its FIN carried, nothing pending)."""
         wanted = _WRITE if d.pending is not None else None if d.eof else _READ
-        if wanted != d.watched:
-            self._rewatch(d, wanted)
-
-    def _rewatch(self, d: _Direction, wanted: int | None) -> None:
+        if wanted == d.watched:
+            return
         if d.watcher is not None:
             d.watcher.close()
             d.watcher = None
@@ -136,14 +134,11 @@ class UserspacePair:
             return self._end("error")
         if moved:
             self.last = time.monotonic()
-        # This runs for every read a pair makes: what _watch asks is asked here inline.
         if up.eof and down.eof and up.pending is None and down.pending is None:
             return self._end("done")
         if self.handoff is not None and (outcome := self._handoff_ready(self.last if moved else time.monotonic())):
             return self._end(outcome)
-        wanted = _WRITE if d.pending is not None else None if d.eof else _READ
-        if wanted != d.watched:
-            self._rewatch(d, wanted)
+        self._watch(d)
         if not was_half_closed and (up.eof or down.eof) and self.limits.half_closed is not None:
             self._set_timer(time.monotonic())   # the half-closed limit may be the shorter one
 
