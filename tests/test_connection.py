@@ -231,6 +231,20 @@ def test_hello_is_sent_to_the_backend_and_the_pair_relayed(rig, backend, result,
     assert answer_and_close(client) == b""           # both sockets closed after the relay
 
 
+def test_names_from_the_client_stay_one_field_of_one_log_line(rig, backend):
+    """ALPN names are the client's bytes: a space, a newline, a backslash or a byte above
+    ASCII in one must not split the line or its fields."""
+    from test_firstflight import as_records, handshake_of, with_extension
+    names = [b"a b", b"x\ny\\", b"\xff\x7f"]
+    alpn = b"".join(bytes([len(n)]) + n for n in names)
+    r = rig([(NAME, backend.address)])
+    _, _, pair = r.run(as_records(with_extension(handshake_of(CURL), 16, len(alpn).to_bytes(2, "big") + alpn)))
+    pair.on_done(RelayResult(0, 0, "done"))
+    assert len(r.log_path.read_text().splitlines()) == 1
+    [record] = r.records()
+    assert record["alpn"] == "a_b,x\\x0ay\\\\,\\\\xff\\x7f" and record["outcome"] == "done"
+
+
 def test_hello_in_pieces_waits_for_the_rest(rig, backend):
     r = rig([(NAME, backend.address)], extra="[timeouts]\nclient_hello = 0.3\n")
     client, conn = r.connect(CURL[:100])
