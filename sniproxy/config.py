@@ -77,8 +77,7 @@ class RelayConfig(_Section):
     # least) it is fast, and goes to fast_relay: the kernel where BPF is available, for good,
     # or splice, and back once it falls below half of it; at kernel_rate or less (quiet,
     # idle) to the kernel where BPF is available.
-    # Between the two, request/response traffic, it stays in copy until it is steady
-    # (steady_bytes) or chatty:
+    # Between the two, request/response traffic, it stays in copy, unless it is chatty:
     # kernel_messages reads within a window, of 1 KiB or less on average (ping-pong), go to
     # the kernel, which added the least latency on the bench machine (64-byte ping-pong:
     # p50 34.6 us against copy's 47.7, nginx 42.8; bench/results/2026-11-28-latency).
@@ -109,14 +108,6 @@ class RelayConfig(_Section):
     splice_rate: int = 64 << 20       # bytes/s, both directions together
     kernel_rate: int = 0              # bytes/s; -1: never to the kernel
     kernel_messages: int = 1000       # reads within a window; 0: never for that
-    # auto: a pair that moved this many bytes within a window in copy, in reads of more than
-    # 1 KiB on average, and is neither fast nor chatty, is steady request/response traffic. It
-    # goes to splice, and on from there as from copy: to fast_relay once fast, to the kernel
-    # once quiet or chatty (not back to copy). 0: it stays in copy. From
-    # bench/results/2026-11-29-steady-splice: on 1,000 keep-alive TLS connections fetching
-    # 256 KiB, 1.14x the requests/s of keeping them in copy, p99 0.77x, CPU per request 0.86x;
-    # on the mixed load 1.10x the requests/s; 16 KiB objects level.
-    steady_bytes: int = 64 << 10
 
 
 class AccessConfig(_Section):
@@ -348,9 +339,8 @@ def check(cfg: Config):
         yield bad("relay.splice_rate", cfg.relay.splice_rate, "must be positive")
     if not -1 <= cfg.relay.kernel_rate < max(cfg.relay.splice_rate // 2, 1):
         yield bad("relay.kernel_rate", cfg.relay.kernel_rate, "must be -1 (never) or more, below splice_rate / 2")
-    for key in ("kernel_messages", "steady_bytes"):
-        if getattr(cfg.relay, key) < 0:
-            yield bad(f"relay.{key}", getattr(cfg.relay, key), "must be 0 (never) or more")
+    if cfg.relay.kernel_messages < 0:
+        yield bad("relay.kernel_messages", cfg.relay.kernel_messages, "must be 0 (never) or more")
     if cfg.resolver.cache_size <= 0:
         yield bad("resolver.cache_size", cfg.resolver.cache_size, "must be positive")
     for kind in ("allow", "deny"):

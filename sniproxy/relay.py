@@ -37,7 +37,7 @@ class RelayResult(NamedTuple):
     up: int        # client -> upstream, after the first flight
     down: int      # upstream -> client
     # "done" | "idle_timeout" | "reset" | "slow_reader" | "error", or, ending one relay
-    # of a Chain: "fast" | "chatty" | "quiet" | "steady" (stopped for the next, see Handoff) | "declined"
+    # of a Chain: "fast" | "chatty" | "quiet" (stopped for the next, see Handoff) | "declined"
     # | LEAVING, or STOWED
     outcome: str
     kind: str = "userspace"  # which relay carried the connection's bulk
@@ -68,15 +68,12 @@ class Handoff(NamedTuple):
     window so far moved `rate` bytes a second (over RATE_SPAN at least); "chatty" once it made
     `messages` reads within one, of SMALL_MESSAGE bytes or fewer on average (ping-pong);
     or "quiet" at the end of a window in which at most `quiet` bytes moved. A busier
-    window starts the next. The default quiet (any count) makes `after` a plain age limit.
-    And "steady" once a window moved `steady` bytes, neither fast nor chatty: request and
-    response traffic that outgrew its first exchanges, in reads of more than SMALL_MESSAGE."""
+    window starts the next. The default quiet (any count) makes `after` a plain age limit."""
     bytes: float
     after: float
     quiet: float = math.inf
     messages: float = math.inf
     rate: float = math.inf
-    steady: float = math.inf
 
 
 class Progress(NamedTuple):

@@ -3,8 +3,8 @@
 Every pair is moved by event-loop callbacks in the hub, so no greenlet waits
 for a pair, and a wakeup moves only the direction it is for. What the reader
 cannot take yet is copied out of the shared buffer, so idle pairs hold none.
-With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty",
-"quiet" or "steady") once that is due, at a point where no byte is in hand and neither side
+With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty" or
+"quiet") once that is due, at a point where no byte is in hand and neither side
 has sent its FIN.
 """
 from __future__ import annotations
@@ -104,8 +104,6 @@ class UserspacePair:
                 self.due_outcome = "fast"
             elif reads >= handoff.messages and moved <= reads * SMALL_MESSAGE:
                 self.due_outcome = "chatty"
-            elif moved >= handoff.steady and moved > reads * SMALL_MESSAGE:
-                self.due_outcome = "steady"
             elif now >= self.handoff_due:
                 if moved <= handoff.quiet:
                     self.due_outcome = "quiet"

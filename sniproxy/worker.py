@@ -274,8 +274,7 @@ class Worker:
         # splice where the kernel is not there
         fast_to, tls_fast_to = ("kernel" if kernel and choice == "kernel" else "splice"
                                 for choice in (relay.fast_relay, relay.tls_fast_relay))
-        steady = relay.steady_bytes if policy == "auto" and relay.steady_bytes > 0 else math.inf
-        if policy == "splice" or policy == "auto" and ("splice" in (fast_to, tls_fast_to) or steady < math.inf):
+        if policy == "splice" or policy == "auto" and "splice" in (fast_to, tls_fast_to):
             from .splice_relay import SpliceRelay
             splice = SpliceRelay()
         copy = UserspaceRelay()
@@ -287,17 +286,14 @@ class Worker:
         chatty = relay.kernel_messages if kernel and relay.kernel_messages > 0 else math.inf
         # A leaving worker's pairs go to the kernel relay, which outlives it (keeper.py).
         leaving = {LEAVING: "kernel"} if kernel else {}
-        onward = {"fast": fast_to, "fast:tls": tls_fast_to, "quiet": "kernel", "chatty": "kernel", **leaving}
-        judged = Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate)
-        stages = {"copy": Stage(copy, judged._replace(steady=steady), {**onward, "steady": "steady"})}
+        stages = {"copy": Stage(copy, Handoff(fast, relay.window, quiet, chatty, rate=relay.splice_rate),
+                                {"fast": fast_to, "fast:tls": tls_fast_to, "quiet": "kernel", "chatty": "kernel",
+                                 **leaving})}
         if splice is not None:
             stages["splice"] = Stage(splice, Handoff(math.inf, relay.window, fast / 2), {"quiet": "copy", **leaving})
-        if steady < math.inf:   # judged on there as in copy, but not back to it
-            stages["steady"] = Stage(splice, judged, onward)
         if kernel:   # a pair it declines (maps full, half-closed) is judged again in copy
             stages["kernel"] = Stage(kernel, None, {"declined": "copy"})
-        relay_of = {name: "copy" if name == "copy" else stage.relay.kind for name, stage in stages.items()}
-        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{relay_of[to]}"))
+        return Chain(stages, "copy", on_move=lambda to: counters.add(f"moved_to_{to}"))
 
     def _heartbeat(self) -> None:
         """Beat every worker_timeout / 2; look for the master every second (a worker

@@ -43,7 +43,6 @@ def test_empty_file_and_example_are_the_builtin_default():
     ("[relay]\nsplice_rate = -5", "relay.splice_rate = -5: must be positive"),
     ("[relay]\nkernel_rate = 40000000", "relay.kernel_rate = 40000000: must be -1 (never) or more, below splice_rate / 2"),
     ("[relay]\nkernel_messages = -1", "relay.kernel_messages = -1: must be 0 (never) or more"),
-    ("[relay]\nsteady_bytes = -1", "relay.steady_bytes = -1: must be 0 (never) or more"),
     ("[bpf]\nbatch_bytes = -1", "bpf.batch_bytes = -1: must be 0 (off) or more"),
     ("[relay]\npolicy = 'fastest'", "relay.policy = 'fastest': Invalid enum value 'fastest'"),
     ("[relay]\ntls_fast_relay = 'copy'", "relay.tls_fast_relay = 'copy': Invalid enum value 'copy'"),

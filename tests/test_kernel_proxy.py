@@ -668,7 +668,7 @@ def test_an_idle_kernel_pair_let_go_by_its_connection_still_counts_relays_times_
     port = free_port()
     access_log = tmp_path / "access.log"
     config = make_config(port, [], fallback=echo.address, mode="require", pin_path=pin_path, workers=1,
-                         policy="auto", relay="window = 0.5\nsteady_bytes = 0\n",   # copy, then the kernel
+                         policy="auto", relay="window = 0.5\n",
                          extra=f'[timeouts]\nidle = 6.0\n[log]\naccess = "{access_log}"\n')
     p = proxy(config.replace("workers = 1\n", "workers = 1\nmax_connections = 1\n"), wait_ports=(port,))
     wait_until(lambda: stats(p)["closed_early"] >= 1, what="the harness's probe to end")
