@@ -33,7 +33,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.
 # respawning it forever.
 BOOT_ERROR = 3
 PARENT_CHECK_INTERVAL = 1.0
-TRIM_AFTER = 512   # connections fewer than the peak, or kernel pairs parked, since memory was last given back
+TRIM_AFTER = 512   # connections ended or kernel pairs parked since memory was last given back
 ACCEPT_RETRY = 0.1   # out of descriptors: how soon to try accepting again
 
 
@@ -163,8 +163,7 @@ class Worker:
             self.keeper = Link(self.keeper, self.loop)
         self.relay = self._open_relay(counters)
         self.connections: set = set()   # live Connections
-        self.parked = 0  # kernel pairs parked since memory was last given back
-        self.peak = 0    # the most connections held since then
+        self.freed = 0   # connections ended and kernel pairs parked since memory was last given back
         self.acceptors: list = []
         self.stopping = gevent.event.Event()
         self.all_ended = gevent.event.Event()
@@ -267,7 +266,7 @@ class Worker:
             kernel = KernelRelay(self.bpf_pins, max_queued=bpf.max_queued, sndbuf=bpf.sndbuf, counters=counters,
                                  batch_bytes=bpf.batch_bytes, batch_rate=relay.splice_rate,
                                  keeper=self.keeper)
-            kernel.on_park = self._parked_one
+            kernel.on_park = self._freed_one
             kernel.ends_kept = self._unowned_ended
         self.kernel = kernel
         # auto's fast pairs go to relay.fast_relay (TLS ones to relay.tls_fast_relay), and to
@@ -316,22 +315,16 @@ class Worker:
             gevent.sleep(min(interval, PARENT_CHECK_INTERVAL))
 
     def _trim_memory(self) -> None:
-        """Give freed memory back to the system once much was freed: the worker holds
-        TRIM_AFTER connections fewer than at its peak since the last time, or that many
-        kernel pairs parked (each let a greenlet's stack go). glibc keeps freed memory for
-        reuse otherwise, and a worker that once held many busy connections would keep their
-        peak for good. Not for connections that merely came and went at a steady level:
-        glibc reuses that memory, and a trim a second gave back pages that the next
-        connections faulted in again: 0.58 madvise calls a connection at 1,400 a second,
-        and the walk over the heap (bench/results/2026-11-29-syscalls)."""
-        holding = self._holding()
-        self.peak = max(self.peak, holding)
-        if self.parked >= TRIM_AFTER or self.peak - holding >= TRIM_AFTER:
+        """Give freed memory back to the system once much was freed: TRIM_AFTER
+        connections ended, or kernel pairs parked (each let a greenlet's stack go).
+        glibc keeps freed memory for reuse otherwise, and a worker that once held
+        many busy connections would keep their peak for good."""
+        if self.freed >= TRIM_AFTER:
             malloc_trim()
-            self.parked, self.peak = 0, holding
+            self.freed = 0
 
-    def _parked_one(self) -> None:
-        self.parked += 1
+    def _freed_one(self) -> None:
+        self.freed += 1
 
     def _set_gauges(self) -> None:
         self.counters.set("live_connections", self._holding())
@@ -461,8 +454,6 @@ class Worker:
                 counted.accepted(index)
             connection = self.Connection(self.ctx, lc, client, peer)
             self.connections.add(connection)
-            if len(self.connections) > self.peak:   # a burst that comes and goes within a heartbeat
-                self.peak = len(self.connections)
             connection.start()
 
     def _pause(self, acceptor, lc: ListenerConfig, listening: socket.socket) -> None:
@@ -491,6 +482,7 @@ class Worker:
         self._one_ended()
 
     def _one_ended(self) -> None:
+        self._freed_one()
         if self.held and self.alive and self._holding() < self.cfg.master.max_connections:
             self.held = False
             self._watch_listeners()
