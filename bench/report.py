@@ -25,6 +25,10 @@ class Results:
         row = self._rows[(system, scenario, metric)]
         row["error"] = row["error"] or reason  # the first failure is the cause
 
+    def fail_all(self, system: str, scenario: str, metrics: list[Metric], reason: str) -> None:
+        for metric in metrics:
+            self.fail(system, scenario, metric.name, reason)
+
     def rows(self) -> list[dict]:
         rows = [_summarize(dict(row)) for row in self._rows.values()]
         return rows + latency_over_direct(rows)
