@@ -5,7 +5,10 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 COMPILED = ["sniproxy.firstflight"]
+# Written in C, with the same thing in Python beside it (userspace_relay.py's pairs)
+IN_C = ["sniproxy.copypair"]
 
 setup(ext_modules=cythonize(
     [Extension(name, [name.replace(".", "/") + ".py"], optional=True) for name in COMPILED],
-    compiler_directives={"language_level": 3, "annotation_typing": False}))
+    compiler_directives={"language_level": 3, "annotation_typing": False}) +
+    [Extension(name, [name.replace(".", "/") + ".c"], optional=True) for name in IN_C])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as config_mod
-from . import firstflight, keeper, metrics, privileges, systemd
+from . import firstflight, keeper, metrics, privileges, systemd, userspace_relay
 from .bpfsetup import BpfSetup, BpfSetupError
 from .config import Config, ConfigError, parse_listen_address
 from .counters import CounterTable
@@ -137,9 +137,12 @@ class Master:
             log.info("upgraded: master %d now runs the code on disk, with %d kept pairs", os.getpid(),
                      len(upgraded["kept"]))
         self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
-        if not firstflight.COMPILED:
-            log.warning("the first-flight parser is not compiled (scripts/setup builds it): it runs interpreted, "
-                        "at more CPU per new connection")
+        interpreted = [what for what, built in (("the first-flight parser", firstflight.COMPILED),
+                                                ("the copy relay's pairs", userspace_relay.copypair is not None))
+                       if not built]
+        if interpreted:
+            log.warning("%s not compiled (scripts/setup builds them): interpreted, at more CPU per connection",
+                        " and ".join(interpreted))
         log.info("master %d: %d workers, relay in %s, listening on %s", os.getpid(), worker_count(self.cfg),
                  self.bpf.relay_kind, ", ".join(lc.address for lc in self.cfg.listener))
         self.manage_workers()

@@ -31,6 +31,7 @@ def _queued(fd: int) -> int:
 
 class SpliceRelay(UserspaceRelay):
     kind = "splice"
+    compiled = False   # its pairs are the Python ones, moving bytes through pipes
 
     def __init__(self, pool_size: int = 64):
         super().__init__(buffer_size=0)   # no buffer: the pipes hold the bytes

@@ -13,11 +13,17 @@ import _socket
 import logging
 import math
 import socket
+import sys
 import time
 
 import gevent
 
 from .relay import LEAVING, RATE_SPAN, SMALL_MESSAGE, Handoff, Limits, OnDone, RelayResult, raw_socket
+
+try:
+    from . import copypair   # the same pairs in C (copypair.c), where setup.py built them
+except ImportError:
+    copypair = None
 
 log = logging.getLogger("sniproxy.relay")
 
@@ -152,6 +158,11 @@ class UserspacePair:
 
     __call__ = _on_timer   # the pair is its timer's callback (see _Direction)
 
+    def leave(self) -> None:
+        """The worker is leaving: stop with LEAVING at the next point with no byte in hand."""
+        self.due_outcome = LEAVING
+        self._on_timer()
+
     def _end(self, outcome: str) -> None:
         self.cancel()
         self.on_done(RelayResult(self.up.count, self.down.count, outcome, self.relay.kind))
@@ -173,19 +184,34 @@ class UserspaceRelay:
     kind = "userspace"
     wants_record = False
     READS_PER_TURN = 8   # so that one busy direction cannot starve the other
+    compiled = copypair is not None   # pairs in C where they can be (a subclass that moves bytes otherwise: no)
 
     def __init__(self, buffer_size: int = 256 * 1024):
         # One buffer per worker: bytes are sent on at once, and what the peer cannot
         # take yet is copied out, so idle connections hold no buffer.
-        self._buffer = memoryview(bytearray(buffer_size))
-        self.read_size = buffer_size   # the most one read takes
         self.pairs: set[UserspacePair] = set()   # live ones: the worker may leave (leaving)
+        self._copier = self._compiled(buffer_size) if self.compiled else None
+        self._buffer = memoryview(bytearray(buffer_size if self._copier is None else 0))
+        self.read_size = buffer_size   # the most one read takes
+
+    def _compiled(self, buffer_size: int):
+        """copypair's pairs on this thread's loop, where gevent runs it in libev through its
+        compiled core (not its CFFI one, GEVENT_LOOP=libev-cffi); else None."""
+        loop = gevent.get_hub().loop
+        if copypair is None or type(loop).__module__ != "gevent.libev.corecext":
+            return None
+        core = sys.modules[type(loop).__module__]
+        return copypair.Copier(loop.ptr, core.__file__, buffer_size, self.pairs, RelayResult, self.kind)
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
               before=None, record: dict | None = None, tls: bool = False) -> UserspacePair:
         """before, record: what a Chain tells the relays whose pairs may end elsewhere; tls,
         what a connection tells a Chain (all unused here)."""
-        pair = UserspacePair(self, raw_socket(client), raw_socket(upstream), limits, handoff, on_done)
+        client, upstream = raw_socket(client), raw_socket(upstream)
+        if self._copier is not None:
+            return self._copier.pair(client.fileno(), upstream.fileno(), limits.idle, limits.half_closed, handoff,
+                                     on_done)
+        pair = UserspacePair(self, client, upstream, limits, handoff, on_done)
         self.pairs.add(pair)
         return pair
 
@@ -196,8 +222,7 @@ class UserspaceRelay:
         relay takes no half-closed pair."""
         for pair in list(self.pairs):
             if pair.handoff is not None and which(pair):
-                pair.due_outcome = LEAVING
-                pair._on_timer()
+                pair.leave()
 
     def _release(self, pair: UserspacePair) -> None:
         """The pair is done with the relay: what it held goes back."""

@@ -77,9 +77,10 @@ def test_routes_exact_wildcard_regex_with_three_clients(proxy, backends):
     assert counters["accepted"] == 6 + counters["closed_early"]   # the harness probes the port
 
 
-def test_without_the_compiled_parser_the_proxy_routes_interpreted_and_says_so_once(proxy, backends, tmp_path):
+def test_without_the_compiled_modules_the_proxy_routes_interpreted_and_says_so_once(proxy, backends, tmp_path):
     """The same sources, without what setup.py compiled: the master and its workers import
-    firstflight.py, route as ever, and the master says once that the parser is interpreted."""
+    firstflight.py and relay with the Python pairs, route as ever, and the master says once
+    that both are interpreted."""
     import shutil
     import sniproxy
     tree = tmp_path / "tree"
@@ -87,15 +88,20 @@ def test_without_the_compiled_parser_the_proxy_routes_interpreted_and_says_so_on
     shutil.copytree(Path(sniproxy.__file__).parent.parent / "bpf", tree / "bpf")
     a = backends("a")
     port = free_port()
+    # The tree's package alone: the editable install's finder would find the modules it lacks in the repo.
     run_from_tree = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tree)!r}); "
+                     "sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith('__editable__')]; "
                      "from sniproxy.cli import main; sys.exit(main())"]
     p = proxy(make_config(port, [("example.com", a.address)]), start=False)
     p.start(wait_ports=(port,), wrap=lambda argv: [*run_from_tree, *argv[len(MASTER):]])
     for _ in range(3):
         assert https_get(port, "example.com") == "backend=a\n"
-    assert p.output().count("the first-flight parser is not compiled") == 1
+    assert p.output().count("the first-flight parser and the copy relay's pairs not compiled") == 1
     workers = p.worker_pids()
-    assert workers and not any("firstflight.cpython" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)
+    assert workers
+    for pid in workers:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "firstflight.cpython" not in maps and "copypair.cpython" not in maps
 
 
 def test_unknown_name_gets_unrecognized_name_alert(proxy, backends):

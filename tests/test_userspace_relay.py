@@ -1,7 +1,9 @@
 """The userspace relay, alone and in a Chain, on loopback TCP: client <-> [c | u] <-> server.
 
 The relay runs in this thread's gevent hub, as in a worker; endpoints that block
-(bulk senders and readers) run in OS threads.
+(bulk senders and readers) run in OS threads. Every test runs twice: with the
+pairs in C (copypair.c, as the worker runs them) and with the Python ones (where
+copypair is not built, and the splice relay's).
 """
 from __future__ import annotations
 
@@ -17,7 +19,27 @@ import pytest
 from harness import (MiB, Background, hub_wait_until, recv_exactly, recv_nowait, recv_stream, run_relay,
                      send_stream, tcp_pair)
 from sniproxy.relay import Chain, Handoff, Limits, Progress, RelayResult
+from sniproxy import userspace_relay
 from sniproxy.userspace_relay import UserspaceRelay
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def pairs_in(request, monkeypatch):
+    """Which pairs the copy relay makes: setup.py builds copypair, so "c" must be there."""
+    if request.param == "c":
+        assert userspace_relay.copypair is not None, "sniproxy/copypair.c is not built (scripts/setup builds it)"
+        assert UserspaceRelay()._copier is not None
+    monkeypatch.setattr(UserspaceRelay, "compiled", request.param == "c")
+    return request.param
+
+
+def test_the_pairs_run_compiled_from_their_current_source():
+    """scripts/setup builds copypair.c (setup.py); a build older than its source would test stale code."""
+    from pathlib import Path
+    built = Path(userspace_relay.copypair.__file__)
+    assert built.suffix == ".so"
+    assert built.with_name("copypair.c").stat().st_mtime <= built.stat().st_mtime, \
+        "copypair.c is newer than its compiled module: run scripts/setup"
 
 
 @pytest.fixture
