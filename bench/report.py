@@ -83,9 +83,10 @@ def _fmt(value: float | None) -> str:
 
 def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
     lines = ["# sniproxy benchmark", ""] + header + [
-        "", "Medians over the repeats; min and max beside them. The run takes every system through one repeat",
-        "(each started fresh) before the next repeat, so a drift of the machine touches all alike. The",
-        "systems of `conn_rate_side_by_side` run together instead, and take turns round after round, seconds apart.",
+        "", "Medians over the repeats; min and max beside them. For bulk, tls_download, latency and active (the",
+        "targets' scenarios) every system runs at once, and in each repeat each system takes its turn, seconds",
+        "apart. The other scenarios take every system through one repeat (each started fresh) before the next",
+        "repeat; the systems of `conn_rate_side_by_side` run together, and take turns round after round.",
         "Ratios are median / reference:",
         "`vs direct` against no proxy at all, `vs best peer` against the best of "
         f"{', '.join(PEERS)} for that metric (named). Whether higher or lower is better is given per metric.", "",

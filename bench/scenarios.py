@@ -60,14 +60,21 @@ class Context:
     hold_port: int     # the origin port that idle connections end at
 
 
+EVERY = ("*",)   # together: every system of the run
+
+
 class Scenario:
     name = ""
     step_estimate = 2.0
     # None: each system alone, started for the scenario's repeat and stopped after. Else the
-    # names of the systems that run together, with `workers` each, and take turns, round
-    # after round (bench/run's run_together).
+    # names of the systems (or EVERY) that run together, with `workers` each, and take turns,
+    # round after round (bench/run's run_together).
     together: tuple[str, ...] | None = None
     workers = 1
+
+    def rounds(self, settings: Settings) -> int:
+        """How many turns each system takes, when the systems run together."""
+        return settings.rounds
 
     def metrics(self, system: System, settings: Settings) -> list[Metric]:
         raise NotImplementedError
@@ -85,6 +92,17 @@ class Scenario:
 
     def estimate(self, settings: Settings) -> float:
         return settings.seconds + 1.0
+
+
+class TakingTurns(Scenario):
+    """A scenario that every system runs together for, each taking its turn, once per repeat:
+    a drift of the machine over minutes (whole repeats moved by 20-40% on 2 vCPUs, and no
+    sequence of systems run alone could rank them within that) then hits every system alike,
+    at the cost of the sequential runs. The targets are read from these."""
+    together = EVERY
+
+    def rounds(self, settings):
+        return settings.repeats
 
 
 def cpu_metrics(system: System) -> list[Metric]:
@@ -108,7 +126,7 @@ def bulk_metric(streams: int, reverse: bool) -> str:
     return f"gbps_{streams}stream{'s' if streams > 1 else ''}{'_reverse' if reverse else ''}"
 
 
-class Bulk(Scenario):
+class Bulk(TakingTurns):
     """iperf3 through the fallback route, Gbit/s."""
     name = "bulk"
 
@@ -129,7 +147,7 @@ class Bulk(Scenario):
         return values | cpu_per_gb(meter, relayed, system)
 
 
-class TlsDownload(Scenario):
+class TlsDownload(TakingTurns):
     """One large HTTPS download from the TLS origin routed by SNI, MB/s."""
     name = "tls_download"
 
@@ -145,7 +163,7 @@ class TlsDownload(Scenario):
         return {"mb_per_s": result.rate} | cpu_per_gb(meter, result.bytes, system)
 
 
-class Latency(Scenario):
+class Latency(TakingTurns):
     """sockperf 64-byte ping-pong through the fallback route, round trip in us."""
     name = "latency"
 
@@ -331,7 +349,7 @@ def restart(system: System, workers: int) -> dict[str, float]:
     return {}
 
 
-class ActiveConnections(Scenario):
+class ActiveConnections(TakingTurns):
     """Many active keep-alive TLS connections (h2load --h1 -c 1000) fetching 16 KiB and
     256 KiB objects from the TLS origin: requests/s, p50 and p99, and the system's CPU
     (user and kernel, its own processes) per request."""

@@ -23,7 +23,7 @@ def test_bench_smoke(tmp_path):
     if missing:
         pytest.fail(f"benchmark tools missing: {missing} (scripts/setup installs them)")
     done = subprocess.run([str(REPO / "bench/run"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())
 
