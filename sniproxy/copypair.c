@@ -390,11 +390,6 @@ static void Pair_dealloc(Pair *p)
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-static PyObject *Pair_get_counts(Pair *p, void *unused)
-{
-    return Py_BuildValue("LL", p->up.count, p->down.count);
-}
-
 static PyMethodDef Pair_methods[] = {
     {"cancel", (PyCFunction)Pair_cancel, METH_NOARGS, "Stop relaying; on_done is not called."},
     {"leave", (PyCFunction)Pair_leave, METH_NOARGS,
@@ -408,11 +403,6 @@ static PyMemberDef Pair_members[] = {
     {NULL}
 };
 
-static PyGetSetDef Pair_getset[] = {
-    {"counts", (getter)Pair_get_counts, NULL, "bytes moved up and down so far", NULL},
-    {NULL}
-};
-
 static PyTypeObject PairType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "sniproxy.copypair.Pair",
@@ -422,7 +412,6 @@ static PyTypeObject PairType = {
     .tp_dealloc = (destructor)Pair_dealloc,
     .tp_methods = Pair_methods,
     .tp_members = Pair_members,
-    .tp_getset = Pair_getset,
 };
 
 /* --- the copier: one per relay -------------------------------------------- */
