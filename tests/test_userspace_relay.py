@@ -337,3 +337,28 @@ def test_chain_takes_a_declined_pair_back_to_first(pair):
     assert sum(r.up for r in (handed, declined, back)) == 4 * MiB
     assert sum(r.down for r in (handed, declined, back)) == 2 * MiB
     assert then.befores == [None]
+
+
+def test_a_leaving_chain_moves_its_pairs_on_with_every_byte_in_order(pair):
+    """The worker is leaving (a reload): a pair in the first relay stops at once, holding no
+    byte, and goes on in the next, which Chain.of picks for LEAVING when it is the kernel's."""
+    client, c, u, server = pair
+    then = Then()
+    then.kind = "kernel"
+    chain = Chain.of(UserspaceRelay(), then, Handoff(1 << 40, 60))
+    done = []
+    chain.start(c, u, Limits(30), done.append)
+    client.sendall(b"before")
+    assert hub_wait_until(lambda: recv_nowait(server), what="bytes through") == b"before"
+    chain.leaving()
+    [left] = then.results or [None]   # not ended yet: it holds the pair now
+    assert left is None and then.befores == [None]
+    client.sendall(b"after")
+    server.sendall(b"reply")
+    assert hub_wait_until(lambda: recv_nowait(server), what="bytes after") == b"after"
+    assert hub_wait_until(lambda: recv_nowait(client), what="the reply") == b"reply"
+    client.shutdown(socket.SHUT_WR)
+    server.shutdown(socket.SHUT_WR)
+    hub_wait_until(lambda: done, what="the end")
+    assert done[0][:3] == (11, 5, "done")
+    assert [r.outcome for r in then.results] == ["done"]
