@@ -6,6 +6,10 @@ cannot take yet is copied out of the shared buffer, so idle pairs hold none.
 With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty" or
 "quiet") once that is due, at a point where no byte is in hand and neither side
 has sent its FIN.
+
+The worker's pairs are the same pairs in C (copypair.c), on the hub's libev
+loop: a wakeup then never enters Python. The ones here serve the splice relay,
+and every relay where copypair is not built or gevent's loop is not libev's core.
 """
 from __future__ import annotations
 
@@ -201,7 +205,11 @@ class UserspaceRelay:
         if copypair is None or type(loop).__module__ != "gevent.libev.corecext":
             return None
         core = sys.modules[type(loop).__module__]
-        return copypair.Copier(loop.ptr, core.__file__, buffer_size, self.pairs, RelayResult, self.kind)
+        try:
+            return copypair.Copier(loop.ptr, core.__file__, buffer_size, self.pairs, RelayResult, self.kind)
+        except OSError as e:   # a gevent whose core does not export libev 4: these pairs serve
+            log.warning("the copy relay's pairs run interpreted: %s", e)
+            return None
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,
               before=None, record: dict | None = None, tls: bool = False) -> UserspacePair:
