@@ -174,17 +174,28 @@ def curl(port: int, name: str, *extra: str, host: str = "127.0.0.1") -> subproce
 
 def echo_through(port: int, name: str, payload: bytes, host: str = "127.0.0.1", window: int = 1 << 20) -> bytes:
     """Send payload over TLS through the proxy and read the echo back, at most
-    `window` bytes ahead (one thread: an SSL socket is not safe to share)."""
+    `window` bytes ahead."""
     with tls_client(port, name, host, timeout=60) as s:
-        received = bytearray()
-        view = memoryview(payload)
-        for offset in range(0, len(payload), window):
-            s.sendall(view[offset:offset + window])
-            while len(received) < min(offset + window, len(payload)):
-                chunk = s.recv(262144)
-                if not chunk:
-                    return bytes(received)
-                received += chunk
+        return echo_over(s, payload, window=window)
+
+
+def echo_over(s: ssl.SSLSocket, payload: bytes, sent: int = 0, received: bytearray | None = None,
+              window: int = 1 << 20) -> bytes:
+    """Go on from the first `sent` bytes of payload over s: read their echo back into received,
+    then send the rest, at most `window` bytes ahead of the echo. One thread: an SSL socket
+    shared by a sender and a reader thread breaks now and then under load (a read that
+    returns EOF early). The echo, short if the connection ended early."""
+    received = bytearray() if received is None else received
+    view = memoryview(payload)
+    for end in (sent, *range(sent + window, len(payload) + window, window)):
+        end = min(end, len(payload))
+        s.sendall(view[sent:end])
+        sent = end
+        while len(received) < end:
+            chunk = s.recv(262144)
+            if not chunk:
+                return bytes(received)
+            received += chunk
     return bytes(received)
 
 

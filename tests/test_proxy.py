@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from netns import veth_netns
-from harness import (MASTER, DelayedDns, Dnsmasq, LoopbackCapture, cpu_seconds, stream_through, curl, echo_through, free_port, https_get, sha,
+from harness import (MASTER, DelayedDns, Dnsmasq, LoopbackCapture, cpu_seconds, stream_through, curl, echo_over, echo_through, free_port, https_get, sha,
                      through_proxy, tls_client, wait_until)
 
 
@@ -612,9 +612,7 @@ def test_graceful_stop_lets_a_transfer_finish(proxy, backends, request, mode, po
         got = bytearray(s.recv(262144))                   # the transfer is under way
         p.signal(signal.SIGTERM)                          # stop while it is in flight
         time.sleep(0.3)
-        threading.Thread(target=s.sendall, args=(payload[1 << 20:],), daemon=True).start()
-        while len(got) < len(payload) and (chunk := s.recv(262144)):
-            got += chunk
+        got = echo_over(s, payload, sent=1 << 20, received=got)
     assert sha(got) == sha(payload)
     stopping = time.monotonic()
     assert p.proc.wait(20) == 0
