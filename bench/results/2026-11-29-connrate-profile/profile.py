@@ -1,4 +1,5 @@
-# For NOTES.md (run with the project's .venv python: POLICY [CONNECTIONS]). One worker of this
+# For NOTES.md (run with the project's .venv python: POLICY [CONNECTIONS [native]]; native: with C
+# frames, py-spy --native, as ../2026-11-29-copypair/ ran it). One worker of this
 # proxy under h2load's new-connection load (one request per connection, 16 at a time), sampled
 # by py-spy at 500 Hz for 8 s; prints the rate and the share of samples by function, own and
 # inclusive (the project's functions only for the latter).
@@ -14,6 +15,7 @@ from bench.systems import REPO, Sniproxy  # noqa: E402
 
 policy = sys.argv[1] if len(sys.argv) > 1 else "auto"
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+native = ["--native"] if sys.argv[3:] == ["native"] else []
 raw = Path(tempfile.mkdtemp(prefix="connrate-profile-")) / "samples.txt"
 with origins.running("connrate-profile-") as (workdir, backends):
     proxy = Sniproxy(backends, workdir, policy)
@@ -21,7 +23,7 @@ with origins.running("connrate-profile-") as (workdir, backends):
     try:
         worker = max(proxy.pids())   # forked after the master
         spy = subprocess.Popen([str(REPO / ".venv/bin/py-spy"), "record", "-r", "500", "-d", "8", "-f", "raw",
-                                "-o", str(raw), "-p", str(worker)],
+                                "-o", str(raw), "-p", str(worker), *native],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
         rate = tools.h2load_connections(proxy.address("tls"), count, 60)
