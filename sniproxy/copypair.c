@@ -259,8 +259,8 @@ static void set_timer(Pair *p, double now)
     ev_timer_start(loop, &p->timer);
 }
 
-/* Stop watching and let go of what the pair holds; on_done is not called. */
-static void stop(Pair *p)
+/* Stop its watchers and free the bytes it holds (at its end, and as it is freed). */
+static void quiesce(Pair *p)
 {
     struct ev_loop *loop = p->copier->loop;
     Direction *dirs[2] = {&p->up, &p->down};
@@ -272,6 +272,12 @@ static void stop(Pair *p)
     }
     if (p->timer.active)
         ev_timer_stop(loop, &p->timer);
+}
+
+/* Stop watching and let go of what the pair holds; on_done is not called. */
+static void stop(Pair *p)
+{
+    quiesce(p);
     if (PySet_Discard(p->copier->pairs, (PyObject *)p) < 0)
         PyErr_WriteUnraisable((PyObject *)p);
 }
@@ -373,17 +379,8 @@ static PyObject *Pair_leave(Pair *p, PyObject *unused)
 
 static void Pair_dealloc(Pair *p)
 {
-    if (p->copier != NULL) {
-        struct ev_loop *loop = p->copier->loop;
-        if (p->up.watched)
-            ev_io_stop(loop, &p->up.w);
-        if (p->down.watched)
-            ev_io_stop(loop, &p->down.w);
-        if (p->timer.active)
-            ev_timer_stop(loop, &p->timer);
-    }
-    drop_pending(&p->up);
-    drop_pending(&p->down);
+    if (p->copier != NULL)   /* NULL only when making it failed: nothing started, nothing held */
+        quiesce(p);
     Py_XDECREF(p->on_done);
     Py_XDECREF(p->handoff);
     Py_XDECREF(p->copier);
