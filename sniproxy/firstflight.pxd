@@ -5,6 +5,10 @@ cimport cython
 
 cpdef normalize_name(raw)
 cdef bint _is_ip_literal(name) except -1
+@cython.locals(end=Py_ssize_t, i=Py_ssize_t, c=cython.uchar, hexadecimal=bint)
+cdef bint _is_number(bytes name, Py_ssize_t start) except -1
+@cython.locals(label=Py_ssize_t, i=Py_ssize_t, c=cython.uchar)
+cdef bint _is_host_name(bytes name) except -1
 
 cpdef parse_client_hello(data)
 

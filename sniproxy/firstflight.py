@@ -10,8 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 # scripts/setup compiles this module with Cython, typed by firstflight.pxd beside it: the
 # index arithmetic below then runs as C. Interpreted, a ClientHello took 8 µs in a warm loop
@@ -23,8 +22,7 @@ MAX_CLIENT_HELLO: Final = 64 * 1024  # bytes of handshake message accepted at mo
 MAX_HTTP_HEAD: Final = 16 * 1024  # request line and headers, including the blank line
 
 
-@dataclass(frozen=True, slots=True)
-class FirstFlight:
+class FirstFlight(NamedTuple):   # a tuple: made for every connection, and cheaper than a frozen dataclass
     name: str | None  # usable routing name, or None (then the listener's fallback applies)
     alpn: tuple[str, ...] = ()  # TLS ALPN protocol names, for logs
     name_problem: str = ""  # why name is None: no_sni, no_host, ip_literal, bad_name
@@ -52,11 +50,6 @@ class Malformed(Exception):
 
 MAX_NAME = 253
 MAX_LABEL = 63
-# Letters, digits and hyphens, in dot-separated labels of 1 to MAX_LABEL bytes.
-_HOST_NAME = re.compile(rb"(?:[a-z0-9-]{1,%d}\.)*[a-z0-9-]{1,%d}" % (MAX_LABEL, MAX_LABEL))
-# A last label that is a number makes the name an IPv4 address to resolvers and
-# browsers ("127.1", "0x7f.1"), never a DNS name.
-_NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
 
 
 def normalize_name(raw: bytes | str) -> tuple[str | None, str]:
@@ -65,15 +58,18 @@ def normalize_name(raw: bytes | str) -> tuple[str | None, str]:
         if not raw.isascii():
             return None, "bad_name"
         raw = raw.encode("ascii")
-    name = raw.lower()
+    name = bytes(raw.lower())   # the same object when raw is bytes
     if name.endswith(b"."):
         name = name[:-1]
     if _is_ip_literal(name):
         return None, "ip_literal"
-    if len(name) > MAX_NAME or not _HOST_NAME.fullmatch(name):
+    if len(name) > MAX_NAME or not _is_host_name(name):
         return None, "bad_name"
     return name.decode("ascii"), ""
 
+
+# The two checks below are loops, not regular expressions: every connection's name
+# passes them, and compiled (firstflight.pxd) a loop costs a fraction of a match.
 
 def _is_ip_literal(name: bytes) -> bool:
     if name.startswith(b"[") and name.endswith(b"]"):
@@ -84,7 +80,42 @@ def _is_ip_literal(name: bytes) -> bool:
         except (ValueError, UnicodeDecodeError):
             return False
         return True
-    return _NUMERIC_LABEL.fullmatch(name.rpartition(b".")[2]) is not None
+    return _is_number(name, name.rfind(b".") + 1)
+
+
+def _is_number(name: bytes, start: int) -> bool:
+    """Whether name[start:] is decimal digits, or 0x and hex digits: a last label that
+    is a number makes a name an IPv4 address to resolvers and browsers ("127.1",
+    "0x7f.1"), never a DNS name."""
+    end = len(name)
+    hexadecimal = end - start >= 2 and name[start] == 0x30 and name[start + 1] == 0x78   # "0x"
+    if hexadecimal:
+        start += 2
+    elif start == end:
+        return False
+    for i in range(start, end):
+        c = name[i]
+        if not (0x30 <= c <= 0x39 or hexadecimal and 0x61 <= c <= 0x66):   # 0-9, a-f
+            return False
+    return True
+
+
+def _is_host_name(name: bytes) -> bool:
+    """Letters, digits and hyphens, in dot-separated labels of 1 to MAX_LABEL bytes."""
+    label = 0
+    for i in range(len(name)):
+        c = name[i]
+        if c == 0x2e:   # "."
+            if label == 0:
+                return False
+            label = 0
+        elif 0x61 <= c <= 0x7a or 0x30 <= c <= 0x39 or c == 0x2d:   # a-z, 0-9, "-"
+            label += 1
+            if label > MAX_LABEL:
+                return False
+        else:
+            return False
+    return label > 0
 
 
 # --- TLS ---------------------------------------------------------------------

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import ipaddress
 import itertools
 import pathlib
+import re
 import struct
 import sys
 from dataclasses import dataclass, replace
@@ -546,6 +548,41 @@ def test_normalize_name_properties(raw):
     assert normalize_name(name.upper() + ".") == (name, "")
     assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-.")
     assert all(0 < len(label) <= 63 for label in name.split("."))
+
+
+# The verdict as regular expressions say it, which normalize_name's loops replace: LDH labels
+# of 1 to 63 bytes, and a last label that is a number makes an IP literal.
+_LDH_NAME = re.compile(rb"(?:[a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
+_NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
+
+
+def regex_verdict(raw: bytes) -> tuple[str | None, str]:
+    name = raw.lower()
+    if name.endswith(b"."):
+        name = name[:-1]
+    inner = name[1:-1] if name.startswith(b"[") and name.endswith(b"]") else name
+    if b":" in inner:
+        try:
+            ipaddress.IPv6Address(inner.decode("ascii"))
+            return None, "ip_literal"
+        except (ValueError, UnicodeDecodeError):
+            pass
+    elif _NUMERIC_LABEL.fullmatch(inner.rpartition(b".")[2]):
+        return None, "ip_literal"
+    if len(name) > 253 or not _LDH_NAME.fullmatch(name):
+        return None, "bad_name"
+    return name.decode(), ""
+
+
+# Names near the edges: numeric and hex last labels, hyphens, empty and 63-byte labels.
+NAME_PIECES = st.lists(st.sampled_from([b"a", b"Z", b"0", b"9", b"0x", b"x", b"f", b"g", b"-", b".", b"_", b"[", b"]",
+                                        b":", b"::1", b"\xff", b"a" * 62, b"7" * 63]), max_size=12).map(b"".join)
+
+
+@FUZZ
+@given(raw=NAME_PIECES)
+def test_normalize_name_agrees_with_the_regular_expressions(raw):
+    assert normalize_name(raw) == regex_verdict(raw)
 
 
 # --- TLS: field-aware fuzzing, from the real hellos -------------------------------
