@@ -33,7 +33,7 @@ def measure_rounds(systems: list[System], scenarios: list[Scenario], ctx: Contex
         system.start(workers)
     try:
         for r in range(rounds):
-            for system in systems:
+            for system in measure.in_turn(systems, r + 1):
                 for scenario in scenarios:
                     for metric, value in scenario.measure(system, ctx).items():
                         values.setdefault((system.name, f"{scenario.name} {metric}"), []).append(value)

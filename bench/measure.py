@@ -9,6 +9,14 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def in_turn(systems: list, number: int) -> list:
+    """The order systems take their turns in round `number` (from 1): one system further on
+    each round, so that none always comes first, or always right after the same one (after
+    direct, say, whose run leaves thousands of sockets in TIME_WAIT)."""
+    turn = (number - 1) % max(len(systems), 1)
+    return systems[turn:] + systems[:turn]
+
+
 def process_tree(root: int) -> list[int]:
     """root and all its descendants (a proxy's master and workers)."""
     children: dict[int, list[int]] = {}
