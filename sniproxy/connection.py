@@ -96,7 +96,7 @@ class Connection:
     def __init__(self, ctx: Context, lc: ListenerConfig, client: _socket.socket, peer):
         self.ctx, self.lc, self.client, self.peer = ctx, lc, client, peer
         self.upstream: _socket.socket | None = None
-        self.record = {"client": _fmt_peer(peer), "listener": lc.address, "name": "-", "alpn": "-",
+        self.record = {"client": hostport_text(peer[0], peer[1]), "listener": lc.address, "name": "-", "alpn": "-",
                        "backend": "-", "up": 0, "down": 0, "relay": "-", "outcome": ""}
         self.started = time.monotonic()
         self.data = b""
@@ -107,11 +107,8 @@ class Connection:
 
     def start(self) -> None:
         self.ctx.counters.add("accepted")
-        self._count_listener("accepted")
+        count_listener(self.ctx, self.lc.address, "accepted")
         self._step(self._begin)
-
-    def _count_listener(self, what: str) -> None:
-        count_listener(self.ctx, self.lc.address, what)
 
     # --- steps ----------------------------------------------------------------
 
@@ -123,7 +120,7 @@ class Connection:
             return
         except Refused as r:
             counters.add(f"refused_{r.reason}")
-            self._count_listener("refused")
+            count_listener(self.ctx, self.lc.address, "refused")
             self.record["outcome"] = f"refused:{r}"
             answer = ANSWERS.get((self.lc.protocol, r.reason))
             if answer:
@@ -190,7 +187,8 @@ class Connection:
             except Malformed as e:
                 raise Refused("malformed", str(e)) from None
             if flight is not NEED_MORE:
-                self._stop_waiting()
+                if self.watcher is not None:
+                    self._stop_waiting()
                 return self._route(flight)
 
     def _take_proxy_header(self) -> bool:
@@ -205,7 +203,7 @@ class Connection:
         self.data, self.awaiting_proxy = self.data[received.length:], False
         if received.source is not None:
             self.peer = received.source
-            self.record["client"] = _fmt_peer(received.source)
+            self.record["client"] = hostport_text(received.source[0], received.source[1])
         if not self.ctx.source_filter.allows(self.peer[0]):
             raise Refused("access_denied")
         return bool(self.data)
@@ -280,15 +278,14 @@ class Connection:
                 continue
             self.upstream = sock
             self.record["backend"] = hostport_text(address, port)
-            self.unsent = memoryview(self._proxy_header() + self.data)
+            self.unsent = memoryview(self._proxy_header() + self.data if self.choice.proxy_protocol else self.data)
             return self._send_first_flight()
         raise Refused("connect_failed", f"{self.choice.host}:{port}: {error}")
 
     def _proxy_header(self) -> bytes:
         """The route's PROXY protocol header, ahead of the first flight: the client's
         address, and the address it connected to."""
-        version = self.choice.proxy_protocol
-        return proxy_protocol.header(version, self.peer, self.client.getsockname(), self.name) if version else b""
+        return proxy_protocol.header(self.choice.proxy_protocol, self.peer, self.client.getsockname(), self.name)
 
     def _send_first_flight(self) -> None:
         try:
@@ -319,7 +316,8 @@ class Connection:
         # ... and from here on, ACKs go at once again: left delayed, a backend's small
         # writes would wait for them behind Nagle.
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        self._stop_waiting()
+        if self.watcher is not None:
+            self._stop_waiting()
         self._relay()
 
     def _connect_timeout(self) -> None:
@@ -351,7 +349,8 @@ class Connection:
         if self.ended:
             return
         self.ended = True
-        self._stop_waiting()
+        if self.watcher is not None:
+            self._stop_waiting()
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -387,7 +386,3 @@ def _send_quietly(sock: _socket.socket, data: bytes) -> None:
         sock.send(data, socket.MSG_DONTWAIT)
     except OSError:
         pass
-
-
-def _fmt_peer(peer) -> str:
-    return hostport_text(peer[0], peer[1])

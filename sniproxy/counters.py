@@ -5,6 +5,7 @@ race across processes; the reader sums the rows.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from pathlib import Path
@@ -44,6 +45,7 @@ LISTENER_SLOTS = 16
 PER_LISTENER = ("accepted", "relayed", "refused")
 
 
+@functools.cache   # asked for every connection: a lookup, not a call that formats
 def listener_counter(slot: int, what: str) -> str:
     return f"listener{slot}_{what}"
 

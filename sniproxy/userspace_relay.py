@@ -215,10 +215,10 @@ class UserspaceRelay:
               before=None, record: dict | None = None, tls: bool = False) -> UserspacePair:
         """before, record: what a Chain tells the relays whose pairs may end elsewhere; tls,
         what a connection tells a Chain (all unused here)."""
-        client, upstream = raw_socket(client), raw_socket(upstream)
-        if self._copier is not None:
+        if self._copier is not None:   # it holds the descriptors, which any socket object gives
             return self._copier.pair(client.fileno(), upstream.fileno(), limits.idle, limits.half_closed, handoff,
                                      on_done)
+        client, upstream = raw_socket(client), raw_socket(upstream)
         pair = UserspacePair(self, client, upstream, limits, handoff, on_done)
         self.pairs.add(pair)
         return pair
