@@ -175,6 +175,8 @@ class Worker:
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended,
             listener_slots={lc.address: i for i, lc in enumerate(self.cfg.listener)})
+        # Read once: a socket's family property makes an enum, in three Python calls, each time.
+        self.families = {lc.address: int(listening.family) for lc, listening in self.slot.listeners}
         if self.keeper is not None:
             self.loop.io(self.keeper.sock.fileno(), 1).start(self._on_keeper)
         self.steering = self._steering()
@@ -425,7 +427,7 @@ class Worker:
 
     def _accept_all(self, lc: ListenerConfig, listening: socket.socket, acceptor=None) -> None:
         """Start a Connection for everything waiting in the accept queue."""
-        family = listening.family   # read once: it converts to an enum on every read
+        family = self.families[lc.address]
         limit = self.cfg.master.max_connections
         index = self.ctx.listener_slots[lc.address]
         counted = self.steering if index < STEER_LISTENERS_MAX else None   # past those, the hash places
