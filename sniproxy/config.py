@@ -63,9 +63,11 @@ class BpfConfig(_Section):
     # wakeup, so one busy worker serves a connection for less than two half-busy ones.
     # Measured with 2 workers (bench/results/2026-11-29-steering): 1.06x the hash's connection
     # rate (median of five runs) at 0.94x its CPU per connection; the mixed load's requests
-    # spread 0.79-1.11x, and a margin of 8 spreads long-lived connections evenly.
+    # spread 0.79-1.11x, and a margin of 8 spreads long-lived connections evenly. A backlog of
+    # 64, not 4 (bench/results/2026-11-29-setup-floor, two runs): 1.07x and 1.13x the connection
+    # rate, at the user time a connection of one worker alone; the active and mixed loads level.
     steering: Literal["fill", "hash"] = "fill"
-    steering_backlog: int = 4
+    steering_backlog: int = 64
     steering_margin: int = 64
 
 
