@@ -1,14 +1,16 @@
 # For NOTES.md: the least a gevent worker can do per connection. One process accepts on PORT, reads
 # the first flight (it has arrived with the accept), connects to 127.0.0.1:BACKEND_PORT, sends it
 # on, and relays with one io watcher per direction until both ends close; no parsing, routing,
-# limits, counters or log. argv: PORT BACKEND_PORT ["timer": one idle timer per pair as well].
+# limits, counters or log. argv: PORT BACKEND_PORT ["timer": one idle timer per pair as well, or
+# "c": the relay in the proxy's C pairs, sniproxy/copypair.c, for ../2026-11-29-setup-floor].
 import _socket
 import socket
 import sys
+from pathlib import Path
 
 import gevent
 port, bport = int(sys.argv[1]), int(sys.argv[2])
-use_timer = len(sys.argv) > 3
+use_timer = sys.argv[3:] == ["timer"]
 loop = gevent.get_hub().loop
 BUF = bytearray(256 * 1024)
 MV = memoryview(BUF)
@@ -58,6 +60,17 @@ class Pair:
         if self.t is not None:
             self.t.close()
         self.c.close(); self.u.close()
+
+if sys.argv[3:] == ["c"]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from sniproxy import copypair
+    from sniproxy.relay import RelayResult
+    copier = copypair.Copier(loop.ptr, sys.modules[type(loop).__module__].__file__, len(BUF), set(), RelayResult,
+                             "userspace")
+
+    def Pair(c, u):   # noqa: F811 - this mode's pairs
+        copier.pair(c.fileno(), u.fileno(), 600.0, None, None, lambda result: (c.close(), u.close()))
+
 
 def serve(c):
     try:

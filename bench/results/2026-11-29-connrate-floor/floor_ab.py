@@ -19,6 +19,7 @@ loader.exec_module(connrate)
 
 
 class Floor(System):
+    """floor.py, run with its extra arguments (a mode)."""
     has_processes = True
 
     def __init__(self, backends, workdir, name, *extra):
@@ -42,16 +43,23 @@ class Floor(System):
         return "127.0.0.1", self.port
 
 
-print("\n".join(measure.machine()))
-with origins.running("connrate-floor-") as (workdir, backends):
-    systems = [Floor(backends, workdir, "floor"), Floor(backends, workdir, "floor+timer", "timer"),
-               Sniproxy(backends, workdir, "copy")]
-    try:
-        for system in systems:
-            system.start(1)
-        runs = connrate.measure_rounds(systems, 3, int(sys.argv[1]))
-    finally:
-        for system in systems:
-            system.stop()
-connrate.REFERENCE = "sniproxy-copy"
-connrate.print_table(runs)
+def run(systems_of, rounds: int, reference: str) -> None:
+    """The systems that systems_of(backends, workdir) makes, one worker (thread) each, over
+    rounds; prints the machine and their table, with rates against reference's."""
+    print("\n".join(measure.machine()))
+    with origins.running("connrate-floor-") as (workdir, backends):
+        systems = systems_of(backends, workdir)
+        try:
+            for system in systems:
+                system.start(1)
+            runs = connrate.measure_rounds(systems, 3, rounds)
+        finally:
+            for system in systems:
+                system.stop()
+    connrate.REFERENCE = reference
+    connrate.print_table(runs)
+
+
+if __name__ == "__main__":   # ../2026-11-29-setup-floor/floor_ab.py borrows Floor and run
+    run(lambda backends, workdir: [Floor(backends, workdir, "floor"), Floor(backends, workdir, "floor+timer", "timer"),
+                                   Sniproxy(backends, workdir, "copy")], int(sys.argv[1]), "sniproxy-copy")
