@@ -85,7 +85,8 @@ def write_markdown(rows: list[dict], path: Path, header: list[str]) -> None:
     lines = ["# sniproxy benchmark", ""] + header + [
         "", "Medians over the repeats; min and max beside them. For bulk, tls_download, latency and active (the",
         "targets' scenarios) every system runs at once, and in each repeat each system takes its turn, seconds",
-        "apart. The other scenarios take every system through one repeat (each started fresh) before the next",
+        "apart, one system further on each repeat; a repeat of tls_download begins with a turn not counted.",
+        "The other scenarios take every system through one repeat (each started fresh) before the next",
         "repeat; the systems of `conn_rate_side_by_side` run together, and take turns round after round.",
         "Ratios are median / reference:",
         "`vs direct` against no proxy at all, `vs best peer` against the best of "

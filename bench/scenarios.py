@@ -71,6 +71,9 @@ class Scenario:
     # round after round (bench/run's run_together).
     together: tuple[str, ...] | None = None
     workers = 1
+    # Systems that run together: each round starts with a turn that is not counted, where the
+    # first turn after another scenario runs slow whichever system takes it.
+    warm_up = False
 
     def rounds(self, settings: Settings) -> int:
         """How many turns each system takes, when the systems run together."""
@@ -150,6 +153,10 @@ class Bulk(TakingTurns):
 class TlsDownload(TakingTurns):
     """One large HTTPS download from the TLS origin routed by SNI, MB/s."""
     name = "tls_download"
+    # In full11 (2026-11-29) the first download of each round, right after the bulk turns, made
+    # 358-514 MB/s whichever system took it (direct, auto, kernel), against 724-1,035 for the
+    # turns after it; in full10, direct came first every round and made 261-359.
+    warm_up = True
 
     def metrics(self, system, settings):
         return [Metric("mb_per_s", "MB/s", HIGHER)] + cpu_metrics(system)
