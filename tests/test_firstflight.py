@@ -550,10 +550,11 @@ def test_normalize_name_properties(raw):
     assert all(0 < len(label) <= 63 for label in name.split("."))
 
 
-# The verdict as regular expressions say it, which normalize_name's loops replace: LDH labels
-# of 1 to 63 bytes, and a last label that is a number makes an IP literal.
-_LDH_NAME = re.compile(rb"(?:[a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
-_NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
+# The verdict as regular expressions say it, which normalize_name's loops replace: LDH labels of
+# 1 to 63 bytes, and a last label that is a number makes an IP literal. test_live_fuzz's reading,
+# independent of the parser, uses them too.
+LDH_NAME = re.compile(rb"(?:[a-z0-9-]{1,63}\.)*[a-z0-9-]{1,63}")
+NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
 
 
 def regex_verdict(raw: bytes) -> tuple[str | None, str]:
@@ -567,9 +568,9 @@ def regex_verdict(raw: bytes) -> tuple[str | None, str]:
             return None, "ip_literal"
         except (ValueError, UnicodeDecodeError):
             pass
-    elif _NUMERIC_LABEL.fullmatch(inner.rpartition(b".")[2]):
+    elif NUMERIC_LABEL.fullmatch(inner.rpartition(b".")[2]):
         return None, "ip_literal"
-    if len(name) > 253 or not _LDH_NAME.fullmatch(name):
+    if len(name) > 253 or not LDH_NAME.fullmatch(name):
         return None, "bad_name"
     return name.decode(), ""
 

@@ -41,6 +41,8 @@ from test_firstflight import (
     EXT_PADDING,
     HELLOS,
     IPERF3_COOKIE,
+    LDH_NAME,
+    NUMERIC_LABEL,
     Hello,
     Piece,
     alpn_names,
@@ -97,10 +99,7 @@ REASONS = ("relayed", "malformed", "not_protocol", "no_name", "no_route", "clien
 ACK = re.compile(rb"SNIFUZZ-ACK (\S+) (\S+)\n")
 
 
-# --- names: a verdict independent of the parser ----------------------------------
-
-_LDH_NAME = re.compile(rb"[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})*")
-_NUMERIC_LABEL = re.compile(rb"[0-9]+|0x[0-9a-f]*")
+# --- names: a verdict independent of the parser (test_firstflight's regular expressions) ---
 
 
 def name_verdict(raw: bytes) -> tuple[str, str | None]:
@@ -110,7 +109,7 @@ def name_verdict(raw: bytes) -> tuple[str, str | None]:
     name = raw.lower()
     if name.endswith(b"."):
         name = name[:-1]
-    if len(name) > 253 or not _LDH_NAME.fullmatch(name) or _NUMERIC_LABEL.fullmatch(name.rpartition(b".")[2]):
+    if len(name) > 253 or not LDH_NAME.fullmatch(name) or NUMERIC_LABEL.fullmatch(name.rpartition(b".")[2]):
         return "no_name", None
     text = name.decode()
     if text in EXACT_NAMES:
