@@ -187,8 +187,7 @@ class Connection:
             except Malformed as e:
                 raise Refused("malformed", str(e)) from None
             if flight is not NEED_MORE:
-                if self.watcher is not None:
-                    self._stop_waiting()
+                self._stop_waiting()
                 return self._route(flight)
 
     def _take_proxy_header(self) -> bool:
@@ -316,8 +315,7 @@ class Connection:
         # ... and from here on, ACKs go at once again: left delayed, a backend's small
         # writes would wait for them behind Nagle.
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        if self.watcher is not None:
-            self._stop_waiting()
+        self._stop_waiting()
         self._relay()
 
     def _connect_timeout(self) -> None:
@@ -349,8 +347,7 @@ class Connection:
         if self.ended:
             return
         self.ended = True
-        if self.watcher is not None:
-            self._stop_waiting()
+        self._stop_waiting()
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()

@@ -175,7 +175,7 @@ class Worker:
             relay=self.relay, timeouts=timeouts, limits=Limits(timeouts.idle, timeouts.half_closed),
             allow_private=self.cfg.resolver.allow_private, access_log=self.access_log, ended=self.connection_ended,
             listener_slots={lc.address: i for i, lc in enumerate(self.cfg.listener)})
-        # Read once: a socket's family property makes an enum, in three Python calls, each time.
+        # Read once: a socket's family property makes an enum, in four Python calls, each time.
         self.families = {lc.address: int(listening.family) for lc, listening in self.slot.listeners}
         if self.keeper is not None:
             self.loop.io(self.keeper.sock.fileno(), 1).start(self._on_keeper)
@@ -484,7 +484,7 @@ class Worker:
         self._one_ended()
 
     def _one_ended(self) -> None:
-        self.freed += 1   # as _freed_one, without a call: every connection ends here
+        self._freed_one()
         if self.held and self.alive and self._holding() < self.cfg.master.max_connections:
             self.held = False
             self._watch_listeners()
