@@ -30,11 +30,17 @@ from sniproxy.connection import Connection, Context
 from sniproxy.counters import CounterTable
 from sniproxy.relay import Limits
 HELLO = (pathlib.Path(__file__).resolve().parents[3] / "tests/fixtures/hellos/curl.bin").read_bytes()
-backend = socket.socket(); backend.bind(("127.0.0.1", 0)); backend.listen(128)
+backend = socket.socket()
+backend.bind(("127.0.0.1", 0))
+backend.listen(128)
+
+
 def serve():
     while True:
         c, _ = backend.accept()
         gevent.spawn(lambda c: (c.recv(65536), c.sendall(b"x" * 3000), c.close()), c)
+
+
 gevent.spawn(serve)
 cfg = config.load(text=f'[[listener]]\naddress = "127.0.0.1:{port}"\nprotocol = "tls"\n'
                   f'[[table.default]]\nmatch = "curl.example.test"\nbackend = "127.0.0.1:{backend.getsockname()[1]}"\n'
@@ -56,11 +62,18 @@ w.ctx = Context(loop=w.loop, counters=w.counters, source_filter=w._source_filter
                 listener_slots={lc.address: i for i, lc in enumerate(cfg.listener)})
 lc = cfg.listener[0]
 w.families = {lc.address: int(listening.family)}   # worker.py from 2026-11-29 on
+
+
 def one():
-    c = socket.create_connection(("127.0.0.1", port)); c.sendall(HELLO)
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(HELLO)
     gevent.sleep(0.002)
     return c
+
+
 calls = collections.Counter()
+
+
 def prof(frame, event, arg):
     fn = frame.f_code.co_filename
     if "gevent" in fn or fn == __file__:   # the client, the backend and the loop here
@@ -69,22 +82,29 @@ def prof(frame, event, arg):
         calls[f"{frame.f_code.co_name} ({pathlib.Path(frame.f_code.co_filename).name})"] += 1
     elif event == "c_call":
         calls["C: " + getattr(arg, "__qualname__", str(arg))] += 1
+
+
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 clients = []
 for i in range(N + 5):
     c = one()
     if i >= 5:
-        sys.setprofile(prof); w.loop.run_callback(sys.setprofile, prof); gevent.sleep(0)
+        sys.setprofile(prof)
+        w.loop.run_callback(sys.setprofile, prof)   # and in the hub, where the relay ends
+        gevent.sleep(0)
     w._accept_all(lc, listening, None)
     # let the relay run to its end
     deadline = time.monotonic() + 2
     while w.connections and time.monotonic() < deadline:
-        c.recv(65536); c.close(); gevent.sleep(0.002)
-    sys.setprofile(None); w.loop.run_callback(sys.setprofile, None); gevent.sleep(0)
+        c.recv(65536)
+        c.close()
+        gevent.sleep(0.002)
+    sys.setprofile(None)
+    w.loop.run_callback(sys.setprofile, None)
+    gevent.sleep(0)
     clients.append(c)
 py = {k: v for k, v in calls.items() if not k.startswith("C: ")}
 cc = {k: v for k, v in calls.items() if k.startswith("C: ")}
-proj = {k: v for k, v in py.items() if "(" in k}
 print(f"per connection: {sum(py.values())/N:.1f} Python calls, {sum(cc.values())/N:.1f} calls into C (builtins/methods)")
 for k, v in sorted(py.items(), key=lambda kv: -kv[1])[:45]:
     print(f"  {v/N:5.1f}  {k}")
