@@ -1,12 +1,13 @@
-/* The copy relay's pairs in C (userspace_relay.py keeps the same pairs in Python,
- * which serve where this module is not built, and the splice relay).
+/* The copy and splice relays' pairs in C (userspace_relay.py keeps the same pairs in
+ * Python, which serve where this module is not built).
  *
  * A Python pair costs each wakeup the event loop's call into Python, two method
  * calls, the socket objects' argument parsing and a watcher object whenever what a
  * direction waits for changes: that is most of a short connection's user time
  * (bench/results/2026-11-29-connrate-profile). Here a wakeup is a C call from libev
  * with the system calls made on descriptors, and Python runs only when the pair
- * ends or is handed on.
+ * ends or is handed on. A splice relay's Copier moves a direction through a pipe
+ * (splice_relay.py says why, and when a direction holds one) instead of its buffer.
  *
  * The watchers live in gevent's own libev loop, the one the worker's hub runs, so
  * they are served in the same iterations as every Python watcher. gevent exports
@@ -21,11 +22,14 @@
 #include <structmember.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* libev 4, as gevent builds it */
 struct ev_loop;
@@ -63,6 +67,8 @@ typedef struct {
     int src, dst;
     char *pending;         /* bytes read that dst could not take yet */
     Py_ssize_t pending_len, pending_off;
+    int pipe_r, pipe_w;    /* splice: the pipe it holds while bytes are in it, else -1 */
+    Py_ssize_t in_pipe;    /* splice: bytes read into it that dst could not take yet */
     int eof;               /* src sent its FIN (carried to dst once pending is empty) */
     int watched;           /* 0, EV_READ (src) or EV_WRITE (dst) */
     long long count, reads;
@@ -73,6 +79,9 @@ typedef struct {
     struct ev_loop *loop;
     char *buffer;          /* one per relay: callbacks run one at a time */
     Py_ssize_t size;
+    Py_ssize_t pipe_size;  /* > 0: the splice relay's, moving bytes through pipes */
+    int (*pool)[2];        /* its empty pipes, for the next pairs */
+    int pooled, pool_size;
     PyObject *pairs;       /* the relay's set of live pairs */
     PyObject *result;      /* relay.RelayResult */
     PyObject *kind;
@@ -102,6 +111,12 @@ static double monotonic(void)
 }
 
 /* --- moving bytes --------------------------------------------------------- */
+
+/* Bytes read that dst could not take yet: in hand, or in its pipe. */
+static int holding(const Direction *d)
+{
+    return d->pending != NULL || d->in_pipe > 0;
+}
 
 static Py_ssize_t send_some(int fd, const char *data, Py_ssize_t len)
 {
@@ -140,9 +155,123 @@ static void drop_pending(Direction *d)
     d->pending = NULL;
 }
 
+/* --- through a pipe (the splice relay) ------------------------------------- */
+
+static Py_ssize_t splice_some(int from, int to, Py_ssize_t len)
+{
+    Py_ssize_t n;
+    do {
+        n = splice(from, NULL, to, NULL, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+static int take_pipe(Copier *copier, Direction *d)
+{
+    int fds[2];
+    if (copier->pooled > 0) {
+        copier->pooled--;
+        fds[0] = copier->pool[copier->pooled][0];
+        fds[1] = copier->pool[copier->pooled][1];
+    } else {
+        if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
+            return -1;
+        /* above fs.pipe-max-size without CAP_SYS_RESOURCE: the default 64 KiB still works */
+        (void)fcntl(fds[1], F_SETPIPE_SZ, (int)copier->pipe_size);
+    }
+    d->pipe_r = fds[0];
+    d->pipe_w = fds[1];
+    return 0;
+}
+
+/* d's empty pipe goes back to the pool, if it has room. Else it stays with d while the
+ * pair lives (more busy pairs than the pool holds: no pipe made per read), and is closed
+ * at its end (ending), as is a pipe with bytes left in it: they must never reach another
+ * connection. */
+static void give_back(Copier *copier, Direction *d, int empty, int ending)
+{
+    if (d->pipe_r < 0)
+        return;
+    if (empty && copier->pooled < copier->pool_size) {
+        copier->pool[copier->pooled][0] = d->pipe_r;
+        copier->pool[copier->pooled][1] = d->pipe_w;
+        copier->pooled++;
+    } else if (empty && !ending) {
+        return;
+    } else {
+        close(d->pipe_r);
+        close(d->pipe_w);
+    }
+    d->pipe_r = d->pipe_w = -1;
+    d->in_pipe = 0;
+}
+
+/* What is in the pipe now (a pair that ended on an error may have left bytes there). */
+static int pipe_empty(const Direction *d)
+{
+    int queued = 0;
+    return ioctl(d->pipe_r, FIONREAD, &queued) == 0 && queued == 0;
+}
+
+static int move_spliced(Copier *copier, Direction *d)
+{
+    if (d->in_pipe > 0) {
+        Py_ssize_t sent = splice_some(d->pipe_r, d->dst, d->in_pipe);
+        if (sent < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        d->in_pipe -= sent;
+        if (d->in_pipe == 0) {
+            give_back(copier, d, 1, 0);
+            if (d->eof && shutdown(d->dst, SHUT_WR) < 0)
+                return -1;
+        }
+        return 1;   /* a point with nothing in hand: where a Chain may hand the pair on */
+    }
+    if (d->eof)
+        return 0;
+    int moved = 0;
+    for (int i = 0; i < READS_PER_TURN; i++) {
+        if (d->pipe_r < 0 && take_pipe(copier, d) < 0)
+            return -1;
+        Py_ssize_t n = splice_some(d->src, d->pipe_w, copier->pipe_size);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -1;
+            give_back(copier, d, 1, 0);   /* nothing came: as empty as it was taken */
+            break;
+        }
+        moved = 1;
+        if (n == 0) {
+            give_back(copier, d, 1, 0);
+            d->eof = 1;
+            if (shutdown(d->dst, SHUT_WR) < 0)
+                return -1;
+            break;
+        }
+        d->count += n;
+        d->reads++;
+        Py_ssize_t sent = splice_some(d->pipe_r, d->dst, n);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -1;
+            sent = 0;
+        }
+        if (sent < n) {
+            d->in_pipe = n - sent;   /* waits in the pipe */
+            break;
+        }
+        give_back(copier, d, 1, 0);   /* empty: it held exactly the n bytes just read */
+        if (n < copier->pipe_size)
+            break;
+    }
+    return moved;
+}
+
 /* What can move now without waiting: 1 if anything did, 0 if not, -1 on an error. */
 static int move(Copier *copier, Direction *d)
 {
+    if (copier->pipe_size > 0)
+        return move_spliced(copier, d);
     if (d->pending != NULL) {
         Py_ssize_t sent = send_some(d->dst, d->pending + d->pending_off, d->pending_len - d->pending_off);
         if (sent < 0)
@@ -194,7 +323,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents);
 
 static void watch(Pair *p, Direction *d)
 {
-    int wanted = d->pending != NULL ? EV_WRITE : d->eof ? 0 : EV_READ;
+    int wanted = holding(d) ? EV_WRITE : d->eof ? 0 : EV_READ;
     if (wanted == d->watched)
         return;
     struct ev_loop *loop = p->copier->loop;
@@ -243,7 +372,7 @@ static PyObject *handoff_ready(Pair *p, double now)
             }
         }
     }
-    return p->up.pending == NULL && p->down.pending == NULL ? p->due_outcome : NULL;
+    return !holding(&p->up) && !holding(&p->down) ? p->due_outcome : NULL;
 }
 
 static void set_timer(Pair *p, double now)
@@ -259,7 +388,7 @@ static void set_timer(Pair *p, double now)
     ev_timer_start(loop, &p->timer);
 }
 
-/* Stop its watchers and free the bytes it holds (at its end, and as it is freed). */
+/* Stop its watchers and free the bytes and pipes it holds (at its end, and as it is freed). */
 static void quiesce(Pair *p)
 {
     struct ev_loop *loop = p->copier->loop;
@@ -269,6 +398,8 @@ static void quiesce(Pair *p)
             ev_io_stop(loop, &dirs[i]->w);
         dirs[i]->watched = 0;
         drop_pending(dirs[i]);
+        if (dirs[i]->pipe_r >= 0)
+            give_back(p->copier, dirs[i], pipe_empty(dirs[i]), 1);
     }
     if (p->timer.active)
         ev_timer_stop(loop, &p->timer);
@@ -308,7 +439,7 @@ static void ready(Pair *p, Direction *d)
     double now = monotonic();
     if (moved)
         p->last = now;
-    if (p->up.eof && p->down.eof && p->up.pending == NULL && p->down.pending == NULL)
+    if (p->up.eof && p->down.eof && !holding(&p->up) && !holding(&p->down))
         return end(p, S_done);
     PyObject *outcome = handoff_ready(p, now);
     if (outcome != NULL)
@@ -357,6 +488,7 @@ static void init_direction(Pair *p, Direction *d, int src, int dst)
     d->pair = p;
     d->src = src;
     d->dst = dst;
+    d->pipe_r = d->pipe_w = -1;
 }
 
 static PyObject *Pair_cancel(Pair *p, PyObject *unused)
@@ -438,28 +570,33 @@ static int bind_libev(const char *library)
 
 static int Copier_init(Copier *self, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"loop", "library", "size", "pairs", "result", "kind", NULL};
+    static char *names[] = {"loop", "library", "size", "pairs", "result", "kind", "pipe_size", "pool_size", NULL};
     unsigned long long loop;
     const char *library;
-    Py_ssize_t size;
+    Py_ssize_t size, pipe_size = 0;
+    int pool_size = 0;
     PyObject *pairs, *result, *kind;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KsnO!OU", names, &loop, &library, &size, &PySet_Type, &pairs,
-                                     &result, &kind))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KsnO!OU|ni", names, &loop, &library, &size, &PySet_Type, &pairs,
+                                     &result, &kind, &pipe_size, &pool_size))
         return -1;
-    if (loop == 0 || size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "a loop and a buffer size are needed");
+    if (loop == 0 || (size <= 0 && pipe_size <= 0) || pipe_size < 0 || pool_size < 0 || self->loop != NULL) {
+        PyErr_SetString(PyExc_ValueError, "a loop, and a buffer or pipe size, are needed (once)");
         return -1;
     }
     if (bind_libev(library) < 0)
         return -1;
-    free(self->buffer);
-    self->buffer = malloc(size);
-    if (self->buffer == NULL) {
+    if (pipe_size == 0 && (self->buffer = malloc(size)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (pool_size > 0 && (self->pool = calloc(pool_size, sizeof *self->pool)) == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     self->loop = (struct ev_loop *)(uintptr_t)loop;
     self->size = size;
+    self->pipe_size = pipe_size;
+    self->pool_size = pool_size;
     Py_INCREF(pairs);
     Py_XSETREF(self->pairs, pairs);
     Py_INCREF(result);
@@ -531,8 +668,31 @@ static PyObject *Copier_pair(Copier *self, PyObject *const *args, Py_ssize_t nar
     return (PyObject *)p;
 }
 
+/* The relay is closing: its pooled pipes are closed, and no pipe is pooled from now on. */
+static PyObject *Copier_close(Copier *self, PyObject *unused)
+{
+    for (int i = 0; i < self->pooled; i++) {
+        close(self->pool[i][0]);
+        close(self->pool[i][1]);
+    }
+    self->pooled = self->pool_size = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Copier_get_pooled(Copier *self, void *unused)
+{
+    return PyLong_FromLong(self->pooled);
+}
+
+static PyGetSetDef Copier_getset[] = {
+    {"pooled", (getter)Copier_get_pooled, NULL, "empty pipes kept for the next pairs (splice)", NULL},
+    {NULL}
+};
+
 static void Copier_dealloc(Copier *self)
 {
+    Py_XDECREF(Copier_close(self, NULL));
+    free(self->pool);
     free(self->buffer);
     Py_XDECREF(self->pairs);
     Py_XDECREF(self->result);
@@ -544,6 +704,7 @@ static PyMethodDef Copier_methods[] = {
     {"pair", (PyCFunction)(void (*)(void))Copier_pair, METH_FASTCALL,
      "pair(client_fd, upstream_fd, idle, half_closed, handoff, on_done): relay between the two descriptors "
      "from now on, until both directions are done or the handoff is due; then on_done(RelayResult)."},
+    {"close", (PyCFunction)Copier_close, METH_NOARGS, "Close the pooled pipes; pool none from now on."},
     {NULL}
 };
 
@@ -552,17 +713,20 @@ static PyTypeObject CopierType = {
     .tp_name = "sniproxy.copypair.Copier",
     .tp_basicsize = sizeof(Copier),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Copier(loop, library, size, pairs, result, kind): the copy relay's pairs on gevent's libev loop "
-              "(its address, and the module that exports libev), with one buffer of size bytes; each live pair "
-              "is in the set pairs, and ends with result(up, down, outcome, kind).",
+    .tp_doc = "Copier(loop, library, size, pairs, result, kind, pipe_size=0, pool_size=0): the copy relay's "
+              "pairs on gevent's libev loop (its address, and the module that exports libev), with one buffer of "
+              "size bytes; or, with a pipe_size, the splice relay's, through pipes of that size (pool_size kept "
+              "for the next pairs). Each live pair is in the set pairs, and ends with result(up, down, outcome, "
+              "kind).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Copier_init,
     .tp_dealloc = (destructor)Copier_dealloc,
     .tp_methods = Copier_methods,
+    .tp_getset = Copier_getset,
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "sniproxy.copypair", "The copy relay's pairs in C, on gevent's libev loop.", -1,
+    PyModuleDef_HEAD_INIT, "sniproxy.copypair", "The copy and splice relays' pairs in C, on gevent's libev loop.", -1,
 };
 
 PyMODINIT_FUNC PyInit_copypair(void)

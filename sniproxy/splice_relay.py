@@ -7,7 +7,8 @@ pipe, 1 MiB, from a pool. What the reader cannot take yet waits in the pipe. A
 direction holds a pipe only while bytes are in it, as HAProxy does: an idle pair
 holds none (two pipes a pair, four fds, would exhaust the file limit long before
 the connections do). Never on a socket that is in a sockmap (PLATFORM: the two do
-not mix).
+not mix). The pairs are the copy relay's, in C where copypair is built (there the
+pipes and their pool are the Copier's), else in Python.
 """
 from __future__ import annotations
 
@@ -31,13 +32,12 @@ def _queued(fd: int) -> int:
 
 class SpliceRelay(UserspaceRelay):
     kind = "splice"
-    compiled = False   # its pairs are the Python ones, moving bytes through pipes
 
     def __init__(self, pool_size: int = 64):
-        super().__init__(buffer_size=0)   # no buffer: the pipes hold the bytes
-        self.read_size = PIPE_SIZE
-        self._pool: list[tuple[int, int]] = []   # empty pipes, for the next pairs
+        self._pool: list[tuple[int, int]] = []   # empty pipes, for the next Python pairs
         self._pool_size = pool_size
+        super().__init__(buffer_size=0, pipes=(PIPE_SIZE, pool_size))   # no buffer: the pipes hold the bytes
+        self.read_size = PIPE_SIZE
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff=None, before=None,
               record=None) -> UserspacePair:
@@ -103,7 +103,14 @@ class SpliceRelay(UserspaceRelay):
         if d.pending is None:
             self._give_back(d)
 
+    @property
+    def pooled(self) -> int:
+        """Empty pipes kept for the next pairs."""
+        return self._copier.pooled if self._copier is not None else len(self._pool)
+
     def close(self) -> None:
+        if self._copier is not None:
+            self._copier.close()
         for pipe in self._pool:
             for fd in pipe:
                 os.close(fd)

@@ -8,8 +8,8 @@ With a Handoff (relay.Chain), it stops with its outcome ("fast", "chatty" or
 has sent its FIN.
 
 The worker's pairs are the same pairs in C (copypair.c), on the hub's libev
-loop: a wakeup then never enters Python. The ones here serve the splice relay,
-and every relay where copypair is not built or gevent's loop is not libev's core.
+loop: a wakeup then never enters Python, in this relay and in the splice relay.
+The ones here serve where copypair is not built or gevent's loop is not libev's core.
 """
 from __future__ import annotations
 
@@ -190,15 +190,17 @@ class UserspaceRelay:
     READS_PER_TURN = 8   # so that one busy direction cannot starve the other
     compiled = copypair is not None   # pairs in C where they can be (a subclass that moves bytes otherwise: no)
 
-    def __init__(self, buffer_size: int = 256 * 1024):
+    def __init__(self, buffer_size: int = 256 * 1024, pipes: tuple[int, int] = (0, 0)):
+        """pipes: the splice relay's (size, how many empty ones to keep): a direction moves
+        bytes through a pipe of that size instead of the buffer."""
         # One buffer per worker: bytes are sent on at once, and what the peer cannot
         # take yet is copied out, so idle connections hold no buffer.
         self.pairs: set[UserspacePair] = set()   # live ones: the worker may leave (leaving)
-        self._copier = self._compiled(buffer_size) if self.compiled else None
+        self._copier = self._compiled(buffer_size, *pipes) if self.compiled else None
         self._buffer = memoryview(bytearray(buffer_size if self._copier is None else 0))
         self.read_size = buffer_size   # the most one read takes
 
-    def _compiled(self, buffer_size: int):
+    def _compiled(self, buffer_size: int, pipe_size: int, pool_size: int):
         """copypair's pairs on this thread's loop, where gevent runs it in libev through its
         compiled core (not its CFFI one, GEVENT_LOOP=libev-cffi); else None."""
         loop = gevent.get_hub().loop
@@ -206,9 +208,10 @@ class UserspaceRelay:
             return None
         core = sys.modules[type(loop).__module__]
         try:
-            return copypair.Copier(loop.ptr, core.__file__, buffer_size, self.pairs, RelayResult, self.kind)
+            return copypair.Copier(loop.ptr, core.__file__, buffer_size, self.pairs, RelayResult, self.kind,
+                                   pipe_size, pool_size)
         except OSError as e:   # a gevent whose core does not export libev 4: these pairs serve
-            log.warning("the copy relay's pairs run interpreted: %s", e)
+            log.warning("the %s relay's pairs run interpreted: %s", self.kind, e)
             return None
 
     def start(self, client, upstream, limits: Limits, on_done: OnDone, handoff: Handoff | None = None,

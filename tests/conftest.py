@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Backend, Haproxy, Proxy, make_cert, unique
+from harness import Backend, Haproxy, Proxy, make_cert, tcp_pair, unique
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +104,24 @@ def _bpf_available(request):
     problems = bpfload.probe("/sys/fs/bpf/sniproxy-probe").problems()
     if problems:
         pytest.fail("BPF is unavailable here: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(params=["c", "python"])
+def pairs_in(request, monkeypatch):
+    """Which pairs the copy and splice relays make: setup.py builds copypair, so "c" must be there."""
+    from sniproxy import userspace_relay
+    if request.param == "c":
+        assert userspace_relay.copypair is not None, "sniproxy/copypair.c is not built (scripts/setup builds it)"
+        assert userspace_relay.UserspaceRelay()._copier is not None
+    monkeypatch.setattr(userspace_relay.UserspaceRelay, "compiled", request.param == "c")
+    return request.param
+
+
+@pytest.fixture
+def pair():
+    """(client, c, u, server), loopback TCP: a relay moves bytes between c and u."""
+    client, c = tcp_pair()
+    u, server = tcp_pair()
+    yield client, c, u, server
+    for s in (client, c, u, server):
+        s.close()

@@ -496,6 +496,18 @@ def recv_stream(sock: socket.socket) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def bulk_both_ways(relay, pair, up: int, down: int):
+    """Send up and down bytes at once through relay, between the ends of the pair fixture,
+    each side closing when done; check both by sha256. Returns the RelayResult."""
+    client, c, u, server = pair
+    jobs = [Background(send_stream, client, up, 1), Background(recv_stream, server),
+            Background(send_stream, server, down, 2), Background(recv_stream, client)]
+    result = run_relay(relay, c, u, idle=20)
+    up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
+    assert up_got == (up, up_sent) and down_got == (down, down_sent)
+    return result
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n and (chunk := sock.recv(n - len(data))):

@@ -3,7 +3,7 @@
 The relay runs in this thread's gevent hub, as in a worker; endpoints that block
 (bulk senders and readers) run in OS threads. Every test runs twice: with the
 pairs in C (copypair.c, as the worker runs them) and with the Python ones (where
-copypair is not built, and the splice relay's).
+copypair is not built). test_splice_relay.py runs the splice relay's.
 """
 from __future__ import annotations
 
@@ -16,21 +16,13 @@ import time
 import gevent
 import pytest
 
-from harness import (MiB, Background, hub_wait_until, recv_exactly, recv_nowait, recv_stream, run_relay,
-                     send_stream, tcp_pair)
+from harness import (MiB, Background, bulk_both_ways, hub_wait_until, recv_exactly, recv_nowait, recv_stream,
+                     run_relay, send_stream)
 from sniproxy.relay import Chain, Handoff, Limits, Progress, RelayResult
 from sniproxy import userspace_relay
 from sniproxy.userspace_relay import UserspaceRelay
 
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def pairs_in(request, monkeypatch):
-    """Which pairs the copy relay makes: setup.py builds copypair, so "c" must be there."""
-    if request.param == "c":
-        assert userspace_relay.copypair is not None, "sniproxy/copypair.c is not built (scripts/setup builds it)"
-        assert UserspaceRelay()._copier is not None
-    monkeypatch.setattr(UserspaceRelay, "compiled", request.param == "c")
-    return request.param
+pytestmark = pytest.mark.usefixtures("pairs_in")
 
 
 def test_the_pairs_run_compiled_from_their_current_source():
@@ -40,27 +32,6 @@ def test_the_pairs_run_compiled_from_their_current_source():
     assert built.suffix == ".so"
     assert built.with_name("copypair.c").stat().st_mtime <= built.stat().st_mtime, \
         "copypair.c is newer than its compiled module: run scripts/setup"
-
-
-@pytest.fixture
-def pair():
-    """(client, c, u, server): the relay moves bytes between c and u."""
-    client, c = tcp_pair()
-    u, server = tcp_pair()
-    yield client, c, u, server
-    for s in (client, c, u, server):
-        s.close()
-
-
-def bulk_both_ways(relay, pair, up: int, down: int) -> RelayResult:
-    """Send up and down bytes at once, each side closing when done; check both by sha256."""
-    client, c, u, server = pair
-    jobs = [Background(send_stream, client, up, 1), Background(recv_stream, server),
-            Background(send_stream, server, down, 2), Background(recv_stream, client)]
-    result = run_relay(relay, c, u, idle=20)
-    up_sent, up_got, down_sent, down_got = (job.join() for job in jobs)
-    assert up_got == (up, up_sent) and down_got == (down, down_sent)
-    return result
 
 
 def test_bulk_both_directions(pair):
