@@ -138,7 +138,7 @@ class Master:
                      len(upgraded["kept"]))
         self.metrics_server = metrics.start(self.cfg.metrics.address, self)   # before the first fork
         interpreted = [what for what, built in (("the first-flight parser", firstflight.COMPILED),
-                                                ("the copy relay's pairs", userspace_relay.copypair is not None))
+                                                ("the copy and splice relays' pairs", userspace_relay.copypair is not None))
                        if not built]
         if interpreted:
             log.warning("%s not compiled (scripts/setup builds them): interpreted, at more CPU per connection",

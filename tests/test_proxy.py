@@ -96,7 +96,7 @@ def test_without_the_compiled_modules_the_proxy_routes_interpreted_and_says_so_o
     p.start(wait_ports=(port,), wrap=lambda argv: [*run_from_tree, *argv[len(MASTER):]])
     for _ in range(3):
         assert https_get(port, "example.com") == "backend=a\n"
-    assert p.output().count("the first-flight parser and the copy relay's pairs not compiled") == 1
+    assert p.output().count("the first-flight parser and the copy and splice relays' pairs not compiled") == 1
     workers = p.worker_pids()
     assert workers
     for pid in workers:
