@@ -213,87 +213,78 @@ static int pipe_empty(const Direction *d)
     return ioctl(d->pipe_r, FIONREAD, &queued) == 0 && queued == 0;
 }
 
-static int move_spliced(Copier *copier, Direction *d)
+/* --- one direction, through the buffer (copy) or a pipe (splice) ------------ */
+
+/* Send on what d holds: bytes sent, or -1 (errno). */
+static Py_ssize_t flush_held(Copier *copier, Direction *d)
 {
-    if (d->in_pipe > 0) {
+    if (copier->pipe_size > 0) {
         Py_ssize_t sent = splice_some(d->pipe_r, d->dst, d->in_pipe);
-        if (sent < 0)
-            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        d->in_pipe -= sent;
-        if (d->in_pipe == 0) {
+        if (sent >= 0 && (d->in_pipe -= sent) == 0)
             give_back(copier, d, 1, 0);
-            if (d->eof && shutdown(d->dst, SHUT_WR) < 0)
-                return -1;
-        }
-        return 1;   /* a point with nothing in hand: where a Chain may hand the pair on */
+        return sent;
     }
-    if (d->eof)
-        return 0;
-    int moved = 0;
-    for (int i = 0; i < READS_PER_TURN; i++) {
+    Py_ssize_t sent = send_some(d->dst, d->pending + d->pending_off, d->pending_len - d->pending_off);
+    if (sent >= 0 && (d->pending_off += sent) == d->pending_len)
+        drop_pending(d);
+    return sent;
+}
+
+/* Read what src has: bytes read, 0 at its FIN, or -1 (errno). */
+static Py_ssize_t read_in(Copier *copier, Direction *d)
+{
+    Py_ssize_t n;
+    if (copier->pipe_size > 0) {
         if (d->pipe_r < 0 && take_pipe(copier, d) < 0)
             return -1;
-        Py_ssize_t n = splice_some(d->src, d->pipe_w, copier->pipe_size);
-        if (n < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -1;
+        n = splice_some(d->src, d->pipe_w, copier->pipe_size);
+        if (n == 0 || (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))
             give_back(copier, d, 1, 0);   /* nothing came: as empty as it was taken */
-            break;
-        }
-        moved = 1;
-        if (n == 0) {
-            give_back(copier, d, 1, 0);
-            d->eof = 1;
-            if (shutdown(d->dst, SHUT_WR) < 0)
-                return -1;
-            break;
-        }
-        d->count += n;
-        d->reads++;
-        Py_ssize_t sent = splice_some(d->pipe_r, d->dst, n);
-        if (sent < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -1;
-            sent = 0;
-        }
-        if (sent < n) {
-            d->in_pipe = n - sent;   /* waits in the pipe */
-            break;
-        }
-        give_back(copier, d, 1, 0);   /* empty: it held exactly the n bytes just read */
-        if (n < copier->pipe_size)
-            break;
+        return n;
     }
-    return moved;
+    do {
+        n = recv(d->src, copier->buffer, copier->size, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+/* Send on the n bytes just read, and hold what dst cannot take yet: 1 if all went, 0 if
+ * some is held, -1 on an error. */
+static int pass_on(Copier *copier, Direction *d, Py_ssize_t n)
+{
+    if (copier->pipe_size == 0)
+        return forward(d, copier->buffer, n);
+    Py_ssize_t sent = splice_some(d->pipe_r, d->dst, n);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        sent = 0;
+    }
+    if (sent < n) {
+        d->in_pipe = n - sent;   /* waits in the pipe */
+        return 0;
+    }
+    give_back(copier, d, 1, 0);   /* empty: it held exactly the n bytes just read */
+    return 1;
 }
 
 /* What can move now without waiting: 1 if anything did, 0 if not, -1 on an error. */
 static int move(Copier *copier, Direction *d)
 {
-    if (copier->pipe_size > 0)
-        return move_spliced(copier, d);
-    if (d->pending != NULL) {
-        Py_ssize_t sent = send_some(d->dst, d->pending + d->pending_off, d->pending_len - d->pending_off);
-        if (sent < 0)
+    if (holding(d)) {
+        if (flush_held(copier, d) < 0)
             return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        d->pending_off += sent;
-        if (d->pending_off == d->pending_len) {
-            drop_pending(d);
-            if (d->eof && shutdown(d->dst, SHUT_WR) < 0)
-                return -1;
-        }
+        if (!holding(d) && d->eof && shutdown(d->dst, SHUT_WR) < 0)
+            return -1;
         return 1;   /* a point with nothing in hand: where a Chain may hand the pair on */
     }
     if (d->eof)
         return 0;
+    Py_ssize_t most = copier->pipe_size > 0 ? copier->pipe_size : copier->size;
     int moved = 0;
     for (int i = 0; i < READS_PER_TURN; i++) {
-        Py_ssize_t n = recv(d->src, copier->buffer, copier->size, MSG_DONTWAIT);
+        Py_ssize_t n = read_in(copier, d);
         if (n < 0) {
-            if (errno == EINTR) {
-                i--;
-                continue;
-            }
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
             return -1;
@@ -307,10 +298,10 @@ static int move(Copier *copier, Direction *d)
         }
         d->count += n;
         d->reads++;
-        int all = forward(d, copier->buffer, n);
+        int all = pass_on(copier, d, n);
         if (all < 0)
             return -1;
-        if (!all || n < copier->size)
+        if (!all || n < most)
             break;   /* the reader is full, or the receive queue is empty now */
     }
     return moved;

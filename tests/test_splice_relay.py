@@ -1,17 +1,16 @@
 """The splice relay on loopback TCP: client <-> [c | u] <-> server, its bytes through
 pipes. Every test runs twice: with the pairs in C (copypair.c, as the worker runs
 them) and with the Python ones (where copypair is not built). The event-loop pair it
-shares with the copy relay is tested further in test_userspace_relay.py."""
+shares with the copy relay (bulk both ways, half-close) is tested in test_userspace_relay.py."""
 import os
 import socket
 
 import gevent
 import pytest
 
-from harness import MiB, Background, bulk_both_ways, hub_wait_until, recv_nowait, recv_stream, run_relay, \
-    send_stream, tcp_pair
+from harness import MiB, bulk_both_ways, hub_wait_until, recv_nowait, run_relay, tcp_pair
 
-from sniproxy.relay import Chain, Handoff, Limits, RelayResult
+from sniproxy.relay import Chain, Handoff, Limits
 from sniproxy.splice_relay import SpliceRelay
 from sniproxy.userspace_relay import UserspaceRelay
 
@@ -25,39 +24,6 @@ def open_fds() -> int:
 def test_the_pairs_are_the_ones_asked_for(pairs_in):
     relay = SpliceRelay()
     assert (relay._copier is not None) == (pairs_in == "c")
-    relay.close()
-
-
-def test_bulk_both_ways_while_the_pipes_hold_what_readers_cannot_take(pair):
-    """Small send buffers: a direction often holds bytes in its pipe, and waits for its
-    reader. Every byte arrives, in order (sha256), and the counts are exact."""
-    _, c, u, _ = pair
-    for s in (c, u):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
-    relay = SpliceRelay(pool_size=4)
-    result = bulk_both_ways(relay, pair, 9 * MiB + 7, 6 * MiB + 3)
-    assert result == RelayResult(9 * MiB + 7, 6 * MiB + 3, "done", "splice")
-    assert relay.pooled <= 4
-    relay.close()
-
-
-def test_half_close_is_carried_while_the_other_direction_flows(pair):
-    client, c, u, server = pair
-    relay = SpliceRelay()
-
-    def client_side():
-        sent = send_stream(client, MiB, 3)        # then SHUT_WR
-        return sent, recv_stream(client)           # and still reads
-
-    def server_side():
-        got = recv_stream(server)                  # returns only at the carried FIN
-        return got, send_stream(server, 4 * MiB, 4)
-
-    a, b = Background(client_side), Background(server_side)
-    result = run_relay(relay, c, u, idle=20)
-    (up_sent, down_got), (up_got, down_sent) = a.join(), b.join()
-    assert up_got == (MiB, up_sent) and down_got == (4 * MiB, down_sent)
-    assert result == RelayResult(MiB, 4 * MiB, "done", "splice")
     relay.close()
 
 

@@ -3,7 +3,8 @@
 The relay runs in this thread's gevent hub, as in a worker; endpoints that block
 (bulk senders and readers) run in OS threads. Every test runs twice: with the
 pairs in C (copypair.c, as the worker runs them) and with the Python ones (where
-copypair is not built). test_splice_relay.py runs the splice relay's.
+copypair is not built). Bulk and half-close run through the splice relay too;
+test_splice_relay.py tests its pipes.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from harness import (MiB, Background, bulk_both_ways, hub_wait_until, recv_exact
                      run_relay, send_stream)
 from sniproxy.relay import Chain, Handoff, Limits, Progress, RelayResult
 from sniproxy import userspace_relay
+from sniproxy.splice_relay import SpliceRelay
 from sniproxy.userspace_relay import UserspaceRelay
 
 pytestmark = pytest.mark.usefixtures("pairs_in")
@@ -34,16 +36,25 @@ def test_the_pairs_run_compiled_from_their_current_source():
         "copypair.c is newer than its compiled module: run scripts/setup"
 
 
-def test_bulk_both_directions(pair):
+# The copy relay, and the splice relay, whose pairs are the same but for how a direction
+# moves bytes: through a pipe, which holds what its reader cannot take yet.
+RELAYS = {"copy": lambda: UserspaceRelay(buffer_size=64 * 1024), "splice": lambda: SpliceRelay(pool_size=4)}
+
+
+@pytest.mark.parametrize("kind", RELAYS)
+def test_bulk_both_directions(pair, kind):
     _, c, u, _ = pair
     for s in (c, u):   # small send buffers: the relay often holds bytes its reader cannot take yet
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
-    relay = UserspaceRelay(buffer_size=64 * 1024)
-    assert bulk_both_ways(relay, pair, 9 * MiB + 7, 6 * MiB + 3) == RelayResult(9 * MiB + 7, 6 * MiB + 3, "done")
+    relay = RELAYS[kind]()
+    assert bulk_both_ways(relay, pair, 9 * MiB + 7, 6 * MiB + 3) == \
+        RelayResult(9 * MiB + 7, 6 * MiB + 3, "done", relay.kind)
+    relay.close()
 
 
+@pytest.mark.parametrize("kind", RELAYS)
 @pytest.mark.parametrize("first_to_close", ["client", "server"])
-def test_half_close_is_carried_while_the_other_direction_flows(pair, first_to_close):
+def test_half_close_is_carried_while_the_other_direction_flows(pair, first_to_close, kind):
     client, c, u, server = pair
     closer, other = (client, server) if first_to_close == "client" else (server, client)
 
@@ -56,12 +67,14 @@ def test_half_close_is_carried_while_the_other_direction_flows(pair, first_to_cl
         return got, send_stream(other, 4 * MiB, 4)
 
     a, b = Background(closer_side), Background(other_side)
-    result = run_relay(UserspaceRelay(), c, u, idle=20)
+    relay = RELAYS[kind]()
+    result = run_relay(relay, c, u, idle=20)
+    relay.close()
     (closer_sent, closer_got), (other_got, other_sent) = a.join(), b.join()
     assert other_got == (MiB, closer_sent)
     assert closer_got == (4 * MiB, other_sent)
     up, down = (MiB, 4 * MiB) if first_to_close == "client" else (4 * MiB, MiB)
-    assert result == RelayResult(up, down, "done")
+    assert result == RelayResult(up, down, "done", relay.kind)
 
 
 def relay_once(c, u, idle: float, half_closed: float | None = None, handoff: Handoff | None = None,
