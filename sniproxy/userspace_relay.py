@@ -188,7 +188,7 @@ class UserspaceRelay:
     kind = "userspace"
     wants_record = False
     READS_PER_TURN = 8   # so that one busy direction cannot starve the other
-    compiled = copypair is not None   # pairs in C where they can be (a subclass that moves bytes otherwise: no)
+    compiled = copypair is not None   # pairs in C (copypair.c) where they can be
 
     def __init__(self, buffer_size: int = 256 * 1024, pipes: tuple[int, int] = (0, 0)):
         """pipes: the splice relay's (size, how many empty ones to keep): a direction moves
