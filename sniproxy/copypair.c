@@ -624,6 +624,8 @@ static PyObject *Copier_pair(Copier *self, PyObject *const *args, Py_ssize_t nar
     if (p == NULL)
         return NULL;
     memset((char *)p + sizeof(PyObject), 0, sizeof(Pair) - sizeof(PyObject));
+    init_direction(p, &p->up, c, u);   /* first: a pair freed on an error below holds no pipe (-1, not fd 0) */
+    init_direction(p, &p->down, u, c);
     Py_INCREF(self);
     p->copier = self;
     Py_INCREF(handoff);
@@ -646,8 +648,6 @@ static PyObject *Copier_pair(Copier *self, PyObject *const *args, Py_ssize_t nar
         }
         p->handoff_due = p->last + p->h_after;
     }
-    init_direction(p, &p->up, c, u);
-    init_direction(p, &p->down, u, c);
     p->timer.cb = on_timer;
     if (PySet_Add(self->pairs, (PyObject *)p) < 0) {
         Py_DECREF(p);

@@ -115,3 +115,4 @@ class SpliceRelay(UserspaceRelay):
             for fd in pipe:
                 os.close(fd)
         self._pool.clear()
+        self._pool_size = 0   # pairs that end from now on close their pipes: none would close a pooled one

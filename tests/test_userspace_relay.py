@@ -8,6 +8,7 @@ test_splice_relay.py tests its pipes.
 """
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -34,6 +35,26 @@ def test_the_pairs_run_compiled_from_their_current_source():
     assert built.suffix == ".so"
     assert built.with_name("copypair.c").stat().st_mtime <= built.stat().st_mtime, \
         "copypair.c is newer than its compiled module: run scripts/setup"
+
+
+def test_a_pair_that_cannot_start_closes_no_descriptor_but_its_own(pair):
+    """A handoff that is not a Handoff fails copypair's Copier.pair before the pair's
+    directions are set up: freeing it must close or pool no descriptor, and descriptor 0
+    (here a pipe of the test's) least of all."""
+    _, c, u, _ = pair
+    copier = UserspaceRelay()._compiled(64 * 1024, 0, 0)   # the C pairs, whichever the fixture chose
+    r, w = os.pipe()
+    saved = os.dup(0)
+    os.dup2(r, 0)
+    try:
+        with pytest.raises(TypeError):
+            copier.pair(c.fileno(), u.fileno(), 5.0, None, ("not", "a", "handoff", 0, 0), lambda result: None)
+        os.write(w, b"x")
+        assert os.read(0, 1) == b"x", "descriptor 0 is not the pipe it was"
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, r, w):
+            os.close(fd)
 
 
 # The copy relay, and the splice relay, whose pairs are the same but for how a direction
